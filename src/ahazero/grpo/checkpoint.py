@@ -1,0 +1,158 @@
+"""Checkpoints that survive a kill at any moment: written into a temporary folder, then renamed.
+
+A folder `checkpoint-<step>` exists only once it is complete (rename is atomic on one filesystem), so
+resuming picks the newest one whose name is final; `*.tmp*` leftovers of a killed write are ignored.
+Layout: the adapter in PEFT format (or `trainable.safetensors` for full fine-tuning), `optimizer.pt`,
+`scheduler.pt`, `rng_state.pt`, `trainer_state.json` (step, data position, log history).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..models.lora import is_peft_model
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, scheduler, trainer_state: dict,
+                    save_total_limit: int | None = None) -> Path:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp", dir=output_dir))
+    try:
+        _save_weights(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # the same step written again (e.g. the final save): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if save_total_limit:
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(resume_from_checkpoint, output_dir) -> Path | None:
+    """True -> the newest complete checkpoint in output_dir (error if none); a path -> that folder."""
+    if resume_from_checkpoint in (None, False):
+        return None
+    if resume_from_checkpoint is True:
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise CheckpointError(f"resume_from_checkpoint=True but {output_dir} holds no complete checkpoint")
+        return found[-1]
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG in place; returns the trainer state dict."""
+    state = _read(path / STATE_FILE, lambda f: json.loads(Path(f).read_text()))
+    _load_weights(model, path)
+    optimizer.load_state_dict(_read(path / "optimizer.pt", _torch_load))
+    scheduler.load_state_dict(_read(path / "scheduler.pt", _torch_load))
+    _set_rng_state(_read(path / "rng_state.pt", _torch_load))
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_weights(model, folder: Path) -> None:
+    if is_peft_model(model):
+        model.save_pretrained(folder, selected_adapters=["default"])  # PEFT format, loadable by users
+    save_file(_trainable(model), str(folder / "trainable.safetensors"))  # exact names, for resuming
+
+
+def _load_weights(model, folder: Path) -> None:
+    saved = _read(folder / "trainable.safetensors", load_file)
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
+        raise CheckpointError(f"{folder / 'trainable.safetensors'} does not match this model's trainable "
+                              f"parameters (missing e.g. {missing}, unexpected e.g. {extra})")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(f"{folder / 'trainable.safetensors'}: {name} has shape "
+                                      f"{tuple(tensor.shape)}, the model has {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+
+
+def _read(path: Path, reader):
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return reader(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise CheckpointError(f"checkpoint file unreadable: {path} ({type(e).__name__}: {e})") from e
+
+
+def _torch_load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,402 @@
+"""GRPOTrainer: the loop of DeepSeekMath's GRPO (and the R1-Zero recipe), with TRL's API.
+
+One optimizer step: take prompts -> the rollout backend samples `num_generations` completions per prompt
+-> reward functions score them -> group-relative advantages -> the clipped policy loss (plus a k3 KL to
+the base model, which is the same weights with the adapters off) computed from hidden states a chunk of
+rows at a time -> backward -> clip -> optimizer step. The backend reads the same parameter tensors, so
+the next rollout sees the update with no copy.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerControl, TrainerState, get_scheduler
+
+from ..data.prompts import is_conversational, tokenize_prompts
+from ..engine.select import make_generator
+from ..engine.types import SamplingParams
+from ..models.lora import base_model_context, decoder_and_head, is_peft_model
+from ..models.loader import offload_context
+from ..rewards import check_columns, resolve_reward_func, reward_func_name, run_reward_funcs
+from . import checkpoint as ckpt
+from .advantages import group_advantages
+from .batch import RolloutBatch, build_batch
+from .config import GRPOConfig
+from .logprobs import chunked_token_logprobs
+from .loss import aggregate_loss, loss_normalizers, per_token_loss
+from .progress import MetricsLogger
+
+
+class GRPOTrainer:
+    def __init__(self, model, processing_class=None, reward_funcs=None, args: GRPOConfig | None = None,
+                 train_dataset=None, eval_dataset=None, callbacks=None, peft_config=None, tokenizer=None,
+                 generator=None):
+        self.args = args if args is not None else GRPOConfig()
+        self.model = model
+        self.tokenizer = processing_class or tokenizer or getattr(getattr(model, "ahazero", None), "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("GRPOTrainer needs processing_class (the tokenizer)")
+        if peft_config is not None:
+            raise ValueError("pass a model from FastLanguageModel.get_peft_model instead of peft_config")
+        self.reward_funcs = _resolve_reward_funcs(reward_funcs)
+        self.reward_names = [reward_func_name(f) for f in self.reward_funcs]
+        self.reward_weights = _reward_weights(self.args.reward_weights, len(self.reward_funcs))
+        self.train_dataset = _check_dataset(train_dataset)
+        check_columns(self.reward_funcs, list(self.train_dataset.column_names))
+        if self.args.beta > 0 and not is_peft_model(model):
+            raise ValueError("beta > 0 needs LoRA adapters: the reference policy is the base model with the "
+                             "adapters off (ahazero keeps no second copy of the weights)")
+        _check_lengths(model, self.args)
+        self.callbacks = list(callbacks or [])
+        self.generator = generator or _default_generator(model, self.tokenizer)
+        self.adapter = "default" if is_peft_model(model) else None
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.device = next(model.parameters()).device
+        self.state = TrainerState()
+        self.control = TrainerControl()
+        self.optimizer = self.scheduler = None
+        self._warned_truncation = False
+        self.consumed_prompts = 0
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def total_steps(self) -> int:
+        a = self.args
+        if a.max_steps > 0:
+            return a.max_steps
+        prompts_per_rollout = a.prompts_per_step * a.gradient_accumulation_steps
+        rollouts = math.ceil(a.num_train_epochs * len(self.train_dataset) / prompts_per_rollout)
+        return rollouts * a.num_iterations
+
+    def train(self, resume_from_checkpoint=None):
+        a = self.args
+        _seed_everything(a.seed)
+        total = self.total_steps()
+        self.optimizer = make_optimizer(self.trainable_parameters, a)
+        self.scheduler = get_scheduler(a.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=a.warmup_steps or math.ceil(a.warmup_ratio * total),
+                                       num_training_steps=total)
+        self.state = TrainerState(max_steps=total, logging_steps=a.logging_steps, save_steps=a.save_steps)
+        resume = ckpt.resolve_checkpoint(resume_from_checkpoint, a.output_dir)
+        if resume is not None:
+            saved = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
+            self.state.global_step = saved["global_step"]
+            self.state.log_history = saved["log_history"]
+            self.consumed_prompts = saved["consumed_prompts"]
+        logger = MetricsLogger(a.output_dir, total, self.reward_names, with_kl=a.beta > 0, report_to=a.report_to,
+                               logging_dir=a.logging_dir, live=None if not a.disable_tqdm else False)
+        self._callback("on_train_begin")
+        logger.start(self.state.global_step)
+        try:
+            while self.state.global_step < total and not self.control.should_training_stop:
+                self._rollout_and_update(total, logger)
+        finally:
+            logger.close()
+        if self.state.global_step % a.save_steps != 0:
+            self.save_checkpoint()
+        self._callback("on_train_end")
+        return self.state
+
+    # ---------------------------------------------------------------------------------------------
+    def _rollout_and_update(self, total: int, logger: MetricsLogger) -> None:
+        a = self.args
+        t0 = time.perf_counter()
+        rows = self._next_prompts(a.prompts_per_step * a.gradient_accumulation_steps)
+        batches, metrics = self.generate_and_score(rows)
+        generation_time = time.perf_counter() - t0
+        for iteration in range(a.num_iterations):
+            t1 = time.perf_counter()
+            step_metrics = self.optimizer_step(batches, first_iteration=iteration == 0)
+            self.state.global_step += 1
+            self.state.epoch = self.consumed_prompts / len(self.train_dataset)
+            step_metrics.update(metrics)
+            step_metrics["step_time"] = time.perf_counter() - t1 + (generation_time if iteration == 0 else 0.0)
+            step_metrics["epoch"] = self.state.epoch
+            self._callback("on_step_end")
+            step = self.state.global_step
+            if step % a.logging_steps == 0 or step == total:
+                self.state.log_history.append({"step": step, **step_metrics})
+                logger.log(step, step_metrics)
+                self._callback("on_log", logs=step_metrics)
+            logger.advance(step)
+            last_iteration = iteration == a.num_iterations - 1
+            if step % a.save_steps == 0 and last_iteration:
+                self.save_checkpoint()
+            if step >= total:
+                break
+
+    def _next_prompts(self, k: int) -> list[dict]:
+        """The next k dataset rows in the seeded per-epoch shuffle; the position is saved in checkpoints."""
+        n = len(self.train_dataset)
+        rows = []
+        for _ in range(k):
+            epoch, index = divmod(self.consumed_prompts, n)
+            rows.append(self.train_dataset[int(_epoch_order(n, self.args.seed, epoch, self.args.shuffle_dataset)[index])])
+            self.consumed_prompts += 1
+        return rows
+
+    # ---------------------------------------------------------------------------------------------
+    def generate_and_score(self, rows: list[dict]) -> tuple[list[RolloutBatch], dict]:
+        """Sample num_generations completions per row, score them, and pad one batch per accumulation step."""
+        a, G = self.args, self.args.num_generations
+        prompts = [r["prompt"] for r in rows]
+        prompt_ids, n_truncated = tokenize_prompts(self.tokenizer, prompts, a.max_prompt_length)
+        if n_truncated and not self._warned_truncation:
+            warnings.warn(f"{n_truncated} prompt(s) longer than max_prompt_length={a.max_prompt_length} tokens "
+                          "were truncated from the left (this warning is shown once)", stacklevel=2)
+            self._warned_truncation = True
+        params = SamplingParams(n=G, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                                max_tokens=a.max_completion_length,
+                                seed=a.seed * 1_000_003 + self.consumed_prompts)
+        outputs = self.generator.generate(prompt_ids, params, adapter=self.adapter)
+        completions = [c for out in outputs for c in out.outputs]  # N = len(rows) * G, groups contiguous
+        texts = [c.text for c in completions]
+        conversational = is_conversational(prompts[0])
+        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        rewards_per_func = run_reward_funcs(
+            self.reward_funcs, prompts=[p for p in prompts for _ in range(G)],
+            completions=[[{"role": "assistant", "content": t}] for t in texts] if conversational else texts,
+            completion_ids=[c.token_ids for c in completions], columns=columns, trainer_state=self.state)  # [N, F]
+        rewards = (rewards_per_func * self.reward_weights).nansum(dim=1)  # [N]
+        advantages, group_std = group_advantages(rewards, G, a.scale_rewards)
+        truncated = [c.finish_reason == "length" for c in completions]
+        per_step = a.prompts_per_step * G
+        batches = []
+        for s in range(a.gradient_accumulation_steps):
+            sl = slice(s * per_step, (s + 1) * per_step)
+            b = build_batch([p for p in prompt_ids[s * a.prompts_per_step:(s + 1) * a.prompts_per_step] for _ in range(G)],
+                            [c.token_ids for c in completions[sl]], [c.logprobs for c in completions[sl]],
+                            truncated[sl], advantages[sl], self.pad_id, a.mask_truncated_completions)
+            batches.append(self._with_reference_logps(b))
+        metrics = rollout_metrics(rewards, rewards_per_func, group_std, self.reward_names,
+                                  [len(c.token_ids) for c in completions], truncated)
+        if a.log_completions:
+            metrics["completions/sample"] = texts[0]
+        return batches, metrics
+
+    @torch.no_grad()
+    def _with_reference_logps(self, b: RolloutBatch) -> RolloutBatch:
+        """old log-probs (when rollouts are reused) and reference log-probs (when beta > 0), chunk by chunk."""
+        a = self.args
+        if a.num_iterations > 1:
+            b.old_logps = self._logps_in_chunks(b)
+        if a.beta > 0:
+            with base_model_context(self.model):
+                b.ref_logps = self._logps_in_chunks(b)
+        return b
+
+    def _logps_in_chunks(self, b: RolloutBatch) -> torch.Tensor:
+        out = torch.zeros_like(b.sampling_logps)  # [N, C]
+        for start, stop in self._chunks(len(b)):
+            chunk = b.rows(start, stop).to(self.device)
+            logps, _ = policy_logps(self.model, chunk, self.args.temperature)
+            out[start:stop, :logps.shape[1]] = logps.float().cpu()
+        return out
+
+    def _chunks(self, n: int):
+        size = self.args.micro_batch_size or n
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+    # ---------------------------------------------------------------------------------------------
+    def optimizer_step(self, batches: list[RolloutBatch], first_iteration: bool = True) -> dict:
+        a = self.args
+        self.model.train()
+        normalizers = loss_normalizers(a.loss_type, [b.completion_mask for b in batches], a.max_completion_length)
+        sums = _StatSums()
+        for s, batch in enumerate(batches):
+            for start, stop in self._chunks(len(batch)):
+                chunk = batch.rows(start, stop).to(self.device)
+                with offload_context(self.model):
+                    logps, entropy = policy_logps(self.model, chunk, a.temperature, with_entropy=True)
+                old = chunk.old_logps if chunk.old_logps is not None else logps.detach()
+                loss_tokens, stats = per_token_loss(logps, old, chunk.advantages, chunk.completion_mask,
+                                                    epsilon_low=a.epsilon, epsilon_high=a.epsilon_high,
+                                                    importance_sampling_level=a.importance_sampling_level,
+                                                    ref_logps=chunk.ref_logps, beta=a.beta)
+                loss = aggregate_loss(loss_tokens, chunk.completion_mask, a.loss_type, normalizers[s])
+                loss.backward()
+                sums.add(loss, stats, entropy, logps.detach(), chunk, first_iteration)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters,
+                                                   a.max_grad_norm if a.max_grad_norm else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**sums.metrics(with_kl=a.beta > 0), "grad_norm": float(grad_norm), "learning_rate": lr}
+
+    def save_checkpoint(self) -> Path:
+        state = {"global_step": self.state.global_step, "consumed_prompts": self.consumed_prompts,
+                 "log_history": self.state.log_history, "config": self.args.to_dict()}
+        path = ckpt.save_checkpoint(self.args.output_dir, self.state.global_step, self.model, self.optimizer,
+                                    self.scheduler, state, self.args.save_total_limit)
+        self._callback("on_save")
+        return path
+
+    def _callback(self, event: str, **kwargs) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self.args, self.state, self.control, model=self.model, **kwargs)
+
+
+# --- the pieces of the step, as functions ----------------------------------------------------------
+
+def policy_logps(model, batch: RolloutBatch, temperature: float, with_entropy: bool = False):
+    """Per-token log-probs [n, C] (float32) of the completion tokens, from the last hidden states in
+    chunks (no [n, T, V] logits), and their entropy when asked."""
+    decoder, head = decoder_and_head(model)
+    P = batch.prompt_ids.shape[1]
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)  # [n, P+C]
+    attention = torch.cat([batch.prompt_mask, torch.ones_like(batch.completion_ids)], dim=1)  # [n, P+C]
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # [n, P+C]
+    hidden = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                     use_cache=False).last_hidden_state  # [n, P+C, H]
+    hidden = hidden[:, P - 1:-1]  # [n, C, H]: position P-1+t predicts completion token t
+    return chunked_token_logprobs(hidden, head.weight, batch.completion_ids, temperature=temperature,
+                                  bias=head.bias, with_entropy=with_entropy)
+
+
+def rollout_metrics(rewards, rewards_per_func, group_std, reward_names, lengths, truncated) -> dict:
+    """TRL's reward and completion metrics of one rollout batch."""
+    lengths_t = torch.tensor(lengths, dtype=torch.float32)
+    m = {"reward": rewards.mean().item(), "reward_std": group_std.mean().item(),
+         "frac_reward_zero_std": (group_std.abs() < 1e-6).float().mean().item()}
+    for i, name in enumerate(reward_names):
+        col = rewards_per_func[:, i]
+        m[f"rewards/{name}/mean"] = torch.nanmean(col).item()
+        m[f"rewards/{name}/std"] = _nanstd(col)
+    m.update({"completions/mean_length": lengths_t.mean().item(), "completions/min_length": lengths_t.min().item(),
+              "completions/max_length": lengths_t.max().item(),
+              "completions/clipped_ratio": sum(truncated) / len(truncated)})
+    return m
+
+
+class _StatSums:
+    """Adds the loss statistics over chunks; masked means come out at the end."""
+
+    def __init__(self):
+        self.loss = 0.0
+        self.sums: dict[str, float] = {}
+        self.logp_diff_max = 0.0
+
+    def add(self, loss, stats, entropy, logps, chunk: RolloutBatch, first_iteration: bool):
+        self.loss += loss.item()
+        mask = chunk.completion_mask
+        extra = {"entropy": (entropy * mask).sum()}
+        if first_iteration:
+            diff = (logps - chunk.sampling_logps).abs() * mask  # [n, C]
+            extra["logp_diff"] = diff.sum()
+            extra["logp_diff_tokens"] = mask.sum()
+            self.logp_diff_max = max(self.logp_diff_max, diff.max().item() if diff.numel() else 0.0)
+        for k, v in {**stats, **extra}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def metrics(self, with_kl: bool) -> dict:
+        tokens = max(self.sums.get("tokens", 0.0), 1.0)
+        m = {"loss": self.loss, "entropy": self.sums.get("entropy", 0.0) / tokens,
+             "clip_ratio/low_mean": self.sums.get("clip_low", 0.0) / tokens,
+             "clip_ratio/high_mean": self.sums.get("clip_high", 0.0) / tokens,
+             "clip_ratio/region_mean": self.sums.get("clip_region", 0.0) / tokens}
+        if with_kl:
+            m["kl"] = self.sums.get("kl", 0.0) / tokens
+        if "logp_diff" in self.sums:
+            m["sampling/logp_diff/mean"] = self.sums["logp_diff"] / max(self.sums["logp_diff_tokens"], 1.0)
+            m["sampling/logp_diff/max"] = self.logp_diff_max
+        return m
+
+
+def make_optimizer(params, args: GRPOConfig) -> torch.optim.Optimizer:
+    """Optimizers by TRL's `optim` names."""
+    if not params:
+        raise ValueError("the model has no trainable parameters (call FastLanguageModel.get_peft_model?)")
+    kw = dict(lr=args.learning_rate, weight_decay=args.weight_decay)
+    betas = (args.adam_beta1, args.adam_beta2)
+    if args.optim in ("adamw_torch", "adamw_torch_fused"):
+        fused = args.optim == "adamw_torch_fused" or params[0].is_cuda
+        return torch.optim.AdamW(params, betas=betas, eps=args.adam_epsilon, fused=fused or None, **kw)
+    if args.optim == "sgd":
+        return torch.optim.SGD(params, **kw)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ValueError(f"optim={args.optim!r} needs bitsandbytes (pip install bitsandbytes) and a GPU; "
+                         "use optim='adamw_torch'") from e
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[args.optim]
+    return cls(params, betas=betas, eps=args.adam_epsilon, **kw)
+
+
+# --- small helpers ---------------------------------------------------------------------------------
+
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _nanstd(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return x.std().item() if x.numel() > 1 else 0.0
+
+
+def _resolve_reward_funcs(reward_funcs) -> list:
+    """Callables, ready-function names, or 'module:function' / 'file.py:function' specs."""
+    if reward_funcs is None:
+        raise ValueError("GRPOTrainer needs reward_funcs: one function or a list")
+    if callable(reward_funcs) or isinstance(reward_funcs, str):
+        reward_funcs = [reward_funcs]
+    out = [resolve_reward_func(f) for f in reward_funcs]
+    if not out:
+        raise ValueError("GRPOTrainer needs at least one reward function")
+    return out
+
+
+def _reward_weights(weights, n: int) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(n)
+    if len(weights) != n:
+        raise ValueError(f"reward_weights has {len(weights)} entries but there are {n} reward functions")
+    return torch.tensor([float(w) for w in weights])
+
+
+def _check_dataset(dataset):
+    if dataset is None:
+        raise ValueError("GRPOTrainer needs train_dataset")
+    if len(dataset) == 0:
+        raise ValueError("train_dataset is empty")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"train_dataset has no 'prompt' column (columns: {dataset.column_names})")
+    return dataset
+
+
+def _check_lengths(model, args: GRPOConfig) -> None:
+    settings = getattr(model, "ahazero", None)
+    if settings is None or args.max_prompt_length is None:
+        return
+    need = args.max_prompt_length + args.max_completion_length
+    if need > settings.max_seq_length:
+        raise ValueError(f"max_prompt_length + max_completion_length = {need} exceeds max_seq_length="
+                         f"{settings.max_seq_length} given to FastLanguageModel.from_pretrained")
+
+
+def _default_generator(model, tokenizer):
+    if getattr(model, "ahazero", None) is not None:
+        from ..api import get_generator
+        return get_generator(model, tokenizer)
+    return make_generator(model, tokenizer, use_engine=False)
