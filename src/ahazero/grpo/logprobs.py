@@ -1,0 +1,185 @@
+"""Per-token log-probabilities from hidden states, a chunk of tokens at a time (never [N, T, V] logits).
+
+The memory idea of Unsloth's and Liger's fused linear + cross-entropy, and of TRL's
+`ChunkedLogProbFunction`: the lm_head projection and the log-softmax are done for `chunk_tokens` rows
+at a time in forward, and recomputed chunk by chunk in backward, so only hidden, weight, targets and
+one logsumexp per token are kept for backward. Simplified against TRL: chunks span the whole
+vocabulary (no vocab tiling, no online logsumexp), no softcapping or logit scale (the Qwen2 / Llama /
+Mistral / Qwen3 heads have none), and no gradient through the entropy (it is for logging).
+
+Numerics: the matmul runs in the hidden dtype (as the engine's decode does), the logits are upcast to
+float32, divided by the temperature, and log-softmaxed in float32. Weight and bias gradients are
+accumulated over chunks in float32.
+
+Speed: on CUDA the element-wise work on each chunk (upcast, logsumexp, entropy in forward; softmax
+gradient in backward) runs as one torch.compile'd kernel each (`fused=None` picks it where CUDA and
+Triton are; the first call compiles for some seconds). The eager functions are the CPU path and the
+reference the fused one is tested against. Measured on an H100 (bf16, 4096 tokens, H 1536, V 151936,
+forward + backward): full logits 18.8 ms / 7.1 GiB extra; eager chunks 28.7 ms / 0.6 GiB; fused
+chunks 13.0 ms / 0.4 GiB.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk, by default
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk so that one float32 chunk of logits is about 256 MiB (at least 1)."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+# ------------------------------------------------------------------ per-chunk math (eager reference)
+
+def chunk_forward(logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """logits [C, V] (matmul dtype), targets [C] -> (logp [C], logsumexp [C], entropy [C] | None),
+    all float32, of the distribution softmax(logits.float() / temperature)."""
+    z = logits.float() if logits.dtype != torch.float32 else logits.clone()     # [C, V] float32
+    if temperature != 1.0:
+        z.div_(temperature)
+    lse = torch.logsumexp(z, dim=-1)                                             # [C]
+    logp = z.gather(1, targets[:, None]).squeeze(1) - lse                        # [C]
+    entropy = None
+    if with_entropy:  # H = lse - sum_v p_v z_v
+        entropy = lse - torch.linalg.vecdot(torch.exp(z - lse[:, None]), z)      # [C]
+    return logp, lse, entropy
+
+
+def chunk_grad_logits(logits: Tensor, lse: Tensor, targets: Tensor, grad_logp: Tensor, temperature: float,
+                      out_dtype: torch.dtype) -> Tensor:
+    """d(sum_c grad_logp_c * logp_c) / d logits [C, V]: (1[v = target] - p_v) * grad_logp / temperature."""
+    g = (grad_logp.float() / temperature)[:, None]                               # [C, 1]
+    dz = logits.float() if logits.dtype != torch.float32 else logits.clone()    # [C, V] float32
+    if temperature != 1.0:
+        dz.div_(temperature)
+    dz.sub_(lse[:, None]).exp_().mul_(-g).scatter_add_(1, targets[:, None], g)  # [C, V]
+    return dz if out_dtype == torch.float32 else dz.to(out_dtype)
+
+
+# ------------------------------------------------------------------ the same math, fused for CUDA
+
+def _pure_forward(logits, targets, temperature: float, with_entropy: bool):
+    # max, then one pass for sum(e) and sum(e * z): Inductor fuses it into one reduction over V
+    z = logits.float() / temperature                                             # [C, V]
+    zmax = z.amax(-1, keepdim=True)                                              # [C, 1]
+    e = torch.exp(z - zmax)                                                      # [C, V]
+    sum_e = e.sum(-1)                                                            # [C]
+    lse = zmax.squeeze(1) + torch.log(sum_e)                                     # [C]
+    logp = z.gather(1, targets[:, None]).squeeze(1) - lse
+    entropy = lse - (e * z).sum(-1) / sum_e if with_entropy else None
+    return logp, lse, entropy
+
+
+def _pure_grad_logits(logits, lse, targets, grad_logp, temperature: float, out_dtype: torch.dtype):
+    g = (grad_logp.float() / temperature)[:, None]                               # [C, 1]
+    p = torch.exp(logits.float() / temperature - lse[:, None])                   # [C, V]
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
+    return ((onehot.float() - p) * g).to(out_dtype)                              # [C, V]
+
+
+@functools.cache
+def _compiled():
+    """Compiled once per process (the first call takes seconds); chunk sizes are dynamic."""
+    return torch.compile(_pure_forward, dynamic=True), torch.compile(_pure_grad_logits, dynamic=True)
+
+
+def _has_triton() -> bool:
+    from torch.utils._triton import has_triton
+    return has_triton()
+
+
+def _chunk_ops(fused: bool):
+    return _compiled() if fused else (chunk_forward, chunk_grad_logits)
+
+
+# ------------------------------------------------------------------ the autograd Function
+
+def _as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """hidden [M, H], weight [V, H], bias [V] | None, targets [M] -> (logps [M], entropy [M] or empty)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_tokens, with_entropy, fused):
+        m = hidden.shape[0]
+        w, b = _as_dtype(weight, hidden.dtype), _as_dtype(bias, hidden.dtype)
+        fwd, _ = _chunk_ops(fused)
+        logps = hidden.new_empty(m, dtype=torch.float32)                         # [M]
+        lse = hidden.new_empty(m, dtype=torch.float32)                           # [M]
+        entropy = hidden.new_empty(m if with_entropy else 0, dtype=torch.float32)  # [M] or [0]
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, m, chunk_tokens):
+                e = min(s + chunk_tokens, m)
+                logits = torch.nn.functional.linear(hidden[s:e], w, b)           # [C, V] hidden dtype
+                logp_c, lse_c, ent_c = fwd(logits, targets[s:e], temperature, with_entropy)
+                logps[s:e], lse[s:e] = logp_c, lse_c
+                if with_entropy:
+                    entropy[s:e] = ent_c
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk_tokens, ctx.fused = temperature, chunk_tokens, fused
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        m, dtype = hidden.shape[0], hidden.dtype
+        w, b = _as_dtype(weight, dtype), _as_dtype(bias, dtype)
+        _, grad_logits = _chunk_ops(ctx.fused)
+        grad_logps = grad_logps.contiguous()                                     # [M]
+        # the weight gradient sums over chunks: keep dlogits in float32 for it (as TRL does)
+        dz_dtype = torch.float32 if need_w or need_b else dtype
+        grad_h = torch.empty_like(hidden) if need_h else None                    # [M, H]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, m, ctx.chunk_tokens):
+                e = min(s + ctx.chunk_tokens, m)
+                logits = torch.nn.functional.linear(hidden[s:e], w, b)           # [C, V]
+                dz = grad_logits(logits, lse[s:e], targets[s:e], grad_logps[s:e], ctx.temperature, dz_dtype)
+                if need_h:
+                    grad_h[s:e] = _as_dtype(dz, dtype) @ w                       # [C, H]
+                if need_w:
+                    grad_w.addmm_(dz.t(), hidden[s:e].float())                   # [V, H]
+                if need_b:
+                    grad_b.add_(dz.sum(0))                                       # [V]
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def chunked_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperature: float = 1.0,
+                           bias: Tensor | None = None, chunk_tokens: int | None = None,
+                           with_entropy: bool = False, fused: bool | None = None
+                           ) -> tuple[Tensor, Tensor | None]:
+    """hidden [N, T, H] (any float dtype), weight [V, H] (the lm_head), targets [N, T] long ->
+    (logps [N, T] float32, entropy [N, T] float32 detached or None).
+
+    logits = hidden @ weight.T (+ bias), divided by temperature, log-softmax in float32; computed
+    `chunk_tokens` flattened tokens at a time (default: about 256 MiB of float32 logits), in backward
+    too, so no [N, T, V] tensor ever exists. Gradients reach hidden, and weight / bias only when they
+    require grad. The entropy is that of the temperature-scaled distribution. Negative targets
+    (padding such as -100) are scored as token 0; mask them out afterwards. `fused` (default: on CUDA)
+    runs each chunk's element-wise math as a torch.compile'd kernel.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n, t, h = hidden.shape
+    vocab = weight.shape[0]
+    chunk = default_chunk_tokens(vocab) if chunk_tokens is None else int(chunk_tokens)
+    if chunk < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    fused = (hidden.is_cuda and _has_triton()) if fused is None else fused
+    flat_h = hidden.reshape(n * t, h)                                            # [N*T, H]
+    flat_targets = targets.reshape(n * t).long().clamp(min=0)                    # [N*T] (-100 pads -> 0)
+    logps, entropy = _ChunkedTokenLogprobs.apply(
+        flat_h, weight, bias, flat_targets, float(temperature), chunk, with_entropy, fused)
+    return logps.view(n, t), (entropy.view(n, t) if with_entropy else None)      # [N, T]
