@@ -7,6 +7,8 @@ notebooks pass), so a notebook runs after changing its imports. Differences from
 - `use_vllm` is accepted and means "use the built-in engine"; the `vllm_*` fields are accepted and ignored.
 - `micro_batch_size` is ours: rows per forward/backward chunk inside an accumulation step
   (None: the whole accumulation step at once).
+- `max_nonfinite_steps` is ours: a step whose loss or gradient norm is NaN/inf is skipped (weights,
+  optimizer and scheduler untouched) and logged as `nonfinite_skipped`; this many in a row stop the run.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class GRPOConfig:
     max_steps: int = -1
     micro_batch_size: int | None = None
     shuffle_dataset: bool = True
+    max_nonfinite_steps: int = 3  # ours: consecutive NaN/inf losses or gradients (each skipped) before stopping
     # --- generation --------------------------------------------------------------------------------
     num_generations: int = 8
     max_prompt_length: int | None = 512
@@ -139,6 +142,7 @@ class GRPOConfig:
         need(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 or None")
         need(self.optim in OPTIMIZERS, "optim", f"must be one of {OPTIMIZERS}")
         need(not (self.bf16 and self.fp16), "fp16", "bf16 and fp16 cannot both be on")
+        need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         need(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1 or None")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1 or None")
         for r in self.report_to:

@@ -63,6 +63,7 @@ class GRPOTrainer:
         self.optimizer = self.scheduler = None
         self._warned_truncation = False
         self.consumed_prompts = 0
+        self.nonfinite_in_a_row = 0
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -97,11 +98,17 @@ class GRPOTrainer:
         self._callback("on_train_begin")
         logger.start(self.state.global_step)
         try:
-            while self.state.global_step < total and not self.control.should_training_stop:
-                self._rollout_and_update(total, logger)
+            with _StopOnSignal(self.control) as stop:
+                while self.state.global_step < total and not self.control.should_training_stop:
+                    self._rollout_and_update(total, logger)
+        except torch.cuda.OutOfMemoryError as e:
+            raise torch.cuda.OutOfMemoryError(_OOM_ADVICE.format(g=a.num_generations, c=a.max_completion_length,
+                                                                 b=a.per_device_train_batch_size)) from e
         finally:
             logger.close()
-        if self.state.global_step % a.save_steps != 0:
+        if stop.signal_name:
+            logger.print(f"{stop.signal_name} received: saving a final checkpoint and stopping")
+        if self.state.global_step % a.save_steps != 0 or stop.signal_name:
             self.save_checkpoint()
         self._callback("on_train_end")
         return self.state
@@ -225,13 +232,25 @@ class GRPOTrainer:
                 loss = aggregate_loss(loss_tokens, chunk.completion_mask, a.loss_type, normalizers[s])
                 loss.backward()
                 sums.add(loss, stats, entropy, logps.detach(), chunk, first_iteration)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters,
-                                                   a.max_grad_norm if a.max_grad_norm else float("inf"))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters,
+                                                         a.max_grad_norm if a.max_grad_norm else float("inf")))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        finite = math.isfinite(grad_norm) and math.isfinite(sums.loss)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return {**sums.metrics(with_kl=a.beta > 0), "grad_norm": float(grad_norm), "learning_rate": lr}
+        metrics = {**sums.metrics(with_kl=a.beta > 0), "grad_norm": grad_norm, "learning_rate": lr,
+                   "nonfinite_skipped": 0 if finite else 1}
+        if self.nonfinite_in_a_row >= a.max_nonfinite_steps:
+            raise FloatingPointError(f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                                     f"(loss={sums.loss}, grad_norm={grad_norm}); each was skipped, so the weights "
+                                     "are those of the last finite step. Lower learning_rate or max_grad_norm, or "
+                                     "check the reward functions for inf values.")
+        return metrics
 
     def save_checkpoint(self) -> Path:
         state = {"global_step": self.state.global_step, "consumed_prompts": self.consumed_prompts,
@@ -246,6 +265,41 @@ class GRPOTrainer:
             fn = getattr(cb, event, None)
             if fn is not None:
                 fn(self.args, self.state, self.control, model=self.model, **kwargs)
+
+
+_OOM_ADVICE = ("out of GPU memory. The knobs, from most to least effective: max_completion_length ({c}), "
+               "num_generations ({g}), per_device_train_batch_size ({b}; raise gradient_accumulation_steps to keep "
+               "the batch), micro_batch_size, use_gradient_checkpointing='offload' in get_peft_model, and a lower "
+               "gpu_memory_utilization in from_pretrained (less for the rollout KV cache).")
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (then a final checkpoint is written);
+    a second signal interrupts at once."""
+
+    def __init__(self, control):
+        self.control, self.signal_name, self.previous = control, None, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        self.control.should_training_stop = True
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 # --- the pieces of the step, as functions ----------------------------------------------------------
@@ -302,10 +356,11 @@ class _StatSums:
 
     def metrics(self, with_kl: bool) -> dict:
         tokens = max(self.sums.get("tokens", 0.0), 1.0)
+        clips = max(self.sums.get("clip_total", 0.0), 1.0)  # tokens, or sequences at sequence-level IS
         m = {"loss": self.loss, "entropy": self.sums.get("entropy", 0.0) / tokens,
-             "clip_ratio/low_mean": self.sums.get("clip_low", 0.0) / tokens,
-             "clip_ratio/high_mean": self.sums.get("clip_high", 0.0) / tokens,
-             "clip_ratio/region_mean": self.sums.get("clip_region", 0.0) / tokens}
+             "clip_ratio/low_mean": self.sums.get("clip_low", 0.0) / clips,
+             "clip_ratio/high_mean": self.sums.get("clip_high", 0.0) / clips,
+             "clip_ratio/region_mean": self.sums.get("clip_region", 0.0) / clips}
         if with_kl:
             m["kl"] = self.sums.get("kl", 0.0) / tokens
         if "logp_diff" in self.sums:
