@@ -82,12 +82,13 @@ class HFGenerator:
             input_ids[i, width - len(r):] = torch.tensor(r)
             attention[i, width - len(r):] = 1
         recorder = _SampleAndRecord(params, width)
-        stop_ids = self.eos_token_ids + list(params.stop_token_ids or [])
+        # vLLM's rule: ignore_eos ignores the EOS ids only; stop_token_ids and stop strings still stop
+        stop_ids = ([] if params.ignore_eos else self.eos_token_ids) + list(params.stop_token_ids or [])
         kwargs = dict(max_new_tokens=params.max_tokens, do_sample=params.temperature > 0, temperature=1.0,
-                      top_k=0, top_p=1.0, logits_processor=LogitsProcessorList([recorder]),
-                      eos_token_id=stop_ids, pad_token_id=self.pad_token_id, use_cache=True)
-        if params.ignore_eos:
-            kwargs["min_new_tokens"] = params.max_tokens
+                      top_k=None, top_p=1.0, logits_processor=LogitsProcessorList([recorder]),
+                      eos_token_id=stop_ids or self.eos_token_ids, pad_token_id=self.pad_token_id, use_cache=True)
+        if not stop_ids:
+            kwargs["min_new_tokens"] = params.max_tokens  # nothing may stop it: suppress the EOS ids
         if params.stop:
             kwargs.update(stop_strings=params.stop, tokenizer=self.tokenizer)
         was_training = self.model.training
@@ -112,7 +113,7 @@ class HFGenerator:
             req = RequestOutput(prompt=None, prompt_token_ids=list(prompt))
             for j in range(params.n):
                 row = p_idx * params.n + j
-                tokens, reason = _cut_at_stop(new_tokens[row], stop_ids, params.ignore_eos)
+                tokens, reason = _cut_at_stop(new_tokens[row], stop_ids)
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 text, hit_string = _cut_at_stop_string(text, params.stop)
                 req.outputs.append(CompletionOutput(index=j, text=text, token_ids=tokens,
@@ -122,12 +123,11 @@ class HFGenerator:
         return results
 
 
-def _cut_at_stop(tokens: list[int], stop_ids: set[int], ignore_eos: bool) -> tuple[list[int], str]:
+def _cut_at_stop(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], str]:
     """Tokens up to and including the first stop token (the rest is padding)."""
-    if not ignore_eos:
-        for i, t in enumerate(tokens):
-            if t in stop_ids:
-                return tokens[:i + 1], "stop"
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i + 1], "stop"
     return tokens, "length"
 
 

@@ -1,0 +1,277 @@
+"""Rollout throughput (issue 4): ahazero's engine vs transformers' generate, beside the memory roofline.
+
+Workloads (random bf16 weights of a real shape, the real Qwen2.5 tokenizer, LoRA r=32 on all linear
+layers, active; EOS ignored so every completion has the full length):
+  W1  16 GSM8K prompts x 8 completions x 512 new tokens   (a GRPO step's rollouts)
+  W2   1 prompt x 6 completions x 200 new tokens          (the seed notebook's sizes; target < 0.3 s)
+
+Backends, each timed on its second call (the first compiles / captures), in one process, one after the
+other, with the peak memory of each:
+  ahazero          the engine: CUDA graphs over batch buckets + torch.compile of the decode step
+  ahazero-graphs   the engine with CUDA graphs, no compile
+  ahazero-lora     as `ahazero`, LoRA through the grouped Triton kernels (lora_kernels=True)
+  ahazero-attn     as `ahazero`, decode attention through our split-KV Triton kernel (attention="triton")
+  ahazero-kernels  as `ahazero`, both Triton kernels
+  ahazero-eager    the engine, no graphs, no compile
+  hf               transformers generate, default (dynamic) cache
+  hf-static        transformers generate, cache_implementation="static" (compiled)
+  profile          (not a timing) torch.profiler's table of the engine's eager decode kernels
+The roofline is (weight bytes + KV bytes read per decode step) / device-to-device copy bandwidth
+((bytes read + bytes written) / time of a 2 GiB copy), summed over the decode steps.
+
+Run on a GPU machine, from the repository root:
+  python bench/rollout.py --workload W1 --model qwen2.5-1.5b --backends ahazero,ahazero-kernels,hf-static,hf
+  python bench/rollout.py --workload W2 --model qwen2.5-1.5b --backends ahazero,ahazero-kernels,hf-static,hf
+  python bench/rollout.py --workload W1 --model qwen2.5-1.5b --backends ahazero-lora,ahazero-attn,ahazero-graphs
+  python bench/rollout.py --workload W1 --model llama-3.1-8b --backends ahazero,ahazero-kernels,hf-static
+Each run prints a markdown table and appends one JSON line per backend to --out (on the device machine,
+pass --out $OUT/rollout.jsonl so the lines come back). `--smoke` runs a shrunken model on the CPU with
+few tokens: it checks the script, not the speed.
+The Llama shape has a smaller vocabulary than the Qwen tokenizer: prompt ids are taken modulo it.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "tests" / "assets"
+sys.path.insert(0, str(ROOT / "src"))
+
+WORKLOADS = {"W1": dict(prompts=16, n=8, new_tokens=512), "W2": dict(prompts=1, n=6, new_tokens=200)}
+SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+
+
+def build_model(name: str, lora_rank: int, smoke: bool = False):
+    """Random bf16 weights of the named shape on the GPU, with a PEFT LoRA adapter on every linear layer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = json.loads((ASSETS / "configs" / f"{name}.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg.update(SMOKE if smoke else {})
+    config = AutoConfig.for_model(**cfg)
+    torch.manual_seed(0)
+    with DEVICE:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if not smoke else torch.float32)
+    lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=TARGETS, lora_dropout=0.0,
+                      init_lora_weights=False)
+    return get_peft_model(model, lora).eval()
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(ASSETS / "qwen2.5-tokenizer")
+
+
+def gsm8k_prompts(tok, count: int, vocab_size: int) -> list[list[int]]:
+    rows = [json.loads(line) for line in (ASSETS / "gsm8k" / "train.jsonl").read_text().splitlines()[:count]]
+    prompts = []
+    for row in rows:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": row["question"]}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        prompts.append([i % vocab_size for i in ids])
+    return prompts
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, repeats: int = 20) -> float:
+    """(bytes read + bytes written) per second of a device-to-device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _, seconds = timed(lambda: [dst.copy_(src) for _ in range(repeats)])
+    seconds /= repeats
+    del src, dst
+    return 2 * nbytes / seconds
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads: every parameter (LoRA included, tied ones once) except an untied input
+    embedding matrix, of which a step reads only B rows."""
+    from ahazero.models.lora import decoder_and_head
+    decoder, head = decoder_and_head(model)
+    embed = decoder.embed_tokens.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if embed is not head.weight:
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def roofline_tokens_per_s(model, prompts, n: int, new_tokens: int, bandwidth: float) -> float:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2  # bf16
+    weights, seconds = weight_bytes(model), 0.0
+    for t in range(new_tokens):
+        kv = sum(n * (len(p) + t) for p in prompts) * kv_per_token
+        seconds += (weights + kv) / bandwidth
+    return len(prompts) * n * new_tokens / seconds
+
+
+def timed(fn):
+    synchronize()
+    start = time.perf_counter()
+    result = fn()
+    synchronize()
+    return result, time.perf_counter() - start
+
+
+def synchronize():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0
+
+
+def run_engine(model, tok, prompts, wl, max_seq_length, **options) -> dict:
+    from ahazero.engine.engine import create_generator
+    from ahazero.engine.types import SamplingParams
+    gen = create_generator(model, tok, max_seq_length=max_seq_length, **options)
+    params = SamplingParams(temperature=1.0, max_tokens=wl["new_tokens"], n=wl["n"], ignore_eos=True, seed=0)
+    _, first = timed(lambda: gen.generate(prompts, params))
+    outs, seconds = timed(lambda: gen.generate(prompts, params))
+    assert all(len(c.token_ids) == wl["new_tokens"] for o in outs for c in o.outputs)
+    from torch._dynamo.utils import counters
+    result = dict(seconds=seconds, first_call_s=first, slots=gen.runner.num_slots,
+                  peak_gib=peak_gib(),
+                  compiled_graphs=counters["stats"]["unique_graphs"],
+                  cuda_graphs=len(gen.runner.graphs.graphs) if gen.runner.graphs else 0)
+    del gen
+    result["logp_diff"] = logp_diff(model, outs)
+    return result
+
+
+def logp_diff(model, outs, rows: int = 4) -> dict:
+    """|engine log-prob - transformers forward log-prob| over a few completions (the trainer's quantity)."""
+    diffs = []
+    for out in outs[:rows]:
+        c = out.outputs[0]
+        ids = torch.tensor([out.prompt_token_ids + c.token_ids], device=DEVICE)
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(out.prompt_token_ids) - 1:-1].float()  # [C, V]
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.token_ids, device=DEVICE)[:, None])
+        diffs.append((ref.squeeze(-1).cpu() - torch.tensor(c.logprobs)).abs())
+    d = torch.cat(diffs)
+    return dict(mean=d.mean().item(), max=d.max().item())
+
+
+def run_hf(model, tok, prompts, wl, static: bool) -> dict:
+    """transformers generate on the same rows (each prompt n times, left-padded), sampling at T=1."""
+    pad = tok.pad_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=DEVICE)  # [P, T]
+    starts = torch.tensor([width - len(p) for p in prompts], device=DEVICE)  # [P]
+    mask = (torch.arange(width, device=DEVICE)[None] >= starts[:, None]).long()  # [P, T]
+    kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                  max_new_tokens=wl["new_tokens"], min_new_tokens=wl["new_tokens"],
+                  num_return_sequences=wl["n"], pad_token_id=pad)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    with torch.no_grad():
+        _, first = timed(lambda: model.generate(**kwargs))
+        out, seconds = timed(lambda: model.generate(**kwargs))
+    assert out.shape == (len(prompts) * wl["n"], width + wl["new_tokens"])
+    return dict(seconds=seconds, first_call_s=first)
+
+
+def run_profile(model, tok, prompts, wl, max_seq_length) -> dict:
+    """Not a timing: the kernels of a few eager decode steps (what the graphs replay), heaviest first."""
+    from torch.profiler import ProfilerActivity, profile
+    from ahazero.engine.engine import create_generator
+    from ahazero.engine.types import SamplingParams
+    gen = create_generator(model, tok, max_seq_length=max_seq_length, cuda_graphs=False, compile=False)
+    params = SamplingParams(temperature=1.0, max_tokens=8, n=wl["n"], ignore_eos=True, seed=0)
+    gen.generate(prompts, params)
+    on_cuda = DEVICE.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        gen.generate(prompts, params)
+    print(prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=30))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return dict(kernels_per_step=len(kernels) / 8)
+
+
+BACKENDS = {
+    "ahazero": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=True, compile=True),
+    "ahazero-lora": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, lora_kernels=True),
+    "ahazero-attn": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, attention="triton"),
+    "ahazero-kernels": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, lora_kernels=True, attention="triton"),
+    "ahazero-graphs": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=True, compile=False),
+    "ahazero-eager": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=False, compile=False),
+    "hf": lambda m, t, p, wl, L: run_hf(m, t, p, wl, static=False),
+    "hf-static": lambda m, t, p, wl, L: run_hf(m, t, p, wl, static=True),
+    "profile": run_profile,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
+    ap.add_argument("--model", default="qwen2.5-1.5b", help="a config name in tests/assets/configs")
+    ap.add_argument("--backends", default="ahazero,ahazero-kernels,hf-static,hf")
+    ap.add_argument("--lora-rank", type=int, default=32)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "rollout_results.jsonl"))
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 8 new tokens")
+    args = ap.parse_args()
+    wl = dict(WORKLOADS[args.workload], **(dict(new_tokens=8) if args.smoke else {}))
+    tok = tokenizer()
+    model = build_model(args.model, args.lora_rank, smoke=args.smoke)
+    prompts = gsm8k_prompts(tok, wl["prompts"], model.config.vocab_size)
+    max_seq_length = -(-(max(len(p) for p in prompts) + wl["new_tokens"]) // 128) * 128
+    bandwidth = copy_bandwidth(nbytes=(2 << 30) if not args.smoke else (64 << 20))
+    tokens = wl["prompts"] * wl["n"] * wl["new_tokens"]
+    roof = roofline_tokens_per_s(model, prompts, wl["n"], wl["new_tokens"], bandwidth)
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    print(f"{device}; {args.model} {args.workload}: {wl}; prompt lengths {min(map(len, prompts))}-"
+          f"{max(map(len, prompts))}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; roofline {roof:,.0f} tokens/s")
+    rows = []
+    for name in args.backends.split(","):
+        gc.collect()
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            result = BACKENDS[name](model, tok, prompts, wl, max_seq_length)
+        except Exception as err:  # noqa: BLE001 - report the failure, keep measuring the others
+            result = dict(error=f"{type(err).__name__}: {err}")
+        result.setdefault("peak_gib", peak_gib())
+        result.update(backend=name, workload=args.workload, model=args.model, device=device, tokens=tokens,
+                      roofline_tokens_per_s=roof,
+                      bandwidth_gbs=bandwidth / 1e9, torch=torch.__version__)
+        if "seconds" in result:
+            result["tokens_per_s"] = tokens / result["seconds"]
+            result["roofline_fraction"] = result["tokens_per_s"] / roof
+        rows.append(result)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
+    print_table(rows)
+
+
+def print_table(rows):
+    print("\n| backend | tokens/s | seconds | first call s | % roofline | peak GiB | logp diff mean/max |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "error" in r or "tokens_per_s" not in r:
+            print(f"| {r['backend']} | {r.get('error', '')[:80]} | | | | {r['peak_gib']:.1f} | |")
+            continue
+        lp = r.get("logp_diff")
+        lp = f"{lp['mean']:.1e} / {lp['max']:.1e}" if lp else ""
+        print(f"| {r['backend']} | {r['tokens_per_s']:,.0f} | {r['seconds']:.3f} | {r['first_call_s']:.1f} | "
+              f"{100 * r['roofline_fraction']:.0f}% | {r['peak_gib']:.1f} | {lp} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Decode attention over the slotted KV cache in Triton (flash-decoding: split-KV, then a merge).
+
+Row b (slot b) attends with its G = Hq / Hkv query heads of KV head h over positions 0..positions[b]
+of its slot, and reads nothing past them: no padding to a length bucket, no mask tensor, so one CUDA
+graph per batch size serves every length. The query heads of a KV head share each K/V tile.
+  partial:  program (b, h, split) -> running max m, sum l, unnormalised output acc over its chunk
+  merge:    program (b, h)        -> out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s
+Softmax in float32; q.k and p.v on tensor cores in the cache's dtype (IEEE float32 for float32 caches;
+p is rounded to the cache's dtype first, as in flash attention).
+kernel -> launcher -> torch.library custom op. The CPU tests run it through Triton's interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's dot is wrong for bf16: use float32
+CHUNK = 256  # KV positions per split program
+BLOCK_T = 64  # KV positions per tile inside a program
+
+
+@triton.jit
+def _dot(a, b, IS_FP32: tl.constexpr):
+    if IS_FP32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
+                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
+                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                    BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, IS_FP32: tl.constexpr):
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    length = tl.load(pos_ptr + b) + 1
+    heads = tl.arange(0, BLOCK_G)  # [BG] query heads h*G + heads
+    dims = tl.arange(0, D)  # [D]
+    q_at = q_ptr + b * stride_qb + (h * G + heads[:, None]) * stride_qh + dims[None, :]
+    q = tl.load(q_at, mask=heads[:, None] < G, other=0.0)  # [BG, D]
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, D), tl.float32)
+    kv = b * stride_kb + h * stride_kh
+    if s * CHUNK < length:  # a split past the sequence leaves m = -inf, l = 0: the merge weighs it 0
+        for t0 in range(0, CHUNK, BLOCK_T):
+            ts = s * CHUNK + t0 + tl.arange(0, BLOCK_T)  # [BT]
+            valid = ts < length
+            kT = tl.load(k_ptr + kv + ts[None, :] * stride_kt + dims[:, None], mask=valid[None, :], other=0.0)
+            scores = _dot(q, kT, IS_FP32) * scale  # [BG, BT]
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))  # [BG]
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with nothing valid yet
+            p = tl.exp(scores - m_safe[:, None])  # [BG, BT]
+            alpha = tl.exp(m - m_safe)  # [BG]
+            v = tl.load(v_ptr + kv + ts[:, None] * stride_kt + dims[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IS_FP32)  # [BG, D]
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
+    row = ((b * HKV + h) * SPLITS + s) * BLOCK_G + heads  # [BG]
+    tl.store(acc_ptr + row[:, None] * D + dims[None, :], acc)
+    tl.store(ml_ptr + row * 2, m)
+    tl.store(ml_ptr + row * 2 + 1, l)
+
+
+@triton.jit
+def _merge_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
+                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                  BLOCK_G: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    heads = tl.arange(0, BLOCK_G)  # [BG]
+    dims = tl.arange(0, D)  # [D]
+    base = (b * HKV + h) * SPLITS * BLOCK_G
+    top = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        top = tl.maximum(top, tl.load(ml_ptr + (base + s * BLOCK_G + heads) * 2))
+    total = tl.zeros((BLOCK_G,), tl.float32)
+    out = tl.zeros((BLOCK_G, D), tl.float32)
+    for s in range(SPLITS):
+        row = base + s * BLOCK_G + heads  # [BG]
+        weight = tl.exp(tl.load(ml_ptr + row * 2) - top)  # [BG]; 0 for an empty split (m = -inf)
+        total += weight * tl.load(ml_ptr + row * 2 + 1)
+        out += weight[:, None] * tl.load(acc_ptr + row[:, None] * D + dims[None, :])
+    out = out / total[:, None]
+    out_at = out_ptr + b * stride_ob + (h * G + heads[:, None]) * stride_oh + dims[None, :]
+    tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=heads[:, None] < G)
+
+
+def _decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q [B, Hq, D]; cache_k, cache_v [slots, Hkv, T, D] (row b reads slot b); positions [B] -> [B, Hq, D]."""
+    B, Hq, D = q.shape
+    Hkv, T = cache_k.shape[1], cache_k.shape[2]
+    G, splits = Hq // Hkv, triton.cdiv(T, CHUNK)
+    block_g = max(16, triton.next_power_of_2(G))
+    acc = torch.empty(B, Hkv, splits, block_g, D, device=q.device, dtype=torch.float32)  # partial outputs
+    ml = torch.empty(B, Hkv, splits, block_g, 2, device=q.device, dtype=torch.float32)  # running max, sum
+    out = torch.empty_like(q)  # [B, Hq, D]
+    common = dict(HKV=Hkv, G=G, D=D, SPLITS=splits, BLOCK_G=block_g)
+    _partial_kernel[(B, Hkv, splits)](q, cache_k, cache_v, positions, acc, ml, scale, q.stride(0), q.stride(1),
+                                      cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), **common,
+                                      CHUNK=CHUNK, BLOCK_T=BLOCK_T, IS_FP32=q.dtype == torch.float32 or INTERPRET)
+    _merge_kernel[(B, Hkv)](acc, ml, out, out.stride(0), out.stride(1), **common)
+    return out
+
+
+@torch.library.custom_op("ahazero::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    return _decode_attention(q.contiguous(), cache_k, cache_v, positions, scale)
+
+
+@decode_attention_op.register_fake
+def _(q, cache_k, cache_v, positions, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -1,0 +1,68 @@
+"""The engine's one config: sizes of the KV cache, batches and CUDA graphs, validated where built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+CPU_KV_BYTES = 1 << 30  # on the CPU the KV cache gets a modest fixed budget (1 GiB)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How big the engine's buffers are and which fast paths it uses.
+
+    `max_seq_length` bounds prompt + completion per sequence (the width of one KV slot).
+    `gpu_memory_utilization` is vLLM's knob: the fraction of the GPU's memory that this process (weights,
+    training state and the KV cache together) may hold once the cache is allocated.
+    `max_batch_size` caps the number of KV slots (sequences decoded at once).
+    `max_prefill_tokens` caps the padded tokens (prompts x longest prompt) of one prefill forward.
+    `cuda_graphs` replays the decode step from CUDA graphs over batch-size and KV-length buckets.
+    `compile` runs the decode step through torch.compile (fuses norms, RoPE and adds) before capture;
+    `compile_backend` is torch.compile's backend ("eager" in the CPU tests: tracing only).
+    `attention`: "sdpa" (PyTorch's kernels over a length bucket, masked) or "triton" (our split-KV kernel,
+    engine/attention_kernels.py, which reads each sequence's own length; needs triton).
+    `lora_kernels` applies LoRA with engine/lora_kernels.py's grouped Triton kernels (needs triton).
+    `kv_len_bucket`: decode attends over the first multiple of this many cache positions that covers
+    the longest running sequence (one graph per bucket), not over the whole slot.
+    `graph_batch_sizes`: the batch-size buckets; a batch runs in the smallest bucket that holds it.
+    """
+    max_seq_length: int
+    device: torch.device
+    dtype: torch.dtype
+    gpu_memory_utilization: float = 0.6
+    max_batch_size: int | None = None
+    max_lora_rank: int | None = None
+    max_prefill_tokens: int | None = None
+    cuda_graphs: bool | None = None
+    compile: bool | None = None
+    compile_backend: str = "inductor"
+    lora_kernels: bool = False
+    attention: str = "sdpa"
+    kv_len_bucket: int = 128
+    graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192,
+                                                        224, 256, 320, 384, 448, 512))
+
+    def __post_init__(self):
+        on_cuda = self.device.type == "cuda"
+        if self.max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be >= 2, got {self.max_seq_length}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_batch_size is None:
+            self.max_batch_size = 256 if on_cuda else 64
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_prefill_tokens is None:
+            self.max_prefill_tokens = 16384 if on_cuda else 4096
+        self.max_prefill_tokens = max(self.max_prefill_tokens, self.max_seq_length)
+        if self.cuda_graphs is None:
+            self.cuda_graphs = on_cuda
+        if self.compile is None:
+            self.compile = on_cuda and self.cuda_graphs
+        if self.attention not in ("sdpa", "triton"):
+            raise ValueError(f"attention must be 'sdpa' or 'triton', got {self.attention!r}")
+        if self.attention == "triton":
+            self.kv_len_bucket = self.max_seq_length  # the kernel reads lengths itself: one bucket
+        if self.kv_len_bucket < 1:
+            raise ValueError(f"kv_len_bucket must be >= 1, got {self.kv_len_bucket}")

@@ -1,0 +1,129 @@
+"""Grouped unmerged LoRA in two Triton launches (punica's shrink/expand, as vLLM does it).
+
+The projections that read one input (q/k/v; gate/up) apply their adapters together:
+  shrink:  xa[g] = x @ A_g^T                  x [N, K], A_g [r, K]        -> partial sums [S, G, N, r] fp32
+  expand:  y_g = y_g + s_g * xa[g] @ B_g^T    B_g [out_g, r], y_g [N, out_g], updated in place
+instead of 2 GEMMs and 3 casts per projection. PEFT's math: the adapter runs in float32 (dots in IEEE
+precision), y is read, added to and rounded back to its dtype once. The shrink splits K over S programs
+so a small batch still fills the GPU; the expand adds the S partial sums as it loads them.
+kernel -> launcher -> torch.library custom op (one opaque op for torch.compile and CUDA graphs).
+Without a GPU the same kernels run in Triton's interpreter (TRITON_INTERPRET=1), as the tests do.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_GROUP = 3  # q, k, v
+BLOCK_N = 16  # rows per program: small batches are the point, and a row block re-reads A and B from L2
+SPLIT_K = 512  # the shrink's K per program (a multiple of its BLOCK_K): K=8960 gives 18 programs per row block
+
+
+@triton.jit
+def _pick(g, p0, p1, p2):
+    if g == 0:
+        p = p0
+    elif g == 1:
+        p = p1
+    else:
+        p = p2
+    return p
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a0, a1, a2, out_ptr, N, K, R, stride_x, K_PER_SPLIT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row block, adapter g, split s): out[s, g, rows, :] = x[rows, ks] @ A_g[:, ks]^T."""
+    pid_n, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G = tl.num_programs(1)
+    a_ptr = _pick(g, a0, a1, a2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    ranks = tl.arange(0, BLOCK_R)  # [BR]
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        cols = s * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)  # [BK]
+        x_mask = (rows[:, None] < N) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=x_mask, other=0.0)  # [BN, BK]
+        a_mask = (ranks[None, :] < R) & (cols[:, None] < K)
+        a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=a_mask, other=0.0)  # [BK, BR] = A^T tile
+        acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+    out = out_ptr + ((s * G + g) * N + rows[:, None]) * R + ranks[None, :]
+    tl.store(out, acc, mask=(rows[:, None] < N) & (ranks[None, :] < R))
+
+
+@triton.jit
+def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R, SPLITS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program (row block, column block, adapter g): y_g[rows, cols] += s_g * xa[g, rows] @ B_g[cols]^T."""
+    pid_n, pid_o, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G = tl.num_programs(2)
+    b_ptr, y_ptr = _pick(g, b0, b1, b2), _pick(g, y0, y1, y2)
+    scale, O = _pick(g, s0, s1, s2), _pick(g, o0, o1, o2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
+    ranks = tl.arange(0, BLOCK_R)  # [BR]
+    xa_mask = (rows[:, None] < N) & (ranks[None, :] < R)
+    xa = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        xa += tl.load(xa_ptr + ((s * G + g) * N + rows[:, None]) * R + ranks[None, :], mask=xa_mask, other=0.0)
+    b_mask = (cols[None, :] < O) & (ranks[:, None] < R)
+    b = tl.load(b_ptr + cols[None, :] * R + ranks[:, None], mask=b_mask, other=0.0)  # [BR, BO] = B^T tile
+    delta = tl.dot(xa, b.to(tl.float32), input_precision="ieee")  # [BN, BO]
+    y_mask = (rows[:, None] < N) & (cols[None, :] < O)
+    y_at = y_ptr + rows[:, None] * O + cols[None, :]
+    y = tl.load(y_at, mask=y_mask, other=0.0).to(tl.float32)
+    tl.store(y_at, (y + scale * delta).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def _block_r(R: int) -> int:
+    return max(16, triton.next_power_of_2(R))
+
+
+def num_splits(K: int) -> int:
+    return triton.cdiv(K, SPLIT_K)
+
+
+def _shrink(x: torch.Tensor, a: list[torch.Tensor]) -> torch.Tensor:
+    """x [N, K], a: G tensors [R, K] -> partial sums [S, G, N, R] float32 (sum over S is x @ A_g^T)."""
+    N, K = x.shape
+    G, R = len(a), a[0].shape[0]
+    out = torch.empty(num_splits(K), G, N, R, device=x.device, dtype=torch.float32)  # [S, G, N, R]
+    a = a + [a[0]] * (MAX_GROUP - G)
+    grid = (triton.cdiv(N, BLOCK_N), G, num_splits(K))
+    _shrink_kernel[grid](x, *a, out, N, K, R, x.stride(0), SPLIT_K,
+                         BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), BLOCK_K=64)
+    return out
+
+
+def _expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tensor], scales: list[float]) -> None:
+    """xa [S, G, N, R] partial sums; b: G tensors [O_g, R]; y: G tensors [N, O_g], updated in place."""
+    splits, G, N, R = xa.shape
+    BLOCK_O = 64
+    outs = [t.shape[1] for t in y]
+    pad = MAX_GROUP - G
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(max(outs), BLOCK_O), G)
+    _expand_kernel[grid](xa, *(b + [b[0]] * pad), *(y + [y[0]] * pad), *(list(scales) + [0.0] * pad),
+                         *(outs + [0] * pad), N, R, splits, BLOCK_N=BLOCK_N, BLOCK_O=BLOCK_O, BLOCK_R=_block_r(R))
+
+
+@torch.library.custom_op("ahazero::lora_shrink", mutates_args=())
+def lora_shrink(x: torch.Tensor, a: list[torch.Tensor]) -> torch.Tensor:
+    return _shrink(x, list(a))
+
+
+@lora_shrink.register_fake
+def _(x, a):
+    N, K = x.shape
+    return x.new_empty((num_splits(K), len(a), N, a[0].shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("ahazero::lora_expand_add", mutates_args=("y",))
+def lora_expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tensor], scales: list[float]) -> None:
+    _expand_add(xa, list(b), list(y), list(scales))
+
+
+def grouped_lora(x: torch.Tensor, ys: list[torch.Tensor], projections) -> None:
+    """Add each projection's LoRA term to its base output ys[i] [N, out_i], in place. x: [N, in]."""
+    xa = lora_shrink(x, [p.lora_a for p in projections])  # [S, G, N, r]
+    lora_expand_add(xa, [p.lora_b for p in projections], ys, [p.scale for p in projections])

@@ -1,0 +1,1 @@
+"""Our own forward for each supported model family, reading the model's parameters in place."""

@@ -1,0 +1,105 @@
+"""The model runner: owns the KV cache, the RoPE table and the decode graphs; turns scheduled sequences
+into one forward's tensors and returns logits (the model's dtype), one row per sequence."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..models.lora import is_peft_model
+from .attention import DecodeMetadata, PrefillMetadata, decode_attention, decode_attention_triton
+from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
+from .kv_cache import KVCache, num_slots_for, to_device
+from .models import llama
+from .sequence import Sequence
+
+
+class ModelRunner:
+
+    def __init__(self, model, config: EngineConfig):
+        causal_lm = model.get_base_model() if is_peft_model(model) else model
+        self.config = config
+        shape = llama.kv_shape(causal_lm)
+        slots = num_slots_for(config, shape, _workspace_bytes(causal_lm.config, config))
+        self.kv = KVCache(shape, slots, config.max_seq_length, config.device, config.dtype)
+        self.rope = llama.rope_table(causal_lm, config.max_seq_length, config.device, config.dtype)
+        self.attend = decode_attention_triton if config.attention == "triton" else decode_attention
+        self.graphs = None
+        if config.cuda_graphs:
+            sizes = [b for b in config.graph_batch_sizes if b < slots] + [slots]
+            self.graphs = DecodeGraphs(self._decode_step(config), sizes, config.max_seq_length, config.device,
+                                       capture=config.device.type == "cuda", eager_step=self._decode_step(None))
+
+    def _decode_step(self, config: EngineConfig | None):
+        """The function the graphs capture: (weights, ids [B], meta) -> logits [B, V]; compiled when asked
+        (one trace with symbolic batch size and KV length serves every bucket)."""
+        step = llama.decode
+        if config is not None and config.compile:
+            step = torch.compile(llama.decode, dynamic=True, backend=config.compile_backend)
+        return lambda weights, ids, meta: step(weights, ids, meta, self.kv, self.rope, self.attend)
+
+    @property
+    def num_slots(self) -> int:
+        return self.kv.num_slots
+
+    @torch.no_grad()
+    def prefill(self, weights, seqs: list[Sequence]) -> torch.Tensor:
+        """The new sequences of whole groups (a group's sequences are adjacent). Returns logits [S, V]."""
+        prompts, rows = [], []
+        for seq in seqs:
+            if not prompts or seq.group != prompts[-1].group:
+                prompts.append(seq)
+            rows.append(len(prompts) - 1)
+        T = max(len(p.prompt_ids) for p in prompts)
+        ids = torch.zeros(len(prompts), T, dtype=torch.long)  # [P, T], right-padded with token 0
+        for i, p in enumerate(prompts):
+            ids[i, :len(p.prompt_ids)] = torch.tensor(p.prompt_ids)
+        meta = PrefillMetadata(positions=self._to(torch.arange(T).expand(len(prompts), T)),
+                               last=self._to(torch.tensor([len(p.prompt_ids) - 1 for p in prompts])),
+                               slots=self._to(torch.tensor([s.slot for s in seqs])),
+                               rows=self._to(torch.tensor(rows)))
+        logits = llama.prefill(weights, self._to(ids), meta, self.kv, self.rope)  # [P, V]
+        return logits[meta.rows]  # [S, V]
+
+    @torch.no_grad()
+    def decode(self, weights, key, seqs: list[Sequence], pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Running sequences, sequence b in slot b. Returns logits [B, V].
+
+        `pending` [B]: each sequence's newest token when it is still on the device (sampled by a step
+        not yet recorded); it then sits one position past the recorded sequence."""
+        if pending is None:
+            ids = self._to(torch.tensor([s.last_token for s in seqs]))  # [B]
+            lengths = [s.length for s in seqs]
+        else:
+            ids, lengths = pending, [s.length + 1 for s in seqs]
+        positions = self._to(torch.tensor(lengths) - 1)  # [B]
+        kv_len = self._kv_len(max(lengths))
+        if self.graphs is not None:
+            try:
+                return self.graphs.run(weights, key, ids, positions, kv_len)
+            except RuntimeError as err:  # a capture failed: keep generating, without graphs
+                warnings.warn(f"CUDA graph capture of the decode step failed ({err}); decoding eagerly")
+                self.graphs = None
+        span = torch.arange(kv_len, device=self.config.device)  # [L]
+        return llama.decode(weights, ids, DecodeMetadata(positions, span), self.kv, self.rope, self.attend)
+
+    def move_slots(self, moves: list[tuple[int, int]]) -> None:
+        self.kv.move(moves)
+
+    def _kv_len(self, longest: int) -> int:
+        bucket = self.config.kv_len_bucket
+        return min(-(-longest // bucket) * bucket, self.config.max_seq_length)
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        return to_device(t, self.config.device)
+
+
+def _workspace_bytes(model_config, config: EngineConfig) -> int:
+    """Room kept free for activations: float32 logits of a full decode batch (logits, log-probs, probs,
+    noise), and one prefill's widest activations."""
+    elem = torch.empty((), dtype=config.dtype).element_size()
+    decode = config.max_batch_size * model_config.vocab_size * 4 * 4
+    width = 2 * model_config.intermediate_size + 4 * model_config.hidden_size
+    prefill = config.max_prefill_tokens * width * elem
+    return decode + prefill + (256 << 20)

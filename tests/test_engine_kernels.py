@@ -1,0 +1,109 @@
+"""The engine's Triton kernels (grouped LoRA, split-KV decode attention) against PyTorch references;
+on a CPU through Triton's interpreter (skipped where triton is not installed)."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, at import
+
+from ahazero.engine import attention_kernels, lora_kernels  # noqa: E402
+from ahazero.engine.types import SamplingParams  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(x, a, b, y, scales):
+    """PEFT's math: y + (x A^T B^T) * s in float32, rounded to y's dtype once."""
+    return [(yi.float() + (x.float() @ ai.float().t()) @ bi.float().t() * s).to(yi.dtype)
+            for ai, bi, yi, s in zip(a, b, y, scales)]
+
+
+@pytest.mark.parametrize("N,K,outs,R,dtype", [(5, 100, [64, 16, 16], 8, torch.float32),
+                                              (37, 1100, [70, 33], 4, torch.bfloat16),
+                                              (1, 64, [64], 32, torch.float32),
+                                              (19, 600, [17, 130, 9], 16, torch.bfloat16)])
+def test_grouped_lora_matches_reference(N, K, outs, R, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(N, K, dtype=dtype, device=DEVICE)  # [N, K]
+    a = [torch.randn(R, K, device=DEVICE) / K ** 0.5 for _ in outs]  # each [R, K]
+    b = [torch.randn(o, R, device=DEVICE) for o in outs]  # each [O, R]
+    y = [torch.randn(N, o, dtype=dtype, device=DEVICE) for o in outs]  # each [N, O]
+    scales = [0.5, 2.0, 1.5][:len(outs)]
+    want = reference(x, a, b, y, scales)
+    xa = lora_kernels.lora_shrink(x, a)  # [S, G, N, R]
+    assert xa.shape == (lora_kernels.num_splits(K), len(outs), N, R)
+    torch.testing.assert_close(xa.sum(0), torch.stack([x.float() @ ai.t() for ai in a]), atol=1e-4, rtol=1e-4)
+    lora_kernels.lora_expand_add(xa, b, y, scales)
+    for got, ref in zip(y, want):
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # one rounding step of the output dtype
+        torch.testing.assert_close(got.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.slow
+def test_engine_with_lora_kernels_matches_torch_lora():
+    import tiny
+    from peft import LoraConfig, get_peft_model
+    from ahazero.engine.engine import create_generator
+    from test_engine_lora import TARGETS, merged_greedy, tokens
+    tok = tiny.tokenizer()
+    torch.manual_seed(0)
+    m = get_peft_model(tiny.tiny_model("qwen3", initializer_range=0.3),
+                       LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)).eval()
+    prompts = [tok.encode(t) for t in ("Hi", "What is the capital of France? Think step by step.")]
+    params = SamplingParams(temperature=0, max_tokens=6, n=2, ignore_eos=True)
+    plain = create_generator(m, tok, max_seq_length=64).generate(prompts, params)
+    fused = create_generator(m, tok, max_seq_length=64, lora_kernels=True).generate(prompts, params)
+    assert tokens(fused) == tokens(plain) == merged_greedy(m, prompts, max_tokens=6)
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def reference_attention(q, cache_k, cache_v, positions, scale):
+    """Row b attends over positions 0..positions[b] of slot b; query head h uses KV head h // G."""
+    B, H, D = q.shape
+    G = H // cache_k.shape[1]
+    out = []
+    for b in range(B):
+        L = int(positions[b]) + 1
+        k = cache_k[b, :, :L].float().repeat_interleave(G, 0)  # [H, L, D]
+        v = cache_v[b, :, :L].float().repeat_interleave(G, 0)  # [H, L, D]
+        w = torch.softmax(torch.einsum("hd,hld->hl", q[b].float(), k) * scale, -1)  # [H, L]
+        out.append(torch.einsum("hl,hld->hd", w, v))
+    return torch.stack(out)  # [B, H, D]
+
+
+@pytest.mark.parametrize("B,H,Hkv,D,T,dtype", [(3, 4, 2, 16, 96, torch.float32), (5, 12, 2, 32, 600, torch.float32),
+                                               (2, 8, 8, 16, 300, torch.bfloat16), (4, 6, 2, 64, 256, torch.bfloat16)])
+def test_decode_attention_matches_reference(B, H, Hkv, D, T, dtype):
+    torch.manual_seed(0)
+    cache_k = torch.randn(B + 2, Hkv, T, D, dtype=dtype, device=DEVICE)  # more slots than rows
+    cache_v = torch.randn(B + 2, Hkv, T, D, dtype=dtype, device=DEVICE)
+    q = torch.randn(B, H, D, dtype=dtype, device=DEVICE)
+    positions = torch.randint(0, T, (B,), device=DEVICE)
+    positions[0], positions[-1] = 0, T - 1  # one position; a full slot (several splits)
+    got = attention_kernels.decode_attention_op(q, cache_k, cache_v, positions, D ** -0.5)
+    want = reference_attention(q, cache_k, cache_v, positions, D ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: p and the output are rounded
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.slow
+def test_engine_with_triton_attention_matches_transformers():
+    import tiny
+    from ahazero.engine.engine import create_generator
+    from test_engine import hf_greedy
+    tok = tiny.tokenizer()
+    m = tiny.tiny_model("llama", initializer_range=0.3)
+    prompts = [tok.encode(t) for t in ("Hi", "What is the capital of France? Think step by step.", "1 + 1 =")]
+    params = SamplingParams(temperature=0, max_tokens=8, n=2, ignore_eos=True)
+    gen = create_generator(m, tok, max_seq_length=64, attention="triton", cuda_graphs=True, graph_batch_sizes=(4, 8))
+    assert gen.config.kv_len_bucket == 64
+    got = gen.generate(prompts, params)
+    for p, out in zip(prompts, got):
+        assert [c.token_ids for c in out.outputs] == [hf_greedy(m, p, 8)] * 2
