@@ -186,6 +186,9 @@ class GRPOTrainer:
             batches.append(self._with_reference_logps(b))
         metrics = rollout_metrics(rewards, rewards_per_func, group_std, self.reward_names,
                                   [len(c.token_ids) for c in completions], truncated)
+        for func, name in zip(self.reward_funcs, self.reward_names):  # e.g. the code sandbox's timeouts
+            for key, value in (getattr(func, "last_stats", None) or {}).items():
+                metrics[f"rewards/{name}/{key}"] = value
         if a.log_completions:
             metrics["completions/sample"] = texts[0]
         return batches, metrics
