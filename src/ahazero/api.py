@@ -172,7 +172,7 @@ def load_lora(model, path: str, load_tensors: bool = True) -> LoRARequest:
     return request
 
 
-def save_lora(model, path: str, tokenizer=None, overwrite: bool = True):
+def save_lora(model, path: str, tokenizer=None, overwrite: bool = False):
     from .export import save_lora as _save_lora
     return _save_lora(model, path, tokenizer=tokenizer, overwrite=overwrite)
 

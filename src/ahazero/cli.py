@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="merged 16-bit / 4-bit checkpoints, LoRA, or GGUF")
     _model_args(x)
-    x.add_argument("--to", required=True, choices=["merged_16bit", "merged_4bit", "lora", "gguf"])
+    x.add_argument("--to", required=True, choices=["merged_16bit", "merged_4bit", "gguf"])
     x.add_argument("--quant", action="append", default=None, help="GGUF quantization method(s), e.g. q4_k_m")
     x.add_argument("--out", required=True, help="output folder")
     x.add_argument("--overwrite", action="store_true")
@@ -144,16 +144,13 @@ def _generate(args) -> int:
 
 
 def _export(args) -> int:
-    model, tokenizer, _ = _load(args)
-    if args.to == "gguf":
-        paths = model.save_pretrained_gguf(args.out, tokenizer, quantization_method=args.quant or ["q8_0"],
-                                           overwrite=args.overwrite)
-        for path in paths:
-            print(path)
-        return 0
-    if args.to == "lora" and args.adapter is None:
-        raise ValueError("--to lora needs --adapter")
-    print(model.save_pretrained_merged(args.out, tokenizer, save_method=args.to, overwrite=args.overwrite))
+    """Straight from the checkpoint files, shard by shard (the model is never loaded whole)."""
+    from .export import export_checkpoint
+    from .recipe import resolve_model_name
+    result = export_checkpoint(resolve_model_name(args.model), args.out, to=args.to, adapter=args.adapter,
+                               quantization_method=args.quant or ["q8_0"], overwrite=args.overwrite)
+    for path in result if isinstance(result, (list, tuple)) else [result]:
+        print(path)
     return 0
 
 
