@@ -68,4 +68,4 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     pageable memory would wait for every step queued on the stream, undoing the engine's overlap)."""
     if torch.device(device).type != "cuda":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return t.contiguous().pin_memory().to(device, non_blocking=True)  # contiguous: pinning copies strides
