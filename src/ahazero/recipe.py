@@ -73,7 +73,7 @@ def resolve_model_name(name: str) -> str:
 
 def load_rows(spec: dict, default_split: str):
     """A dataset section -> datasets.Dataset of {"prompt", "answer", ...} rows."""
-    from .data import load_any, load_gsm8k
+    from .data import gsm8k_row, load_any, load_gsm8k
     from .data.arithmetic import make_dataset
     spec = dict(spec or {})
     name, split, limit = spec.get("name", "gsm8k"), spec.get("split", default_split), spec.get("limit")
@@ -83,6 +83,8 @@ def load_rows(spec: dict, default_split: str):
         ds = make_dataset(int(spec.get("size", limit or 2000)), seed=int(spec.get("seed", 0)), split=split)
     else:
         ds = load_any(spec.get("path") or name, split=split)
+        if "prompt" not in ds.column_names and "question" in ds.column_names:  # GSM8K-style rows
+            ds = ds.map(gsm8k_row, remove_columns=ds.column_names)
     if limit is not None:
         ds = ds.select(range(min(int(limit), len(ds))))
     if len(ds) == 0:

@@ -54,6 +54,26 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
     return final
 
 
+RUN_ARTIFACTS = ("metrics.jsonl", "runs", "final_lora", "summary.json", "training.png")
+
+
+def archive_previous_run(output_dir: str | Path) -> Path | None:
+    """A fresh run in a folder that holds an earlier run's results moves them to `previous-<time>/`
+    first, so nothing trained before is overwritten. Only ahazero's own artifacts are moved."""
+    import time
+    output_dir = Path(output_dir)
+    found = list_checkpoints(output_dir) + [output_dir / n for n in RUN_ARTIFACTS if (output_dir / n).exists()]
+    if not found:
+        return None
+    archive = output_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    while archive.exists():
+        archive = archive.with_name(archive.name + "x")
+    archive.mkdir()
+    for path in found:
+        os.replace(path, archive / path.name)
+    return archive
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     output_dir = Path(output_dir)

@@ -59,6 +59,11 @@ class MetricsLogger:
         self.started = time.time()
 
     def start(self, completed: int = 0) -> None:
+        """Keeps the rows of steps up to `completed` (a resumed run), drops any logged after them."""
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= completed]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self.progress.update(self.task, completed=completed)
         if self.live_mode:
             self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)

@@ -88,6 +88,9 @@ class GRPOTrainer:
                                        num_training_steps=total)
         self.state = TrainerState(max_steps=total, logging_steps=a.logging_steps, save_steps=a.save_steps)
         resume = ckpt.resolve_checkpoint(resume_from_checkpoint, a.output_dir)
+        if resume is None and (archived := ckpt.archive_previous_run(a.output_dir)) is not None:
+            warnings.warn(f"{a.output_dir} held an earlier run: moved it to {archived} (pass "
+                          "resume_from_checkpoint=True to continue it instead)", stacklevel=2)
         if resume is not None:
             saved = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
             self.state.global_step = saved["global_step"]
