@@ -17,15 +17,6 @@ PROMPTS = ["Hi", "What is the capital of France? Think step by step.", "1 + 1 ="
            "Write a haiku about the sea, then explain it in one sentence."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared by everyone: OpenMP's spinning threads make tiny matmuls 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny.tokenizer()
