@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny
 from ahazero.export import export_checkpoint, save_lora, save_merged
-from ahazero.export.merged import plan_shards, write_safetensors_shards
+from ahazero.export.merged import plan_shards
 from ahazero.export.weights import CheckpointWeights, ModelWeights
 from test_export_common import ALL_LINEAR, logits, lora_model, prompt_ids, randomize_lora
 
