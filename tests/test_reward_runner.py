@@ -3,6 +3,8 @@ function can go wrong (raise, wrong length, strings, inf, missing columns)."""
 import asyncio
 import functools
 import math
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -244,3 +246,106 @@ def test_property_any_return_is_converted_or_refused(out):
         return
     want = torch.tensor([[math.nan if v is None else float(v)] for v in out], dtype=torch.float32)
     torch.testing.assert_close(run([user]), want, equal_nan=True)
+
+
+# ---- per-function timeouts --------------------------------------------------------------------------
+def test_sync_function_past_its_timeout_is_abandoned_nan_and_counted():
+    release = threading.Event()
+
+    def hangs(completions, **kw):
+        release.wait(30)
+        return [1.0] * len(completions)
+
+    def quick(completions, **kw):
+        return [2.0] * len(completions)
+
+    hangs.reward_timeout = 0.2
+    quick.reward_timeout = 5
+    runner._warned_timeout.discard("hangs")
+    stats, start = {}, time.monotonic()
+    with pytest.warns(RuntimeWarning, match="'hangs' timed out .*rewards/hangs/timeouts"):
+        got = run([hangs, quick], stats=stats)
+    assert time.monotonic() - start < 5  # abandoned, not waited for
+    assert torch.isnan(got[:, 0]).all() and got[:, 1].tolist() == [2.0] * 4
+    assert stats == {"rewards/hangs/timeouts": 4, "rewards/quick/timeouts": 0}
+    run([hangs], stats=stats)  # counts add up over calls; warned once
+    assert stats["rewards/hangs/timeouts"] == 8
+    release.set()
+
+
+def test_async_function_past_its_timeout_is_cancelled():
+    cancelled = threading.Event()
+
+    async def slow(completions, **kw):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return [1.0] * len(completions)
+
+    stats, start = {}, time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = run([slow], timeouts={"slow": 0.2}, stats=stats)
+    assert time.monotonic() - start < 5 and cancelled.wait(5)
+    assert torch.isnan(got).all() and stats == {"rewards/slow/timeouts": 4}
+
+
+def test_functions_within_their_timeout_are_unchanged():
+    async def fast_async(completions, **kw):
+        await asyncio.sleep(0)
+        return [0.5] * len(completions)
+
+    def base(completions, scale, **kw):
+        return [scale] * len(completions)
+
+    half = functools.partial(base, scale=0.25)
+    base.reward_timeout = 5.0  # read through the partial
+    stats = {}
+    got = run([fast_async, half, Scorer().method], timeouts={"fast_async": 5, "method": 5}, stats=stats)
+    assert got.tolist() == [[0.5, 0.25, 0.0]] * 4
+    assert stats == {"rewards/fast_async/timeouts": 0, "rewards/base/timeouts": 0, "rewards/method/timeouts": 0}
+
+
+def test_errors_inside_a_timeout_are_still_errors():
+    def picky(completions, level, **kw):
+        return [1.0 / (3 - lv) for lv in level]
+
+    async def own_timeout(completions, **kw):
+        raise TimeoutError("the grader's HTTP call timed out")  # the function's, not the runner's
+
+    picky.reward_timeout = 5
+    with pytest.raises(RewardError, match=r"'picky' raised ZeroDivisionError.*row 2"):
+        run([picky])
+    with pytest.raises(RewardError, match="'own_timeout' raised TimeoutError: the grader's"):
+        run([own_timeout], timeouts={"own_timeout": 5})
+
+
+def test_a_function_whose_timed_out_calls_pile_up_is_not_called_again():
+    release, calls = threading.Event(), []
+
+    def stuck(completions, **kw):
+        calls.append(1)
+        release.wait(30)
+        return [0.0] * len(completions)
+
+    stats = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(runner.MAX_ABANDONED + 2):
+            run([stuck], timeouts={"stuck": 0.05}, stats=stats)
+    assert len(calls) == runner.MAX_ABANDONED  # the threads still running cap the calls
+    assert stats == {"rewards/stuck/timeouts": 4 * (runner.MAX_ABANDONED + 2)}
+    release.set()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, "5", True])
+def test_bad_timeouts_are_refused(bad):
+    def f(completions, **kw):
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match="'f': timeout must be a positive number"):
+        run([f], timeouts={"f": bad})
+    with pytest.raises(RewardError, match="timeouts name no reward function"):
+        run([f], timeouts={"g": 1.0})

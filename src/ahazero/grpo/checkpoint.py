@@ -42,9 +42,14 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
         torch.save(_rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         _fsync_tree(tmp)
-        if final.exists():  # the same step written again (e.g. the final save): replace it whole
-            shutil.rmtree(final)
+        stale = None
+        if final.exists():  # the same step written again (e.g. the final save): set the old one aside first
+            stale = final.with_name(f"{final.name}.tmp-stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
         os.replace(tmp, final)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,6 +14,14 @@ the result is a `[N, F]` float32 tensor. What we add:
   False = 0.0: `[a == b for ...]` is a fine reward) or anything `float()` takes except `str`/`bytes`;
   NaN is kept (read as None), +-inf is an error (it would poison the group's advantages).
 - `async def` functions are awaited (in a helper thread, so this also works under a running loop).
+- Optional per-function timeout, in seconds: a `reward_timeout` attribute on the function
+  (`f.reward_timeout = 5.0`; read through `functools.partial` and bound methods), or the caller's
+  `timeouts={name: seconds}`, which wins. A sync function then runs in a daemon worker thread that is
+  abandoned at the deadline (Python cannot stop a thread: it runs on until it returns, and while
+  `MAX_ABANDONED` calls of a function are still running it is not called again); an async one is
+  cancelled by `asyncio.wait_for`. A timed-out call scores its whole batch NaN ("not applicable", as
+  None) and adds N to the caller's `stats["rewards/<name>/timeouts"]` (present, possibly 0, for every
+  function with a timeout); training goes on. A timeout is not an error, so it is never retried.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import asyncio
 import functools
 import inspect
 import math
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +42,10 @@ NOT_PASSED_COLUMNS = ("prompt", "completion", "completion_ids")
 _PROMPT_HEAD_CHARS = 80
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _warned_all_none: set[str] = set()
+_warned_timeout: set[str] = set()
+MAX_ABANDONED = 4  # timed-out calls of one function that may still be running before it is skipped
+_CANCEL_GRACE_S = 1.0  # time an async function gets to finish after wait_for cancelled it
+_abandoned: dict[str, list[threading.Thread]] = {}
 
 
 class RewardError(RuntimeError):
@@ -102,14 +115,78 @@ def _call_kwargs(func, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in sig.parameters}
 
 
-def _call(func, kwargs: dict):
+def _call(func, kwargs: dict, timeout: float | None = None):
+    """`func(**kwargs)`, awaited if it returns an awaitable; TimeoutError after `timeout` seconds."""
+    if timeout is not None:
+        return _call_with_timeout(func, kwargs, timeout)
     out = func(**_call_kwargs(func, kwargs))
     if inspect.isawaitable(out):
-        async def _await():
-            return await out
         with ThreadPoolExecutor(max_workers=1) as pool:
-            out = pool.submit(asyncio.run, _await()).result()
+            out = pool.submit(asyncio.run, _awaited(out)).result()
     return out
+
+
+async def _awaited(awaitable, timeout: float | None = None):
+    return await asyncio.wait_for(awaitable, timeout)
+
+
+class RewardTimeout(Exception):
+    """A reward function gave no result within its timeout (not an error: its scores become NaN)."""
+
+
+def _call_with_timeout(func, kwargs: dict, timeout: float):
+    """Run `_call` in a daemon thread (it never blocks interpreter exit); abandon it at the deadline."""
+    name = reward_func_name(func)
+    running = _abandoned[name] = [t for t in _abandoned.get(name, []) if t.is_alive()]
+    if len(running) >= MAX_ABANDONED:
+        raise RewardTimeout(f"{len(running)} earlier timed-out calls are still running; not called again")
+    deadline = time.monotonic() + timeout
+    box: dict = {}
+
+    def work():
+        try:
+            out = func(**_call_kwargs(func, kwargs))
+            if inspect.isawaitable(out):
+                box["awaiting"] = True
+                try:
+                    out = asyncio.run(_awaited(out, max(deadline - time.monotonic(), 0.0)))
+                except TimeoutError:
+                    if time.monotonic() < deadline:
+                        raise  # the function's own TimeoutError: an error like any other
+                    raise RewardTimeout(f"cancelled after {timeout:g} s") from None
+            box["out"] = out
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["exc"] = exc
+
+    thread = threading.Thread(target=work, name=f"reward-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive() and box.get("awaiting"):
+        thread.join(_CANCEL_GRACE_S)  # wait_for is cancelling it: let the coroutine unwind
+    if thread.is_alive():
+        running.append(thread)
+        raise RewardTimeout(f"no result after {timeout:g} s")
+    if "exc" in box:
+        raise box["exc"]
+    return box["out"]
+
+
+def func_timeout(func, timeouts: dict[str, float] | None = None) -> float | None:
+    """The timeout in seconds of a reward function: the caller's `timeouts[name]`, else its
+    `reward_timeout` attribute (looked up on partials' wrapped function too), else None."""
+    name = reward_func_name(func)
+    if timeouts and name in timeouts:
+        value = timeouts[name]
+    else:
+        value = getattr(func, "reward_timeout", None)
+        while value is None and isinstance(func, functools.partial):
+            func = func.func
+            value = getattr(func, "reward_timeout", None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise RewardError(f"reward function {name!r}: timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def _prompt_head(prompt) -> str:
@@ -120,12 +197,15 @@ def _prompt_head(prompt) -> str:
     return text[:_PROMPT_HEAD_CHARS] + ("..." if len(text) > _PROMPT_HEAD_CHARS else "")
 
 
-def _first_failing_row(func, kwargs: dict, n: int) -> tuple[int, BaseException] | None:
-    """Call `func` on one row at a time; the first row that raises, or None if none does."""
+def _first_failing_row(func, kwargs: dict, n: int, timeout: float | None) -> tuple[int, BaseException] | None:
+    """Call `func` on one row at a time; the first row that raises, or None if none does (a row that
+    times out does not count as raising)."""
     for i in range(n):
         row = {k: (v if k == "trainer_state" else v[i:i + 1]) for k, v in kwargs.items()}
         try:
-            _call(func, row)
+            _call(func, row, timeout)
+        except RewardTimeout:
+            continue
         except Exception as exc:  # noqa: BLE001 - we report it
             return i, exc
     return None
@@ -169,12 +249,23 @@ def _warn_if_all_none(name: str, scores: list[float]) -> None:
                       f"nothing to the rewards (warned once)", RuntimeWarning, stacklevel=3)
 
 
-def _run_one(func, kwargs: dict, n: int, prompts: list) -> list[float]:
+def _warn_timeout(name: str, exc: RewardTimeout) -> None:
+    if name not in _warned_timeout:
+        _warned_timeout.add(name)
+        warnings.warn(f"reward function {name!r} timed out ({exc}); its scores for the batch are None, counted "
+                      f"as rewards/{name}/timeouts (warned once)", RuntimeWarning, stacklevel=4)
+
+
+def _run_one(func, kwargs: dict, n: int, prompts: list, timeout: float | None = None) -> list[float] | None:
+    """The function's N scores, or None when it timed out."""
     name = reward_func_name(func)
     try:
-        out = _call(func, kwargs)
+        out = _call(func, kwargs, timeout)
+    except RewardTimeout as exc:
+        _warn_timeout(name, exc)
+        return None
     except Exception as exc:  # noqa: BLE001 - re-raised with context
-        failing = _first_failing_row(func, kwargs, n)
+        failing = _first_failing_row(func, kwargs, n, timeout)
         where = (f" at row {failing[0]} (prompt: {_prompt_head(prompts[failing[0]])!r})" if failing
                  else " (on the whole batch; no single row fails alone)")
         raise RewardError(f"reward function {name!r} raised {type(exc).__name__}: {exc}{where}") from exc
@@ -185,13 +276,17 @@ def _run_one(func, kwargs: dict, n: int, prompts: list) -> list[float]:
 
 def run_reward_funcs(reward_funcs, *, prompts: list, completions: list, completion_ids: list[list[int]],
                      columns: dict[str, list], trainer_state=None,
-                     timings: dict[str, float] | None = None) -> torch.Tensor:
+                     timings: dict[str, float] | None = None, timeouts: dict[str, float] | None = None,
+                     stats: dict[str, float] | None = None) -> torch.Tensor:
     """Score N completions with F reward functions: a `[N, F]` float32 tensor, NaN where a function said None.
 
     `prompts`, `completions`, `completion_ids` and every column hold N entries (one per completion:
     the caller repeats each prompt's row G times). Columns named `prompt`/`completion`/`completion_ids`
     are not passed (as in TRL). Raises RewardError as described in the module docstring. When a
     `timings` dict is given, it receives each function's wall time in seconds under its name.
+    `timeouts` maps function names to seconds (over their `reward_timeout` attribute); a `stats` dict
+    receives `rewards/<name>/timeouts` (completions scored NaN by a timeout) for each function with one,
+    ready to log as metrics.
     """
     n = len(completions)
     for key, seq in [("prompts", prompts), ("completion_ids", completion_ids), *columns.items()]:
@@ -200,12 +295,24 @@ def run_reward_funcs(reward_funcs, *, prompts: list, completions: list, completi
     kwargs = {k: list(v) for k, v in columns.items() if k not in NOT_PASSED_COLUMNS}
     kwargs.update(prompts=list(prompts), completions=list(completions), completion_ids=list(completion_ids),
                   trainer_state=trainer_state)
+    unknown = set(timeouts or {}) - {reward_func_name(f) for f in reward_funcs}
+    if unknown:
+        raise RewardError(f"timeouts name no reward function: {sorted(unknown)}")
+    limits = [func_timeout(func, timeouts) for func in reward_funcs]
     rewards = torch.empty(n, len(reward_funcs), dtype=torch.float32)  # [N, F]
-    for j, func in enumerate(reward_funcs):
+    for j, (func, timeout) in enumerate(zip(reward_funcs, limits)):
+        name = reward_func_name(func)
+        if timeout is not None and stats is not None:
+            stats.setdefault(f"rewards/{name}/timeouts", 0)
         if not n:
             continue
         start = time.perf_counter()
-        rewards[:, j] = torch.tensor(_run_one(func, kwargs, n, prompts), dtype=torch.float32)
+        scores = _run_one(func, kwargs, n, prompts, timeout)
+        if scores is None:  # timed out: "not applicable" for the whole batch
+            scores = [math.nan] * n
+            if stats is not None:
+                stats[f"rewards/{name}/timeouts"] += n
+        rewards[:, j] = torch.tensor(scores, dtype=torch.float32)
         if timings is not None:
-            timings[reward_func_name(func)] = time.perf_counter() - start
+            timings[name] = time.perf_counter() - start
     return rewards
