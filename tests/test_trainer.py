@@ -249,3 +249,19 @@ def test_config_rejects_bad_values():
         assert GRPOConfig(num_generations=6, per_device_train_batch_size=1).per_device_train_batch_size == 6
     assert GRPOConfig(scale_rewards=False).scale_rewards == "none"
     assert GRPOConfig(epsilon=0.3).epsilon_high == 0.3
+
+
+def test_reward_timeouts_reach_the_metrics(model_dir, gsm8k, tmp_path):
+    import time
+
+    def slow_reward(completions, **kwargs):
+        time.sleep(2.0)
+        return [1.0] * len(completions)
+
+    slow_reward.reward_timeout = 0.1
+    model, tok = make_model(model_dir)
+    state = GRPOTrainer(model=model, processing_class=tok, args=config(tmp_path, max_steps=1),
+                        train_dataset=gsm8k, reward_funcs=[odd_token_reward, slow_reward]).train()
+    row = state.log_history[-1]
+    assert row["rewards/slow_reward/timeouts"] == 8  # every completion of the step: scored NaN, not 1.0
+    assert row["rewards/odd_token_reward/mean"] > 0

@@ -10,6 +10,10 @@ Top to bottom, over the public API (torchtune's recipe style). The YAML has the 
     train:   GRPOConfig fields
 
 and `--set section.key=value` overrides any of it (values parsed as YAML).
+
+Under torchrun (`torchrun --nproc_per_node N -m ahazero train CONFIG`) every rank runs the recipe: the
+process group is joined first (so each rank loads the model on its own GPU), every rank evaluates (the
+same problems, so no rank waits on another), and rank 0 alone prints, saves and plots.
 """
 from __future__ import annotations
 
@@ -94,12 +98,24 @@ def load_rows(spec: dict, default_split: str):
 
 def train_from_config(cfg: dict) -> dict:
     """Run the recipe; returns the summary (also written to <output_dir>/summary.json)."""
+    from .grpo import distributed
+
+    cfg = copy.deepcopy(cfg)
+    joined = not distributed.is_distributed() and distributed.init_from_env(
+        timeout_s=(cfg.get("train") or {}).get("ddp_timeout"))
+    try:
+        return _train_from_config(cfg, main=distributed.is_main_process())
+    finally:
+        if joined:
+            distributed.destroy()
+
+
+def _train_from_config(cfg: dict, main: bool) -> dict:
     from . import FastLanguageModel, GRPOConfig, GRPOTrainer
     from .api import get_generator
     from .evaluate import evaluate
     from .plots import plot_training
 
-    cfg = copy.deepcopy(cfg)
     started = time.time()
     model_cfg = dict(cfg.get("model") or {})
     if "name" not in model_cfg:
@@ -108,7 +124,9 @@ def train_from_config(cfg: dict) -> dict:
     model, tokenizer = FastLanguageModel.from_pretrained(**model_cfg)
     if cfg.get("lora"):
         model = FastLanguageModel.get_peft_model(model, **cfg["lora"])
-    args = GRPOConfig(**(cfg.get("train") or {}))
+    train_cfg = dict(cfg.get("train") or {})
+    resume = train_cfg.pop("resume_from_checkpoint", None)  # a train() argument (`ahazero train --resume`)
+    args = GRPOConfig(**train_cfg)
     train_rows = load_rows(cfg.get("data"), "train")
     eval_cfg = dict(cfg.get("eval") or {})
     eval_rows = load_rows(eval_cfg, "test") if eval_cfg.get("n", 0) else None
@@ -124,21 +142,23 @@ def train_from_config(cfg: dict) -> dict:
                         adapter="default" if cfg.get("lora") else None)
 
     before = run_eval() if eval_rows is not None and eval_cfg.get("before", True) else None
-    if before is not None:
+    if before is not None and main:
         print(f"eval before: accuracy {before.accuracy:.1%}, format {before.format_rate:.1%}, "
               f"length {before.mean_length:.1f} tokens (n={before.n})", flush=True)
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=rewards, args=args,
                           train_dataset=train_rows)
-    state = trainer.train(resume_from_checkpoint=cfg.get("train", {}).get("resume_from_checkpoint"))
+    state = trainer.train(resume_from_checkpoint=resume)
     after = run_eval() if eval_rows is not None and eval_cfg.get("after", True) else None
     out = Path(args.output_dir)
-    if cfg.get("lora") and hasattr(model, "save_lora"):
-        model.save_lora(str(out / "final_lora"))
     summary = {"steps": state.global_step, "wall_seconds": round(time.time() - started, 1),
                "eval_accuracy_before": before.accuracy if before else None,
                "eval_accuracy_after": after.accuracy if after else None,
                "eval_before": before.to_dict() if before else None, "eval_after": after.to_dict() if after else None,
                "final_reward": _last(state.log_history, "reward"), "config": cfg}
+    if not main:
+        return summary
+    if cfg.get("lora") and hasattr(model, "save_lora"):
+        model.save_lora(str(out / "final_lora"))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if (out / "metrics.jsonl").is_file():
         plot_training(out / "metrics.jsonl", out / "training.png")

@@ -9,6 +9,8 @@ notebooks pass), so a notebook runs after changing its imports. Differences from
   (None: the whole accumulation step at once).
 - `max_nonfinite_steps` is ours: a step whose loss or gradient norm is NaN/inf is skipped (weights,
   optimizer and scheduler untouched) and logged as `nonfinite_skipped`; this many in a row stop the run.
+- `ddp_timeout` (transformers' name) defaults to 300 s, not 1800: under torchrun, how long a rank waits for
+  the others at a collective before raising, so one failed or stuck rank stops the run in bounded time.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class GRPOConfig:
     micro_batch_size: int | None = None
     shuffle_dataset: bool = True
     max_nonfinite_steps: int = 3  # ours: consecutive NaN/inf losses or gradients (each skipped) before stopping
+    ddp_timeout: int = 300  # seconds a rank waits in a collective for the others (transformers' default: 1800)
     # --- generation --------------------------------------------------------------------------------
     num_generations: int = 8
     max_prompt_length: int | None = 512
@@ -143,6 +146,7 @@ class GRPOConfig:
         need(self.optim in OPTIMIZERS, "optim", f"must be one of {OPTIMIZERS}")
         need(not (self.bf16 and self.fp16), "fp16", "bf16 and fp16 cannot both be on")
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+        need(self.ddp_timeout > 0, "ddp_timeout", "must be > 0 seconds")
         need(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1 or None")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1 or None")
         for r in self.report_to:

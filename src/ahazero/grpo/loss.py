@@ -127,15 +127,23 @@ def loss_normalizers(loss_type: str, step_masks: list[Tensor], max_completion_le
     grpo: N_s * S; bnpo: max(tokens_s, 1) * S; dr_grpo: N_s * max_completion_length * S;
     dapo: max(tokens over all steps, 1) (TRL's num_items_in_batch).
     """
+    return normalizers_from_counts(loss_type, [float(m.shape[0]) for m in step_masks],
+                                   [float(m.sum()) for m in step_masks], max_completion_length)
+
+
+def normalizers_from_counts(loss_type: str, rows: list[float], tokens: list[float],
+                            max_completion_length: int) -> list[float]:
+    """`loss_normalizers` from each accumulation step's row and token counts; with data parallel ranks
+    these are the counts summed over ranks, so every rank divides by the global batch's normaliser."""
     _check_loss_type(loss_type)
-    num_steps = len(step_masks)
+    num_steps = len(rows)
     if loss_type == "grpo":
-        return [float(m.shape[0] * num_steps) for m in step_masks]
+        return [n * num_steps for n in rows]
     if loss_type == "bnpo":
-        return [max(float(m.sum()), 1.0) * num_steps for m in step_masks]
+        return [max(t, 1.0) * num_steps for t in tokens]
     if loss_type == "dr_grpo":
-        return [float(m.shape[0] * max_completion_length * num_steps) for m in step_masks]
-    total = max(sum(float(m.sum()) for m in step_masks), 1.0)                    # dapo
+        return [n * max_completion_length * num_steps for n in rows]
+    total = max(sum(tokens), 1.0)                                                # dapo
     return [total] * num_steps
 
 

@@ -111,6 +111,25 @@ class MetricsLogger:
         return Group(table, self.progress)
 
 
+class NullLogger:
+    """MetricsLogger's interface doing nothing: the logger of ranks other than 0 under torchrun."""
+
+    def start(self, completed: int = 0) -> None:
+        pass
+
+    def advance(self, step: int) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def print(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else (1e308 if v > 0 else -1e308)

@@ -5,6 +5,13 @@ One optimizer step: take prompts -> the rollout backend samples `num_generations
 the base model, which is the same weights with the adapters off) computed from hidden states a chunk of
 rows at a time -> backward -> clip -> optimizer step. The backend reads the same parameter tensors, so
 the next rollout sees the update with no copy.
+
+Under torchrun (see grpo/distributed.py) each of W ranks takes its own prompts of a step (rank r: prompts
+r, r+W, ... of the global list, all num_generations completions of a prompt on one rank), per_device_train_batch_size
+stays per rank (TRL's meaning), and the update is the single-process update over the W-times-larger batch:
+loss normalisers from the global counts, trainable gradients summed over ranks before clipping, metrics
+over all completions. Rank 0 alone writes metrics, the live table and checkpoints; every rank resumes
+from the same checkpoint, on the same or another number of ranks (the data position is global).
 """
 from __future__ import annotations
 
@@ -25,12 +32,13 @@ from ..models.lora import base_model_context, decoder_and_head, is_peft_model
 from ..models.loader import offload_context
 from ..rewards import check_columns, resolve_reward_func, reward_func_name, run_reward_funcs
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .advantages import group_advantages
 from .batch import RolloutBatch, build_batch
 from .config import GRPOConfig
 from .logprobs import chunked_token_logprobs
-from .loss import aggregate_loss, loss_normalizers, per_token_loss
-from .progress import MetricsLogger
+from .loss import aggregate_loss, loss_normalizers, normalizers_from_counts, per_token_loss
+from .progress import MetricsLogger, NullLogger
 
 
 class GRPOTrainer:
@@ -53,6 +61,8 @@ class GRPOTrainer:
             raise ValueError("beta > 0 needs LoRA adapters: the reference policy is the base model with the "
                              "adapters off (ahazero keeps no second copy of the weights)")
         _check_lengths(model, self.args)
+        dist.init_from_env(timeout_s=self.args.ddp_timeout)  # under torchrun; a no-op otherwise
+        self.rank, self.world_size = dist.rank(), dist.world_size()
         self.callbacks = list(callbacks or [])
         self.generator = generator or _default_generator(model, self.tokenizer)
         self.adapter = "default" if is_peft_model(model) else None
@@ -74,7 +84,7 @@ class GRPOTrainer:
         a = self.args
         if a.max_steps > 0:
             return a.max_steps
-        prompts_per_rollout = a.prompts_per_step * a.gradient_accumulation_steps
+        prompts_per_rollout = a.prompts_per_step * a.gradient_accumulation_steps * self.world_size
         rollouts = math.ceil(a.num_train_epochs * len(self.train_dataset) / prompts_per_rollout)
         return rollouts * a.num_iterations
 
@@ -86,9 +96,10 @@ class GRPOTrainer:
         self.scheduler = get_scheduler(a.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=a.warmup_steps or math.ceil(a.warmup_ratio * total),
                                        num_training_steps=total)
-        self.state = TrainerState(max_steps=total, logging_steps=a.logging_steps, save_steps=a.save_steps)
+        self.state = TrainerState(max_steps=total, logging_steps=a.logging_steps, save_steps=a.save_steps,
+                                  is_world_process_zero=self.rank == 0, is_local_process_zero=dist.local_rank() == 0)
         resume = ckpt.resolve_checkpoint(resume_from_checkpoint, a.output_dir)
-        if resume is None and (archived := ckpt.archive_previous_run(a.output_dir)) is not None:
+        if resume is None and self.rank == 0 and (archived := ckpt.archive_previous_run(a.output_dir)) is not None:
             warnings.warn(f"{a.output_dir} held an earlier run: moved it to {archived} (pass "
                           "resume_from_checkpoint=True to continue it instead)", stacklevel=2)
         if resume is not None:
@@ -96,14 +107,20 @@ class GRPOTrainer:
             self.state.global_step = saved["global_step"]
             self.state.log_history = saved["log_history"]
             self.consumed_prompts = saved["consumed_prompts"]
-        logger = MetricsLogger(a.output_dir, total, self.reward_names, with_kl=a.beta > 0, report_to=a.report_to,
-                               logging_dir=a.logging_dir, live=None if not a.disable_tqdm else False)
+        if self.rank == 0:
+            logger = MetricsLogger(a.output_dir, total, self.reward_names, with_kl=a.beta > 0, report_to=a.report_to,
+                                   logging_dir=a.logging_dir, live=None if not a.disable_tqdm else False)
+        else:
+            logger = NullLogger()
         self._callback("on_train_begin")
         logger.start(self.state.global_step)
         try:
             with _StopOnSignal(self.control) as stop:
                 while self.state.global_step < total and not self.control.should_training_stop:
                     self._rollout_and_update(total, logger)
+                    if self.world_size > 1:  # a signal or callback on any rank stops every rank at the same step
+                        stop_flag = torch.tensor([float(self.control.should_training_stop)])
+                        self.control.should_training_stop = bool(dist.all_reduce_max(stop_flag).item())
         except torch.cuda.OutOfMemoryError as e:
             raise torch.cuda.OutOfMemoryError(_OOM_ADVICE.format(g=a.num_generations, c=a.max_completion_length,
                                                                  b=a.per_device_train_batch_size)) from e
@@ -145,12 +162,14 @@ class GRPOTrainer:
                 break
 
     def _next_prompts(self, k: int) -> list[dict]:
-        """The next k dataset rows in the seeded per-epoch shuffle; the position is saved in checkpoints."""
-        n = len(self.train_dataset)
+        """The next k dataset rows in the seeded per-epoch shuffle; the position is saved in checkpoints.
+        With W ranks the next k * W rows are taken, and this rank keeps rows rank, rank + W, ..."""
+        n, W = len(self.train_dataset), self.world_size
         rows = []
-        for _ in range(k):
-            epoch, index = divmod(self.consumed_prompts, n)
-            rows.append(self.train_dataset[int(_epoch_order(n, self.args.seed, epoch, self.args.shuffle_dataset)[index])])
+        for i in range(k * W):
+            if i % W == self.rank:
+                epoch, index = divmod(self.consumed_prompts, n)
+                rows.append(self.train_dataset[int(_epoch_order(n, self.args.seed, epoch, self.args.shuffle_dataset)[index])])
             self.consumed_prompts += 1
         return rows
 
@@ -166,19 +185,28 @@ class GRPOTrainer:
             self._warned_truncation = True
         params = SamplingParams(n=G, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                                 max_tokens=a.max_completion_length,
-                                seed=a.seed * 1_000_003 + self.consumed_prompts)
+                                seed=a.seed * 1_000_003 + self.consumed_prompts + self.rank)
         outputs = self.generator.generate(prompt_ids, params, adapter=self.adapter)
         completions = [c for out in outputs for c in out.outputs]  # N = len(rows) * G, groups contiguous
         texts = [c.text for c in completions]
         conversational = is_conversational(prompts[0])
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        reward_stats: dict = {}  # rewards/<name>/timeouts for functions with a reward_timeout
         rewards_per_func = run_reward_funcs(
             self.reward_funcs, prompts=[p for p in prompts for _ in range(G)],
             completions=[[{"role": "assistant", "content": t}] for t in texts] if conversational else texts,
-            completion_ids=[c.token_ids for c in completions], columns=columns, trainer_state=self.state)  # [N, F]
+            completion_ids=[c.token_ids for c in completions], columns=columns, trainer_state=self.state,
+            stats=reward_stats)  # [N, F]
         rewards = (rewards_per_func * self.reward_weights).nansum(dim=1)  # [N]
-        advantages, group_std = group_advantages(rewards, G, a.scale_rewards)
         truncated = [c.finish_reason == "length" for c in completions]
+        lengths = [len(c.token_ids) for c in completions]
+        everyone = (rewards, rewards_per_func, lengths, truncated)
+        if self.world_size > 1:  # metrics over every rank's completions; "batch" std over the global batch
+            everyone = _gather_rollouts(*everyone)
+            advantages, group_std = group_advantages(everyone[0], G, a.scale_rewards)
+            advantages = advantages[self.rank * len(completions):(self.rank + 1) * len(completions)]
+        else:
+            advantages, group_std = group_advantages(rewards, G, a.scale_rewards)
         per_step = a.prompts_per_step * G
         batches = []
         for s in range(a.gradient_accumulation_steps):
@@ -187,9 +215,9 @@ class GRPOTrainer:
                             [c.token_ids for c in completions[sl]], [c.logprobs for c in completions[sl]],
                             truncated[sl], advantages[sl], self.pad_id, a.mask_truncated_completions)
             batches.append(self._with_reference_logps(b))
-        metrics = rollout_metrics(rewards, rewards_per_func, group_std, self.reward_names,
-                                  [len(c.token_ids) for c in completions], truncated)
-        for func, name in zip(self.reward_funcs, self.reward_names):  # e.g. the code sandbox's timeouts
+        metrics = rollout_metrics(everyone[0], everyone[1], group_std, self.reward_names, everyone[2], everyone[3])
+        metrics.update(reward_stats)
+        for func, name in zip(self.reward_funcs, self.reward_names):  # e.g. the code sandbox's timeouts (this rank's)
             for key, value in (getattr(func, "last_stats", None) or {}).items():
                 metrics[f"rewards/{name}/{key}"] = value
         if a.log_completions:
@@ -223,7 +251,13 @@ class GRPOTrainer:
     def optimizer_step(self, batches: list[RolloutBatch], first_iteration: bool = True) -> dict:
         a = self.args
         self.model.train()
-        normalizers = loss_normalizers(a.loss_type, [b.completion_mask for b in batches], a.max_completion_length)
+        if self.world_size > 1:  # divide by the global batch's counts, so summed gradients are the global ones
+            counts = dist.all_reduce_sum(torch.tensor([[len(b), float(b.completion_mask.sum())] for b in batches],
+                                                      dtype=torch.float64))  # [S, 2]
+            normalizers = normalizers_from_counts(a.loss_type, counts[:, 0].tolist(), counts[:, 1].tolist(),
+                                                  a.max_completion_length)
+        else:
+            normalizers = loss_normalizers(a.loss_type, [b.completion_mask for b in batches], a.max_completion_length)
         sums = _StatSums()
         for s, batch in enumerate(batches):
             for start, stop in self._chunks(len(batch)):
@@ -238,6 +272,9 @@ class GRPOTrainer:
                 loss = aggregate_loss(loss_tokens, chunk.completion_mask, a.loss_type, normalizers[s])
                 loss.backward()
                 sums.add(loss, stats, entropy, logps.detach(), chunk, first_iteration)
+        if self.world_size > 1:
+            dist.all_reduce_grads_(self.trainable_parameters)
+            sums.reduce_over_ranks()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters,
                                                          a.max_grad_norm if a.max_grad_norm else float("inf")))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -259,10 +296,14 @@ class GRPOTrainer:
         return metrics
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes (every rank holds the same weights and optimizer state); all return the path."""
         state = {"global_step": self.state.global_step, "consumed_prompts": self.consumed_prompts,
                  "log_history": self.state.log_history, "config": self.args.to_dict()}
-        path = ckpt.save_checkpoint(self.args.output_dir, self.state.global_step, self.model, self.optimizer,
-                                    self.scheduler, state, self.args.save_total_limit)
+        if self.rank == 0:
+            path = ckpt.save_checkpoint(self.args.output_dir, self.state.global_step, self.model, self.optimizer,
+                                        self.scheduler, state, self.args.save_total_limit)
+        else:
+            path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         self._callback("on_save")
         return path
 
@@ -360,6 +401,13 @@ class _StatSums:
         for k, v in {**stats, **extra}.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
 
+    def reduce_over_ranks(self) -> None:
+        """Sums over every rank's chunks (each rank's loss is its share of the global loss)."""
+        keys = sorted(self.sums)
+        summed = dist.all_reduce_sum(torch.tensor([self.loss] + [self.sums[k] for k in keys], dtype=torch.float64))
+        self.loss, self.sums = summed[0].item(), dict(zip(keys, summed[1:].tolist()))
+        self.logp_diff_max = dist.all_reduce_max(torch.tensor([self.logp_diff_max], dtype=torch.float64)).item()
+
     def metrics(self, with_kl: bool) -> dict:
         tokens = max(self.sums.get("tokens", 0.0), 1.0)
         clips = max(self.sums.get("clip_total", 0.0), 1.0)  # tokens, or sequences at sequence-level IS
@@ -409,6 +457,17 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _gather_rollouts(rewards, rewards_per_func, lengths, truncated):
+    """Every rank's rewards [N], per-function rewards [N, F], lengths and truncation flags, rank 0's rows
+    first (each rank holds whole groups, so groups stay contiguous): [W*N], [W*N, F], lists of W*N."""
+    local = torch.cat([rewards[:, None].double(), rewards_per_func.double(),
+                       torch.tensor(lengths, dtype=torch.float64)[:, None],
+                       torch.tensor(truncated, dtype=torch.float64)[:, None]], dim=1)  # [N, F+3]
+    every = dist.all_gather_cat(local)  # [W*N, F+3]
+    return (every[:, 0].to(rewards.dtype), every[:, 1:-2].to(rewards_per_func.dtype), every[:, -2].long().tolist(),
+            every[:, -1].bool().tolist())
 
 
 def _nanstd(x: torch.Tensor) -> float:
