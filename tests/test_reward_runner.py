@@ -349,3 +349,25 @@ def test_bad_timeouts_are_refused(bad):
         run([f], timeouts={"f": bad})
     with pytest.raises(RewardError, match="timeouts name no reward function"):
         run([f], timeouts={"g": 1.0})
+
+
+def test_async_reward_functions_run_concurrently():
+    import asyncio
+    import time
+
+    async def slow_a(completions, **kwargs):
+        await asyncio.sleep(0.6)
+        return [1.0] * len(completions)
+
+    async def slow_b(completions, **kwargs):
+        await asyncio.sleep(0.6)
+        return [2.0] * len(completions)
+
+    def plain(completions, **kwargs):
+        return [3.0] * len(completions)
+
+    start = time.perf_counter()
+    out = run_reward_funcs([slow_a, plain, slow_b], prompts=["p"] * 2, completions=["a", "b"],
+                           completion_ids=[[1], [2]], columns={})
+    assert time.perf_counter() - start < 1.1  # one after another would take 1.2 s
+    assert out.tolist() == [[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]]

@@ -13,7 +13,8 @@ the result is a `[N, F]` float32 tensor. What we add:
 - Return values are checked: a list/tuple/array/tensor of N values, each None, a bool (True = 1.0,
   False = 0.0: `[a == b for ...]` is a fine reward) or anything `float()` takes except `str`/`bytes`;
   NaN is kept (read as None), +-inf is an error (it would poison the group's advantages).
-- `async def` functions are awaited (in a helper thread, so this also works under a running loop).
+- `async def` functions are awaited (in a helper thread, so this also works under a running loop), all of
+  them concurrently; sync functions run one after another.
 - Optional per-function timeout, in seconds: a `reward_timeout` attribute on the function
   (`f.reward_timeout = 5.0`; read through `functools.partial` and bound methods), or the caller's
   `timeouts={name: seconds}`, which wins. A sync function then runs in a daemon worker thread that is
@@ -256,6 +257,13 @@ def _warn_timeout(name: str, exc: RewardTimeout) -> None:
                       f"as rewards/{name}/timeouts (warned once)", RuntimeWarning, stacklevel=4)
 
 
+def _is_async(func) -> bool:
+    """`async def` functions, callables with an `async def __call__`, and partials of either."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+
+
 def _run_one(func, kwargs: dict, n: int, prompts: list, timeout: float | None = None) -> list[float] | None:
     """The function's N scores, or None when it timed out."""
     name = reward_func_name(func)
@@ -300,19 +308,32 @@ def run_reward_funcs(reward_funcs, *, prompts: list, completions: list, completi
         raise RewardError(f"timeouts name no reward function: {sorted(unknown)}")
     limits = [func_timeout(func, timeouts) for func in reward_funcs]
     rewards = torch.empty(n, len(reward_funcs), dtype=torch.float32)  # [N, F]
+    if not n:
+        for func, timeout in zip(reward_funcs, limits):
+            if timeout is not None and stats is not None:
+                stats.setdefault(f"rewards/{reward_func_name(func)}/timeouts", 0)
+        return rewards
+
+    def score(func, timeout):
+        start = time.perf_counter()
+        return _run_one(func, kwargs, n, prompts, timeout), time.perf_counter() - start
+
+    # async functions run concurrently (each awaited in its own thread); sync ones one after another here
+    concurrent = [j for j, f in enumerate(reward_funcs) if _is_async(f)]
+    with ThreadPoolExecutor(max_workers=max(len(concurrent), 1)) as pool:
+        pending = {j: pool.submit(score, reward_funcs[j], limits[j]) for j in concurrent}
+        results = {j: score(f, limits[j]) for j, f in enumerate(reward_funcs) if j not in pending}
+        results.update({j: future.result() for j, future in pending.items()})
     for j, (func, timeout) in enumerate(zip(reward_funcs, limits)):
         name = reward_func_name(func)
+        scores, seconds = results[j]
         if timeout is not None and stats is not None:
             stats.setdefault(f"rewards/{name}/timeouts", 0)
-        if not n:
-            continue
-        start = time.perf_counter()
-        scores = _run_one(func, kwargs, n, prompts, timeout)
         if scores is None:  # timed out: "not applicable" for the whole batch
             scores = [math.nan] * n
             if stats is not None:
                 stats[f"rewards/{name}/timeouts"] += n
         rewards[:, j] = torch.tensor(scores, dtype=torch.float32)
         if timings is not None:
-            timings[name] = time.perf_counter() - start
+            timings[name] = seconds
     return rewards
