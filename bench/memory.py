@@ -1,0 +1,528 @@
+"""Memory and time of ONE GRPO training step (issue 5): ahazero vs TRL's GRPOTrainer vs Unsloth.
+
+Every backend trains on identical tokens: one GSM8K prompt (chat template, real Qwen2.5 tokenizer) and
+G fixed random completions of exactly --completion-len tokens (no EOS, so none is shorter), the same
+rewards (hence the same group advantages), the same random bf16 weights of a real shape (seed 0) with
+LoRA r=32 on every linear layer, loss_type "dapo", beta 0, one iteration, AdamW, clip 1.0. Generation
+is not part of the step: ahazero gets a RolloutBatch from `build_batch`; TRL and Unsloth get the
+completions through TRL's `rollout_func` hook, are made to score and buffer them first (their
+`_prepare_inputs`), and only then is the step measured: `training_step` (loss + backward) for each
+micro-batch, clip, `optimizer.step`, `zero_grad`, which is what `Trainer.train` does for one update.
+
+Measured per backend, each in its own subprocess (so peaks do not mix), after `--warmup` unmeasured
+steps: peak allocated memory (torch.cuda.max_memory_allocated, reset right before the step), memory
+allocated by the model alone ("weights": base weights + LoRA, measured after loading), and the step's
+wall time (synchronised). `--micro-batch M` is the rows per forward/backward for every backend
+(ahazero micro_batch_size=M; TRL/Unsloth per_device_train_batch_size=M, gradient_accumulation_steps=G/M).
+
+Backends:
+  ahazero   our GRPOTrainer.optimizer_step, use_gradient_checkpointing=--ahazero-checkpointing ("offload")
+  trl       trl.GRPOTrainer (gradient_checkpointing=True, as TRL's default), LoRA through PEFT
+  unsloth   Unsloth's FastLanguageModel (16-bit LoRA, use_gradient_checkpointing="unsloth",
+            fast_inference=False) + its patched GRPOTrainer; only when `import unsloth` works.
+            UNTESTED here (unsloth cannot be installed without a GPU); it loads the random weights
+            from a folder this script writes first (--workdir).
+
+Run on a GPU machine, from the repository root (one workload per command; --timeout bounds each backend's
+subprocess, so three backends stay under 10 minutes):
+  python bench/memory.py --model qwen2.5-1.5b --completion-len 1024  --timeout 180 --out $OUT/memory.jsonl
+  python bench/memory.py --model qwen2.5-1.5b --completion-len 4096  --timeout 180 --out $OUT/memory.jsonl
+  python bench/memory.py --model qwen2.5-1.5b --completion-len 16384 --timeout 180 --out $OUT/memory.jsonl
+  python bench/memory.py --model llama-3.1-8b --completion-len 4096  --timeout 280 --backends ahazero,trl --out $OUT/memory.jsonl
+  python bench/memory.py --model llama-3.1-8b --completion-len 4096  --timeout 560 --backends unsloth --out $OUT/memory.jsonl
+(--backends defaults to ahazero,trl,unsloth; --micro-batch defaults to 1 row per forward/backward, 0 means
+all G rows at once.) Where a peer is not installed, point --trl-path / --unsloth-path at a folder of its
+unpacked wheels (`pip install --no-index --no-deps --target DIR *.whl`); Unsloth pins trl 1.15, so its
+folder must hold its own trl. The unsloth worker first writes the random weights to --workdir (3 GiB for
+Qwen2.5-1.5B, 15 GiB for Llama-3.1-8B) for its from_pretrained to load.
+A markdown table comes last on stdout; one JSON line per backend is appended to --out. A backend that
+runs out of memory or fails is a row with its error, not a crash. `--smoke` runs a shrunken model on the
+CPU with few tokens for every importable backend (peak RSS instead of GPU memory): it checks the
+script, not the numbers. The Llama shape has a smaller vocabulary than the Qwen tokenizer: token ids are
+taken modulo it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "tests" / "assets"
+TOKENIZER = ASSETS / "qwen2.5-tokenizer"
+BACKENDS = ("ahazero", "trl", "unsloth")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16)
+SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+GIB = 1024 ** 3
+FIRST_SPECIAL_QWEN = 151643  # ids from here on are Qwen's special tokens (<|endoftext|>, <|im_end|>, ...)
+
+
+# --- the workload, identical for every backend ---------------------------------------------------
+
+def model_config(name: str, smoke: bool) -> dict:
+    cfg = json.loads((ASSETS / "configs" / f"{name}.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg.pop("dtype", None)
+    if smoke:
+        cfg.update(SMOKE)
+    return cfg
+
+
+def workload(args, vocab_size: int):
+    """(prompt text, prompt ids, G completion id lists, G rewards): fixed by the seed."""
+    import torch
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    row = json.loads((ASSETS / "gsm8k" / "train.jsonl").read_text().splitlines()[0])
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": row["question"]}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = [i % vocab_size for i in tok(text, add_special_tokens=False)["input_ids"]]
+    g = torch.Generator().manual_seed(1234)
+    high = min(vocab_size, FIRST_SPECIAL_QWEN)
+    completions = torch.randint(0, high, (args.generations, args.completion_len), generator=g).tolist()
+    rewards = torch.rand(args.generations, generator=g).tolist()
+    return tok, text, prompt_ids, completions, rewards
+
+
+def build_peft_model(args, device):
+    """Random weights of the named shape (seed 0) with PEFT LoRA r on every linear layer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(**model_config(args.model, args.smoke))
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype(args))
+    from ahazero.models.loader import attach_lora
+    return attach_lora(model, r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=TARGETS,
+                       random_state=3407)
+
+
+def dtype(args):
+    import torch
+    return torch.float32 if args.smoke else torch.bfloat16
+
+
+def checksum(parts) -> dict:
+    """What the step trains on, to check that every backend got identical tokens and advantages."""
+    tokens = ids = 0
+    advantages = []
+    for p_ids, p_mask, c_ids, c_mask, adv in parts:
+        tokens += int(p_mask.sum()) + int(c_mask.sum())
+        ids += int((p_ids * p_mask).sum()) + int((c_ids * c_mask.long()).sum())
+        advantages += adv.flatten().tolist()
+    return dict(train_tokens=tokens, token_id_sum=ids, advantages_abs_sum=round(sum(abs(a) for a in advantages), 4))
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+class Meter:
+    """Peak allocated GPU memory, or peak RSS on the CPU (VmHWM, reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device):
+        import torch
+        self.torch, self.cuda = torch, device.type == "cuda"
+
+    def current(self) -> float | None:
+        if self.cuda:
+            return self.torch.cuda.memory_allocated() / GIB
+        return _proc_status("VmRSS")
+
+    def reset(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+
+    def peak(self) -> float | None:
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated() / GIB
+        return _proc_status("VmHWM")
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+
+def _proc_status(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
+
+
+def measure(step, meter: Meter, warmup: int) -> dict:
+    """Runs `step` warmup times, then once measured."""
+    for _ in range(warmup):
+        step()
+    meter.reset()
+    start = meter.current()
+    t0 = time.perf_counter()
+    loss = step()
+    meter.sync()
+    seconds = time.perf_counter() - t0
+    return dict(step_s=seconds, peak_gib=meter.peak(), start_gib=start, loss=loss)
+
+
+# --- ahazero ----------------------------------------------------------------------------------
+
+def run_ahazero(args, device, meter: Meter) -> dict:
+    import torch
+    from transformers import get_scheduler
+    from ahazero import GRPOConfig, GRPOTrainer
+    from ahazero.grpo.advantages import group_advantages
+    from ahazero.grpo.batch import build_batch
+    from ahazero.grpo.trainer import make_optimizer
+    from ahazero.models.loader import enable_gradient_checkpointing
+
+    model = build_peft_model(args, device)
+    mode = {"offload": "offload", "true": True, "false": False}[args.ahazero_checkpointing]
+    enable_gradient_checkpointing(model, mode)
+    weights = meter.current()
+    vocab = model.config.vocab_size
+    tok, text, prompt_ids, completions, rewards = workload(args, vocab)
+
+    def fixed_reward(completions, **kwargs):
+        return rewards[:len(completions)]
+
+    G = args.generations
+    config = GRPOConfig(output_dir=str(Path(args.workdir) / "ahazero-out"), num_generations=G,
+                        per_device_train_batch_size=G, gradient_accumulation_steps=1,
+                        micro_batch_size=args.micro_batch, max_completion_length=args.completion_len,
+                        max_prompt_length=len(prompt_ids), beta=0.0, loss_type="dapo", learning_rate=1e-6,
+                        max_grad_norm=1.0, num_iterations=1, temperature=1.0, report_to=[])
+    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=fixed_reward, args=config,
+                          train_dataset=_Rows([{"prompt": text}]), generator=object())
+    trainer.optimizer = make_optimizer(trainer.trainable_parameters, config)
+    trainer.scheduler = get_scheduler("constant", trainer.optimizer)
+    advantages, _ = group_advantages(torch.tensor(rewards), G, config.scale_rewards)
+    batch = build_batch([prompt_ids] * G, completions, [[0.0] * len(c) for c in completions], [True] * G,
+                        advantages, trainer.pad_id, mask_truncated_completions=False)
+
+    def step():
+        return trainer.optimizer_step([batch])["loss"]
+
+    check = checksum([(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+                       batch.advantages)])
+    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup),
+                settings=f"micro_batch_size={args.micro_batch}, checkpointing={mode}")
+
+
+class _Rows(list):
+    """The little of a datasets.Dataset that GRPOTrainer reads (so this path needs no `datasets`)."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self[0])
+
+
+# --- TRL and Unsloth (Unsloth's trainer is TRL's, patched) -------------------------------------------
+
+def trl_step_runner(trainer_cls, config_cls, model, tok, args, device, text, prompt_ids, completions, rewards,
+                    extra_config: dict):
+    """A callable doing one TRL optimizer step on the fixed completions (scored and buffered first)."""
+    from datasets import Dataset
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    G, M = args.generations, args.micro_batch or args.generations
+    if G % M:
+        raise ValueError(f"--micro-batch {M} must divide --generations {G}")
+    accumulation = G // M
+    rows = [{"prompt": text}]  # with rollout_func TRL never tokenises it: rollout_func returns the ids
+
+    def rollout_func(prompts, trainer):
+        # prompts: the generation batch, each prompt repeated num_generations times (G rows here, more only
+        # if a patched trainer enlarged the batch: then the completions repeat, and the checksum shows it)
+        return {"prompt_ids": [list(prompt_ids) for _ in prompts],
+                "completion_ids": [list(completions[i % G]) for i in range(len(prompts))],
+                "logprobs": [[0.0] * len(completions[i % G]) for i in range(len(prompts))]}
+
+    def fixed_reward(completions, **kwargs):
+        return [rewards[i % G] for i in range(len(completions))]
+
+    config = config_cls(output_dir=str(Path(args.workdir) / "trl-out"), num_generations=G,
+                        per_device_train_batch_size=M, gradient_accumulation_steps=accumulation,
+                        steps_per_generation=accumulation, max_completion_length=args.completion_len,
+                        beta=0.0, loss_type="dapo", learning_rate=1e-6, max_grad_norm=1.0, num_iterations=1,
+                        temperature=1.0, gradient_checkpointing=True, report_to=[], logging_steps=1,
+                        bf16=not args.smoke, use_cpu=args.smoke, max_steps=10, save_strategy="no",
+                        shuffle_dataset=False, **extra_config)
+    kwargs = dict(model=model, reward_funcs=fixed_reward, args=config, processing_class=tok,
+                  train_dataset=Dataset.from_list(rows * G))
+    try:
+        trainer = trainer_cls(rollout_func=rollout_func, **kwargs)
+    except TypeError as e:  # a patched trainer without TRL's rollout_func hook (seen only as a possibility)
+        if "rollout_func" not in str(e):
+            raise
+        trainer = fixed_generation(trainer_cls, completions)(**kwargs)
+    a = trainer.args  # as the trainer (or Unsloth's patches) left it
+    M, accumulation, per_generation = a.per_device_train_batch_size, a.gradient_accumulation_steps, a.steps_per_generation
+    trainer.create_optimizer()
+    model = trainer.model
+    model.train()
+    generation_batch = rows * (M * per_generation)  # what TRL's RepeatSampler dataloader yields for one prompt
+
+    # Generation and scoring, outside the measured step: fills trainer._buffered_inputs (one per micro-step)
+    trainer._prepare_inputs(generation_batch)
+    buffered = list(trainer._buffered_inputs)[:accumulation]  # one optimizer step's micro-batches
+    assert all(b["completion_ids"].shape == (M, args.completion_len) for b in buffered), \
+        [b["completion_ids"].shape for b in buffered]
+    trainer._prepare_inputs = lambda inputs: inputs  # Trainer.training_step calls it: no second generation
+    # what Trainer._inner_training_loop sets before its training_step calls (the batches have no labels,
+    # so num_items_in_batch is None there as well)
+    trainer.current_gradient_accumulation_steps = accumulation
+
+    check = checksum([(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"],
+                       b["advantages"]) for b in buffered])
+
+    def step():
+        loss = 0.0
+        for inputs in buffered:
+            out = trainer.training_step(model, inputs, None)
+            loss += float(out.detach())
+        if config.max_grad_norm:
+            trainer.accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        trainer.optimizer.step()
+        model.zero_grad(set_to_none=True)
+        return loss
+
+    return step, check, f"per_device_train_batch_size={M}, gradient_accumulation_steps={accumulation}, gradient_checkpointing=True"
+
+
+def fixed_generation(trainer_cls, completions):
+    """trainer_cls whose generation returns the fixed completions; the prompt is then tokenised by the
+    trainer itself (the checksum in the record tells whether the tokens still match ahazero's)."""
+    G = len(completions)
+
+    class FixedGeneration(trainer_cls):
+        def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+            ids = [list(completions[i % G]) for i in range(len(prompt_ids))]
+            return ids, [[0.0] * len(c) for c in ids]
+
+    return FixedGeneration
+
+
+def run_trl(args, device, meter: Meter) -> dict:
+    import trl
+    model = build_peft_model(args, device)
+    weights = meter.current()
+    tok, text, prompt_ids, completions, rewards = workload(args, model.config.vocab_size)
+    step, check, settings = trl_step_runner(trl.GRPOTrainer, trl.GRPOConfig, model, tok, args, device, text,
+                                           prompt_ids, completions, rewards, {})
+    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup), settings=settings,
+                version=f"trl {trl.__version__}")
+
+
+def save_random_model(args) -> Path:
+    """The same random weights, as a folder Unsloth's from_pretrained can load (written by the unsloth worker, reused if present)."""
+    import torch
+    folder = Path(args.workdir) / f"random-{args.model}{'-smoke' if args.smoke else ''}"
+    if (folder / "config.json").is_file():
+        return folder
+    sys.path.insert(0, str(ROOT / "src"))
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    config = AutoConfig.for_model(**model_config(args.model, args.smoke))
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype(args))
+    model.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return folder
+
+
+def run_unsloth(args, device, meter: Meter) -> dict:
+    """Unsloth's documented GRPO recipe (FastLanguageModel + PatchFastRL'd TRL), generation replaced by
+    the fixed completions. UNTESTED: unsloth was not installable where this was written."""
+    import unsloth  # noqa: F401  (must come before trl / transformers / peft)
+    from unsloth import FastLanguageModel
+    import torch
+    try:  # older Unsloth needs this call to patch TRL's GRPOTrainer; newer patches on import (harmless)
+        from unsloth import PatchFastRL
+        PatchFastRL("GRPO", FastLanguageModel)
+    except ImportError:
+        pass
+    folder = save_random_model(args)
+    model, tok = FastLanguageModel.from_pretrained(
+        str(folder), max_seq_length=args.completion_len + 512, load_in_4bit=False, fast_inference=False,
+        max_lora_rank=args.lora_rank, dtype=torch.bfloat16)
+    model = FastLanguageModel.get_peft_model(model, r=args.lora_rank, lora_alpha=args.lora_rank,
+                                             target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                             random_state=3407)
+    weights = meter.current()
+    from trl import GRPOConfig, GRPOTrainer  # Unsloth's patched classes after `import unsloth`
+    _, text, prompt_ids, completions, rewards = workload(args, model.config.vocab_size)
+    step, check, settings = trl_step_runner(GRPOTrainer, GRPOConfig, model, tok, args, device, text,
+                                           prompt_ids, completions, rewards, {})
+    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup),
+                settings=settings.replace("gradient_checkpointing=True", 'use_gradient_checkpointing="unsloth"'),
+                version=f"unsloth {getattr(unsloth, '__version__', '?')}")
+
+
+RUNNERS = {"ahazero": run_ahazero, "trl": run_trl, "unsloth": run_unsloth}
+
+
+def backend_env(backend: str, args) -> dict:
+    """The worker's environment: --trl-path / --unsloth-path (folders of unpacked wheels, e.g. made with
+    `pip install --no-index --no-deps --target DIR *.whl`) go first on its PYTHONPATH, for it alone."""
+    env = dict(os.environ)
+    extra = {"trl": args.trl_path, "unsloth": args.unsloth_path}.get(backend)
+    if extra:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(extra).resolve())] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def importable(backend: str, env: dict) -> str | None:
+    """None if the backend's module can be found by the worker, else why not."""
+    module = {"ahazero": None, "trl": "trl", "unsloth": "unsloth"}[backend]
+    if module is None:
+        return None
+    code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    if subprocess.run([sys.executable, "-c", code], env=env).returncode:
+        return f"{module} is not importable"
+    return None
+
+
+# --- worker and parent ------------------------------------------------------------------------
+
+def worker(args) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on the network
+    import torch
+    sys.path.insert(0, str(ROOT / "src"))
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    meter = Meter(device)
+    record = dict(backend=args.worker, model=args.model + ("-smoke" if args.smoke else ""),
+                  completion_len=args.completion_len, generations=args.generations, micro_batch=args.micro_batch,
+                  lora_rank=args.lora_rank, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  memory="max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)",
+                  torch=torch.__version__)
+    try:
+        record.update(RUNNERS[args.worker](args, device, meter))
+        if record.get("peak_gib") is not None and record.get("weights_gib") is not None:
+            record["above_weights_gib"] = record["peak_gib"] - record["weights_gib"]
+        record["status"] = "ok"
+    except torch.cuda.OutOfMemoryError as e:
+        record.update(status="oom", error=str(e).splitlines()[0][:300])
+        if device.type == "cuda":
+            record["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+    except Exception as e:  # noqa: BLE001  (a failing backend is a row of the table)
+        traceback.print_exc()
+        record.update(status="error", error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+    Path(args.result).write_text(json.dumps(record))
+
+
+def parent(args) -> None:
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in BACKENDS:
+            raise SystemExit(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    records = []
+    for b in backends:
+        env = backend_env(b, args)
+        reason = importable(b, env)
+        if reason:
+            print(f"[{b}] skipped: {reason}", flush=True)
+            records.append(dict(backend=b, model=args.model, completion_len=args.completion_len,
+                                generations=args.generations, status="skipped", error=reason))
+            continue
+        with tempfile.NamedTemporaryFile("r", suffix=".json", dir=args.workdir, delete=False) as f:
+            result = f.name
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", b, "--result", result] + args.passthrough
+        print(f"[{b}] running: {' '.join(cmd[2:])}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            proc = subprocess.CompletedProcess(cmd, f"timeout after {args.timeout} s")
+        text = Path(result).read_text() if Path(result).is_file() else ""
+        Path(result).unlink(missing_ok=True)
+        record = json.loads(text) if text else dict(backend=b, model=args.model, completion_len=args.completion_len,
+                                                    generations=args.generations, status="crashed",
+                                                    error=f"worker: {proc.returncode}")
+        record["process_s"] = time.perf_counter() - t0
+        records.append(record)
+        print(f"[{b}] {json.dumps(record)}", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    print()
+    print(table(records))
+
+
+def table(records: list[dict]) -> str:
+    def gib(v):
+        return "n/a" if v is None else f"{v:.2f}"
+    r0 = next((r for r in records if "device" in r), records[0] if records else {})
+    unit = "GiB" if r0.get("device", "cuda") != "cpu" else "GiB (peak RSS)"
+    lines = [f"{r0.get('model')}, {r0.get('generations')} x {r0.get('completion_len')} completion tokens, "
+             f"LoRA r={r0.get('lora_rank', '?')}, micro-batch {r0.get('micro_batch') or 'all'}, on {r0.get('device', '?')}",
+             "",
+             f"| backend | peak {unit} | {unit} above weights | step seconds | status |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in records:
+        status = r.get("status", "?") + (f": {r['error']}" if r.get("error") else "")
+        step = f"{r['step_s']:.2f}" if r.get("step_s") is not None else "n/a"
+        lines.append(f"| {r['backend']} | {gib(r.get('peak_gib'))} | {gib(r.get('above_weights_gib'))} | {step} "
+                     f"| {status.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="qwen2.5-1.5b", help="a config name in tests/assets/configs")
+    p.add_argument("--completion-len", type=int, default=1024)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=1,
+                   help="rows per forward/backward for every backend (0: all G rows at once)")
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--backends", default="ahazero,trl,unsloth")
+    p.add_argument("--ahazero-checkpointing", default="offload", choices=["offload", "true", "false"])
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before the measured one")
+    p.add_argument("--out", default=None, help="JSONL file to append one line per backend to")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ahazero-bench-memory"))
+    p.add_argument("--timeout", type=float, default=None, help="seconds per backend subprocess")
+    p.add_argument("--trl-path", default=None, help="folder put first on PYTHONPATH for the trl worker")
+    p.add_argument("--unsloth-path", default=None, help="folder put first on PYTHONPATH for the unsloth worker")
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke and "--completion-len" not in (argv or sys.argv):
+        args.completion_len = 32
+    if args.smoke and "--generations" not in (argv or sys.argv):
+        args.generations = 4
+    args.micro_batch = args.micro_batch or None
+    if args.worker:
+        worker(args)
+        return
+    args.passthrough = ["--model", args.model, "--completion-len", str(args.completion_len), "--generations",
+                        str(args.generations), "--micro-batch", str(args.micro_batch or 0), "--lora-rank",
+                        str(args.lora_rank), "--ahazero-checkpointing", args.ahazero_checkpointing, "--warmup",
+                        str(args.warmup), "--workdir", args.workdir] + (["--smoke"] if args.smoke else [])
+    parent(args)
+
+
+if __name__ == "__main__":
+    main()
