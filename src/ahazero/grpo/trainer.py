@@ -15,6 +15,7 @@ from the same checkpoint, on the same or another number of ranks (the data posit
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -446,6 +447,7 @@ def make_optimizer(params, args: GRPOConfig) -> torch.optim.Optimizer:
 
 # --- small helpers ---------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=2)  # called once per prompt: one permutation per epoch
 def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     if not shuffle:
         return torch.arange(n)
