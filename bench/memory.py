@@ -30,6 +30,9 @@ subprocess, so three backends stay under 10 minutes):
   python bench/memory.py --model qwen2.5-1.5b --completion-len 16384 --timeout 180 --out $OUT/memory.jsonl
   python bench/memory.py --model llama-3.1-8b --completion-len 4096  --timeout 280 --backends ahazero,trl --out $OUT/memory.jsonl
   python bench/memory.py --model llama-3.1-8b --completion-len 4096  --timeout 560 --backends unsloth --out $OUT/memory.jsonl
+QLoRA (issue 6; the training step only, generation not included):
+  python bench/memory.py --model qwen2.5-1.5b --generations 6 --completion-len 200 --load-in-4bit --backends ahazero,unsloth --out $OUT/memory.jsonl
+  python bench/memory.py --model qwen2.5-1.5b --completion-len 1024 --load-in-4bit --optim adamw_8bit --backends ahazero,unsloth --out $OUT/memory.jsonl
 (--backends defaults to ahazero,trl,unsloth; --micro-batch defaults to 1 row per forward/backward, 0 means
 all G rows at once.) Where a peer is not installed, point --trl-path / --unsloth-path at a folder of its
 unpacked wheels (`pip install --no-index --no-deps --target DIR *.whl`); Unsloth pins trl 1.15, so its
@@ -100,6 +103,11 @@ def build_peft_model(args, device):
     torch.manual_seed(0)
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype(args))
+    if args.load_in_4bit:  # ahazero's QLoRA: NF4 linears (dynamic: outlier layers stay 16-bit)
+        from ahazero.models.linear4bit import quantize_model
+        quantize_model(model, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     from ahazero.models.loader import attach_lora
     return attach_lora(model, r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=TARGETS,
                        random_state=3407)
@@ -205,7 +213,7 @@ def run_ahazero(args, device, meter: Meter) -> dict:
                         per_device_train_batch_size=G, gradient_accumulation_steps=1,
                         micro_batch_size=args.micro_batch, max_completion_length=args.completion_len,
                         max_prompt_length=len(prompt_ids), beta=0.0, loss_type="dapo", learning_rate=1e-6,
-                        max_grad_norm=1.0, num_iterations=1, temperature=1.0, report_to=[])
+                        max_grad_norm=1.0, num_iterations=1, temperature=1.0, report_to=[], optim=args.optim)
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=fixed_reward, args=config,
                           train_dataset=_Rows([{"prompt": text}]), generator=object())
     trainer.optimizer = make_optimizer(trainer.trainable_parameters, config)
@@ -220,7 +228,8 @@ def run_ahazero(args, device, meter: Meter) -> dict:
     check = checksum([(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                        batch.advantages)])
     return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup),
-                settings=f"micro_batch_size={args.micro_batch}, checkpointing={mode}")
+                settings=f"micro_batch_size={args.micro_batch}, checkpointing={mode}, optim={args.optim}"
+                         + (", nf4" if args.load_in_4bit else ""))
 
 
 class _Rows(list):
@@ -361,7 +370,7 @@ def run_unsloth(args, device, meter: Meter) -> dict:
         pass
     folder = save_random_model(args)
     model, tok = FastLanguageModel.from_pretrained(
-        str(folder), max_seq_length=args.completion_len + 512, load_in_4bit=False, fast_inference=False,
+        str(folder), max_seq_length=args.completion_len + 512, load_in_4bit=args.load_in_4bit, fast_inference=False,
         max_lora_rank=args.lora_rank, dtype=torch.bfloat16)
     model = FastLanguageModel.get_peft_model(model, r=args.lora_rank, lora_alpha=args.lora_rank,
                                              target_modules=TARGETS, use_gradient_checkpointing="unsloth",
@@ -440,6 +449,8 @@ def parent(args) -> None:
     for b in backends:
         env = backend_env(b, args)
         reason = importable(b, env)
+        if b == "trl" and args.load_in_4bit:
+            reason = "--load-in-4bit: TRL's 4-bit path is bitsandbytes through PEFT, not compared here"
         if reason:
             print(f"[{b}] skipped: {reason}", flush=True)
             records.append(dict(backend=b, model=args.model, completion_len=args.completion_len,
@@ -500,6 +511,9 @@ def main(argv=None) -> None:
     p.add_argument("--backends", default="ahazero,trl,unsloth")
     p.add_argument("--ahazero-checkpointing", default="offload", choices=["offload", "true", "false"])
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before the measured one")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="QLoRA: NF4 base weights (ahazero's own; Unsloth's through bitsandbytes; TRL is skipped)")
+    p.add_argument("--optim", default="adamw_torch", help="GRPOConfig.optim for ahazero (e.g. adamw_8bit)")
     p.add_argument("--out", default=None, help="JSONL file to append one line per backend to")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ahazero-bench-memory"))
     p.add_argument("--timeout", type=float, default=None, help="seconds per backend subprocess")

@@ -8,6 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 from safetensors.torch import load
 
 import tiny
@@ -99,6 +100,16 @@ def test_bad_methods_fail_before_any_request(hub):
     model = lora_model("qwen2")
     with pytest.raises(ValueError, match="valid"):
         push_to_hub_gguf(model, "me/x", tiny.tokenizer(), quantization_method="q3_x", token=TOKEN, endpoint=hub.url)
-    with pytest.raises(NotImplementedError, match="load_in_4bit"):
-        push_to_hub_merged(model, "me/x", tiny.tokenizer(), save_method="merged_4bit", token=TOKEN, endpoint=hub.url)
+    with pytest.raises(ValueError, match="valid"):
+        push_to_hub_merged(model, "me/x", tiny.tokenizer(), save_method="merged_8bit", token=TOKEN, endpoint=hub.url)
     assert hub.requests == []
+
+
+def test_push_merged_4bit_uploads_nf4_weights_and_their_config(hub):
+    model = lora_model("qwen2")
+    push_to_hub_merged(model, "me/tiny-4bit", tiny.tokenizer(), save_method="merged_4bit", token=TOKEN,
+                       endpoint=hub.url)
+    weights = load(hub.files["model.safetensors"])
+    assert weights["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in weights
+    assert json.loads(hub.files["config.json"])["quantization_config"]["bnb_4bit_quant_type"] == "nf4"

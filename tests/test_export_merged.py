@@ -98,8 +98,6 @@ def test_lora_on_a_tied_lm_head_unties_it(tmp_path):
 
 def test_bad_save_methods(tmp_path):
     model = lora_model("qwen2")
-    with pytest.raises(NotImplementedError, match="load_in_4bit"):
-        save_merged(model, tmp_path / "m", save_method="merged_4bit")
     with pytest.raises(ValueError, match="merged_16bit, merged_4bit, lora"):
         save_merged(model, tmp_path / "m", save_method="merged_8bit")
     assert list(tmp_path.iterdir()) == []

@@ -54,16 +54,19 @@ class FastLanguageModel:
         unknown = set(kwargs) - _IGNORED_LOAD_KWARGS
         if unknown:
             raise TypeError(f"FastLanguageModel.from_pretrained got unexpected arguments: {sorted(unknown)}")
-        if load_in_4bit or load_in_8bit:
-            raise NotImplementedError("load_in_4bit / load_in_8bit are not available yet in this ahazero "
-                                      "version; load in 16 bit (load_in_4bit=False)")
+        if load_in_8bit:
+            raise NotImplementedError("load_in_8bit is not supported; use load_in_4bit=True (NF4, QLoRA) or 16 bit")
+        if load_in_4bit and full_finetuning:
+            raise ValueError("full_finetuning=True trains every weight, which 4-bit weights cannot be; "
+                             "use load_in_4bit=False or LoRA")
         if max_seq_length < 1:
             raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else None
         model, tokenizer = loader.load_causal_lm(model_name, dtype=dtype, device=device, token=token,
-                                                 trust_remote_code=trust_remote_code, revision=revision)
+                                                 trust_remote_code=trust_remote_code, revision=revision,
+                                                 load_in_4bit=load_in_4bit)
         model.ahazero = EngineSettings(max_seq_length=max_seq_length, fast_inference=fast_inference,
                                        gpu_memory_utilization=gpu_memory_utilization,
                                        max_lora_rank=max_lora_rank, tokenizer=tokenizer)

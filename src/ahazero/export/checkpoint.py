@@ -28,7 +28,7 @@ def export_checkpoint(model_path, out, to: str = "merged_16bit", adapter=None, q
     if to == "gguf":
         return write_gguf_folder(source, tokenizer, out, methods, overwrite)
     return write_merged_folder(source, out, tokenizer, load_generation_config(model_dir),
-                               overwrite=overwrite, max_shard_size=max_shard_size)
+                               overwrite=overwrite, max_shard_size=max_shard_size, save_method=to)
 
 
 def resolve_model_dir(model_path) -> Path:

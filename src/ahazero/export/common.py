@@ -71,9 +71,9 @@ def causal_lm(model):
 
 
 def require_floating_weights(named_tensors) -> None:
-    """Refuse quantised base weights (merging into them needs the 4-bit path)."""
+    """Refuse quantised base weights other than ours (bitsandbytes' own modules, 8-bit)."""
     for name, tensor in named_tensors:
         if not tensor.is_floating_point() or type(tensor).__name__ in ("Params4bit", "Int8Params"):
             raise NotImplementedError(
-                f"weight {name!r} is quantised ({tensor.dtype}); exporting a model loaded with "
-                "load_in_4bit=True is not supported yet (it needs the 4-bit issue)")
+                f"weight {name!r} is quantised ({type(tensor).__name__}, {tensor.dtype}) by a library other than "
+                "ahazero; load the model with FastLanguageModel.from_pretrained(..., load_in_4bit=True) to export it")

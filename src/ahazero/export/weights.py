@@ -5,6 +5,11 @@ holds a second full copy of the model:
 
     source.shapes()   -> {name: (shape, dtype)} of the merged model, in writing order (nothing loaded)
     source.load(keys) -> {name: merged tensor} for those keys only (LoRA merged in, base dtype kept)
+
+4-bit bases (a model loaded with load_in_4bit, or a bitsandbytes-4bit checkpoint folder) are read the
+same way: their NF4 weights come out dequantised (bit-identical to bitsandbytes) in the dtype they were
+quantised from; `source.nf4_keys` names them and `source.packed(key)` gives their stored codes, so a
+merged_4bit save can keep the codes of every weight the adapter did not change.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.linear4bit import STATE_SUFFIXES, Linear4bit
+from ..models.nf4 import QuantState, dequantize_nf4
 from .common import causal_lm, require_floating_weights
 from .merge import lora_target_keys, merge_lora_state_dict
 
@@ -26,6 +33,7 @@ class _Source:
     lora_sd: dict = {}
     lora_config = None
     untied = False        # True when a LoRA changed one of two tied matrices: write both, untie in config
+    nf4_keys: frozenset = frozenset()   # weights stored in NF4 by the source (shapes/load give them dequantised)
 
     def _check_targets(self, base_keys) -> None:
         missing = sorted(lora_target_keys(self.lora_sd) - set(base_keys))
@@ -36,6 +44,15 @@ class _Source:
         if not self.lora_sd:
             return dict(base)
         return merge_lora_state_dict(base, self.lora_sd, self.lora_config)
+
+    def packed(self, key: str) -> tuple[torch.Tensor, QuantState]:
+        """The stored NF4 codes [ceil(n/2), 1] uint8 and quantisation state of an `nf4_keys` weight (CPU)."""
+        raise KeyError(key)
+
+    @property
+    def touched_keys(self) -> set:
+        """The base weights the adapter changes."""
+        return lora_target_keys(self.lora_sd)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -51,17 +68,27 @@ class ModelWeights(_Source):
         self.config = lm.config
         lora_sd, self.lora_config = adapter_state_dict(model, adapter_name)
         self.lora_sd = {k: v.detach().cpu() for k, v in lora_sd.items()}    # small; merging runs on the CPU
-        base = base_state_dict(lm)
-        require_floating_weights(base.items())
+        self._nf4 = {_transformers_name(name) + ".weight": m for name, m in lm.named_modules()
+                     if isinstance(m, Linear4bit)}
+        self.nf4_keys = frozenset(self._nf4)
+        base = {k: v for k, v in base_state_dict(lm).items() if not is_quant_state_key(k)}
+        require_floating_weights((k, v) for k, v in base.items() if k not in self._nf4)
         self._check_targets(base)
         self._base, self.untied = drop_tied_copies(base, lora_target_keys(self.lora_sd))
 
     def shapes(self) -> dict:
-        return {k: (tuple(t.shape), t.dtype) for k, t in self._base.items()}
+        return {k: ((tuple(self._nf4[k].quant_meta["shape"]), self._nf4[k].compute_dtype) if k in self._nf4
+                    else (tuple(t.shape), t.dtype)) for k, t in self._base.items()}
 
     def load(self, keys) -> dict:
         """Merged CPU tensors for `keys` (a GPU model's weights are copied over one group at a time)."""
-        return self._merge({k: self._base[k].detach().cpu() for k in keys})
+        return self._merge({k: (self._nf4[k].dequantized_weight() if k in self._nf4 else self._base[k]).detach().cpu()
+                            for k in keys})
+
+    def packed(self, key: str) -> tuple[torch.Tensor, QuantState]:
+        module = self._nf4[key]
+        state = QuantState.from_dict({s: t.cpu() for s, t in module.quant_state.as_dict().items()})
+        return module.weight.detach().cpu(), state
 
 
 class CheckpointWeights(_Source):
@@ -74,10 +101,25 @@ class CheckpointWeights(_Source):
         from transformers import AutoConfig
         self.model_dir = Path(model_dir)
         self.config = AutoConfig.from_pretrained(self.model_dir)
-        if getattr(self.config, "quantization_config", None):
-            raise NotImplementedError(f"{model_dir} is a quantised checkpoint (load_in_4bit / "
-                                      "quantization_config); exporting from it is not supported yet")
-        self._files, self._shapes = _index_safetensors(self.model_dir)
+        quantized = bool(getattr(self.config, "quantization_config", None))
+        if quantized:
+            from ..models.loader import bnb_4bit_settings
+            bnb_4bit_settings(self.config)  # raises for anything but bitsandbytes NF4 with double quantisation
+        self._files, shapes = _index_safetensors(self.model_dir, allow_uint8=quantized)
+        self._states = {k[: -len(".quant_state.bitsandbytes__nf4")]: self._read([k])[k]
+                        for k in shapes if k.endswith(".weight.quant_state.bitsandbytes__nf4")}
+        self.nf4_keys = frozenset(self._states)
+        self._shapes = {}
+        for key, shape in shapes.items():
+            if key in self._states:
+                meta = json.loads(bytes(self._states[key].tolist()).decode("utf-8"))
+                shape = (tuple(meta["shape"]), getattr(torch, meta["dtype"]))
+            elif is_quant_state_key(key):
+                continue
+            elif shape[1] is None:
+                raise NotImplementedError(f"{self._files[key].name}:{key} is an integer tensor that is not "
+                                          "an NF4 weight; this checkpoint format is not supported")
+            self._shapes[key] = shape
         if adapter_dir is not None:
             self.lora_sd, self.lora_config = read_adapter(adapter_dir)
         self._check_targets(self._shapes)
@@ -85,16 +127,37 @@ class CheckpointWeights(_Source):
     def shapes(self) -> dict:
         return dict(self._shapes)
 
-    def load(self, keys) -> dict:
+    def _read(self, keys) -> dict:
         from safetensors import safe_open
         by_file = defaultdict(list)
         for key in keys:
             by_file[self._files[key]].append(key)
-        base = {}
+        out = {}
         for file, file_keys in by_file.items():
             with safe_open(file, framework="pt") as f:
-                base.update({k: f.get_tensor(k) for k in file_keys})
+                out.update({k: f.get_tensor(k) for k in file_keys})
+        return out
+
+    def load(self, keys) -> dict:
+        base = self._read([k for k in keys if k not in self.nf4_keys])
+        for key in keys:
+            if key in self.nf4_keys:
+                base[key] = dequantize_nf4(*self.packed(key))
         return self._merge({k: base[k] for k in keys})
+
+    def packed(self, key: str) -> tuple[torch.Tensor, QuantState]:
+        tensors = self._read([key] + [f"{key}.{s}" for s in STATE_SUFFIXES])
+        return tensors[key], QuantState.from_dict({s: tensors[f"{key}.{s}"] for s in STATE_SUFFIXES})
+
+
+def is_quant_state_key(key: str) -> bool:
+    """A bitsandbytes 4-bit side tensor (`<name>.weight.absmax`, `.quant_state.bitsandbytes__nf4`, ...)."""
+    return any(key.endswith(".weight." + suffix) for suffix in STATE_SUFFIXES)
+
+
+def _transformers_name(module_name: str) -> str:
+    """A module's name in the causal LM with PEFT's wrappers taken out (as `base_state_dict` names keys)."""
+    return module_name.replace(".base_layer", "").replace(".original_module", "")
 
 
 def adapter_state_dict(model, adapter_name: str) -> tuple[dict, dict | None]:
@@ -148,8 +211,10 @@ def read_adapter(adapter_dir) -> tuple[dict, dict]:
     return load_file(adapter_dir / "adapter_model.safetensors"), config
 
 
-def _index_safetensors(model_dir: Path) -> tuple[dict, dict]:
-    """key -> file and key -> (shape, dtype) for every tensor of a safetensors checkpoint, reading headers only."""
+def _index_safetensors(model_dir: Path, allow_uint8: bool = False) -> tuple[dict, dict]:
+    """key -> file and key -> (shape, dtype) for every tensor of a safetensors checkpoint, reading headers only.
+
+    With `allow_uint8` (a 4-bit checkpoint), uint8 tensors are indexed with dtype None."""
     from safetensors import safe_open
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -164,8 +229,8 @@ def _index_safetensors(model_dir: Path) -> tuple[dict, dict]:
             for key in f.keys():
                 sl = f.get_slice(key)
                 dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise NotImplementedError(f"{file.name}:{key} has dtype {sl.get_dtype()}; quantised "
-                                              "checkpoints are not supported yet (load_in_4bit)")
+                if dtype is None and not (allow_uint8 and sl.get_dtype() == "U8"):
+                    raise NotImplementedError(f"{file.name}:{key} has dtype {sl.get_dtype()}; only float weights "
+                                              "and bitsandbytes NF4 weights can be read")
                 where[key], shapes[key] = file, (tuple(sl.get_shape()), dtype)
     return where, shapes

@@ -184,10 +184,22 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """Inverse of `quantize_nf4`, bit-identical to bnb's `dequantize_4bit`.
 
     packed: uint8 [ceil(n / 2), 1] (any shape with those bytes). Returns state.dtype, state.shape.
+    Each byte indexes a [256, 2] table of its two NF4 values (high nibble first), so the only full-size
+    temporaries are the float32 values and the output; the products are the same float32 `code * absmax`.
     """
     n, bs = state.shape.numel(), state.blocksize
-    b = packed.reshape(-1)  # [ceil(n/2)]
-    q = torch.stack([b >> 4, b & 0xF], dim=1).view(-1)[:n].long()  # [n] high nibble first
+    pairs = _byte_table(state.code)[packed.reshape(-1).int()]  # [ceil(n/2), 2] float32
+    values = pairs.view(-1)[:n]  # [n]
     absmax = dequantize_absmax(state)  # [nb]
-    w = state.code[q] * absmax.repeat_interleave(bs)[:n]  # [n] float32
+    nb_full = n // bs
+    w = torch.empty(n, dtype=torch.float32, device=packed.device)  # [n]
+    w[: nb_full * bs].view(nb_full, bs).copy_(values[: nb_full * bs].view(nb_full, bs)).mul_(absmax[:nb_full, None])
+    if n > nb_full * bs:  # the short tail block
+        torch.mul(values[nb_full * bs :], absmax[nb_full], out=w[nb_full * bs :])
     return w.to(state.dtype).view(state.shape)
+
+
+def _byte_table(code: torch.Tensor) -> torch.Tensor:
+    """[256, 2]: the two table values a packed byte stands for, high nibble first."""
+    byte = torch.arange(256, device=code.device)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)

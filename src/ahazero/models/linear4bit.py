@@ -1,0 +1,277 @@
+"""4-bit base weights (QLoRA): an nn.Linear whose weight is NF4 in the bitsandbytes layout, and the model
+surgery that puts it in place, from a 16-bit checkpoint or from a `*-bnb-4bit` one.
+
+`Linear4bit` keeps only the packed uint8 weight and its double-quantised absmax (0.53 bytes per weight
+instead of 2). Its forward dequantises into a temporary, multiplies, and frees it; its backward
+dequantises again for the input gradient (the base weight is frozen), so no 16-bit copy of a weight
+outlives one matmul, in training or in the engine (which calls the module as it calls any linear).
+It subclasses nn.Linear so that PEFT wraps it in its plain `lora.Linear` (LoRA unmerged, on top of our
+forward) and so that our engine and exporters see an ordinary linear layer with a different weight.
+
+Its state dict has bitsandbytes' / transformers' names: `<name>.weight` (the packed bytes) and
+`<name>.weight.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant_map`,
+`.quant_state.bitsandbytes__nf4` (see nf4.QuantState.as_dict), so the tensors of a
+`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`
+checkpoint load into it as they are, and what it saves loads in transformers.
+
+Dynamic 4-bit: embeddings, lm_head and norms stay in 16 bit. Every other linear layer is quantised
+unless its relative quantisation error ||W - deq(q(W))||_F / ||W||_F is an outlier: above
+`OUTLIER_FACTOR` times the median error over all candidate layers. The Frobenius ratio is the relative
+output error for an isotropic input. NF4 on bell-shaped weights gives 0.09-0.11 for every layer (Gaussian
+0.092, Laplace 0.105, Student-t(2) 0.112); a layer with an outlier of 8-16 standard deviations in every
+64-block (the outlier features of Dettmers et al. 2022, https://arxiv.org/abs/2208.07339), which
+flattens the rest of each block towards zero, shows 0.14-0.18, so the factor 1.5 separates the two.
+(A handful of isolated huge weights barely moves this ratio, and NF4 keeps them exactly: each is its
+block's absmax.) The choice is logged and kept on the model (`model.ahazero_quantization`).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nf4 import QuantState, dequantize_nf4, quantize_nf4
+
+logger = logging.getLogger("ahazero")
+
+OUTLIER_FACTOR = 1.5
+_STATE_BUFFERS = ("absmax", "nested_absmax", "offset", "code", "nested_code")
+STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+_KEEP_16BIT = re.compile(r"(^|\.)(lm_head|embed_tokens|wte|wpe|word_embeddings|embed_out|output)$")
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x W^T (+ b) with W dequantised on the fly in forward and again in backward (W, b frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        rows = x.numel() // x.shape[-1]
+        if module.use_fused_kernel(x.device) and rows <= _fused().MAX_ROWS:  # decode: the fused GEMV
+            y = _fused().nf4_linear_small(x.reshape(rows, -1), module.weight.view(-1), module.absmax,
+                                          module.nested_absmax, module.offset, module.code, module.nested_code,
+                                          module.out_features, module.bias)
+            return y.view(*x.shape[:-1], module.out_features)
+        weight = module.dequantized_weight(x.dtype)  # [out, in], a temporary
+        bias = None if module.bias is None else module.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight = ctx.module.dequantized_weight(grad_out.dtype)  # [out, in], recomputed
+        return grad_out @ weight, None  # [..., in]
+
+
+def _fused():
+    from . import nf4_kernels
+    return nf4_kernels
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+class Linear4bit(nn.Linear):
+    """A frozen linear layer with an NF4 weight (bitsandbytes layout); see the module docstring.
+
+    `fused_kernel`: None (default) runs inputs of at most `nf4_kernels.MAX_ROWS` rows through the fused
+    Triton dequantise-and-multiply kernel on CUDA where Triton is installed; True forces it on any
+    device (the CPU tests, through Triton's interpreter); False never uses it.
+    """
+
+    fused_kernel: bool | None = None
+
+    def use_fused_kernel(self, device: torch.device) -> bool:
+        if self.fused_kernel is None:
+            return device.type == "cuda" and _has_triton()
+        return self.fused_kernel
+
+    def __init__(self, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = state.shape
+        self.weight = nn.Parameter(packed, requires_grad=False)  # uint8 [ceil(out*in/2), 1]
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self._set_state(state)
+
+    def _set_state(self, state: QuantState) -> None:
+        self.quant_meta = dict(shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+                               nested_blocksize=state.nested_blocksize)
+        # buffers, so that .to(device) moves them with the weight
+        self.register_buffer("absmax", state.absmax)  # uint8 [nb]
+        self.register_buffer("nested_absmax", state.nested_absmax)  # float32 [nb2]
+        self.register_buffer("offset", state.offset.reshape(()))  # float32 []
+        self.register_buffer("code", state.code)  # float32 [16]
+        self.register_buffer("nested_code", state.nested_code)  # float32 [256]
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the quantisation state; `.to(dtype)` / `.half()` never recast it (its float32
+        tables are part of the format), only the bias."""
+        state = {name: self._buffers.pop(name) for name in _STATE_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update({name: t.to(self.weight.device) for name, t in state.items()})
+        return self
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Linear4bit:
+        packed, state = quantize_nf4(linear.weight.detach())
+        return cls(packed, state, linear.bias)
+
+    @property
+    def quant_state(self) -> QuantState:
+        return QuantState(absmax=self.absmax, offset=self.offset, nested_absmax=self.nested_absmax,
+                          code=self.code, nested_code=self.nested_code, **self.quant_meta)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.quant_meta["dtype"]
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in] in its original dtype (bit-identical to bnb), cast to `dtype` if given."""
+        w = dequantize_nf4(self.weight, self.quant_state)
+        return w if dtype is None or dtype == w.dtype else w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"Linear4bit takes a floating input, got {x.dtype}")
+        return _NF4Matmul.apply(x, self)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, dtype={self.compute_dtype}"
+
+    # -- bitsandbytes state-dict names -----------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for suffix, tensor in self.quant_state.as_dict().items():
+            destination[f"{prefix}weight.{suffix}"] = tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        keys = [f"{prefix}weight.{s}" for s in STATE_SUFFIXES]
+        missing = [k for k in [prefix + "weight", *keys] if k not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        state = QuantState.from_dict({s: state_dict[k] for s, k in zip(STATE_SUFFIXES, keys)},
+                                     device=self.weight.device)
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"{prefix}weight: 4-bit shape {tuple(state.shape)} != "
+                              f"({self.out_features}, {self.in_features})")
+            return
+        device = self.weight.device
+        self.weight = nn.Parameter(state_dict[prefix + "weight"].to(device), requires_grad=False)
+        if self.bias is not None and prefix + "bias" in state_dict:
+            with torch.no_grad():
+                self.bias.copy_(state_dict[prefix + "bias"])
+        self._set_state(state)
+
+
+# --- model surgery ------------------------------------------------------------------------------------
+
+@dataclass
+class QuantizationReport:
+    """What `quantize_model` did: relative error per candidate layer and the layers kept in 16 bit."""
+    errors: dict[str, float] = field(default_factory=dict)
+    kept_16bit: list[str] = field(default_factory=list)
+    threshold: float = float("nan")
+
+    @property
+    def quantized(self) -> list[str]:
+        return [n for n in self.errors if n not in self.kept_16bit]
+
+
+def relative_error(weight: torch.Tensor) -> float:
+    """||W - deq(q(W))||_F / ||W||_F of NF4 quantisation (0 for an all-zero weight)."""
+    packed, state = quantize_nf4(weight)
+    w = weight.float()
+    norm = torch.linalg.vector_norm(w)
+    diff = torch.linalg.vector_norm(dequantize_nf4(packed, state).float() - w)
+    return float(diff / norm) if norm > 0 else 0.0
+
+
+def outlier_layers(errors: dict[str, float], factor: float = OUTLIER_FACTOR) -> tuple[list[str], float]:
+    """The layers whose error is above `factor` times the median error, and that threshold."""
+    if not errors:
+        return [], float("nan")
+    values = sorted(errors.values())
+    median = values[(len(values) - 1) // 2]
+    threshold = factor * median
+    return [name for name, e in errors.items() if e > threshold], threshold
+
+
+def keeps_16bit(module_name: str) -> bool:
+    """The output head and embedding-like layers, which 4-bit loading and saving never quantise."""
+    return bool(_KEEP_16BIT.search(module_name))
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Plain nn.Linear modules except the output head and embeddings-like layers, by qualified name."""
+    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear and not keeps_16bit(name)}
+
+
+def quantize_model(model: nn.Module, device: torch.device | str | None = None, dynamic: bool = True,
+                   factor: float = OUTLIER_FACTOR) -> QuantizationReport:
+    """Replace the model's linear layers by Linear4bit, one at a time on `device` (in place).
+
+    With `dynamic`, layers whose NF4 error is an outlier (module docstring) stay in 16 bit.
+    """
+    linears = quantizable_linears(model)
+    errors = {}
+    for name, linear in linears.items():
+        errors[name] = relative_error(linear.weight.detach().to(device)) if dynamic else 0.0
+    kept, threshold = outlier_layers(errors, factor) if dynamic else ([], float("nan"))
+    for name, linear in linears.items():
+        if name in kept:
+            continue
+        src = linear.to(device) if device is not None else linear
+        _set_submodule(model, name, Linear4bit.from_linear(src))
+        src.weight = None  # free the 16-bit weight now, not when the model is done
+    report = QuantizationReport(errors=errors, kept_16bit=kept, threshold=threshold)
+    if kept:
+        logger.warning("load_in_4bit: %d of %d linear layers stay in 16 bit (NF4 error above %.3f = %.1f x the "
+                       "median): %s", len(kept), len(linears), threshold, factor, ", ".join(kept))
+    else:
+        logger.info("load_in_4bit: all %d linear layers in NF4 (median relative error %.3f)", len(linears),
+                    threshold / factor if errors else float("nan"))
+    return report
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def prequantized_linear_names(keys) -> list[str]:
+    """The module names a bnb-4bit state dict stores as NF4 (those with a `.weight.quant_state...` key)."""
+    suffix = ".weight.quant_state.bitsandbytes__nf4"
+    return [k[: -len(suffix)] for k in keys if k.endswith(suffix)]
+
+
+def install_prequantized(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Put a Linear4bit holding the checkpoint's NF4 tensors where the state dict has them; returns names."""
+    names = prequantized_linear_names(state_dict)
+    for name in names:
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{name} is 4-bit in the checkpoint but a {type(linear).__name__} in the model")
+        state = QuantState.from_dict({s: state_dict[f"{name}.weight.{s}"] for s in STATE_SUFFIXES})
+        if tuple(state.shape) != (linear.out_features, linear.in_features):
+            raise ValueError(f"{name}: 4-bit weight of shape {tuple(state.shape)}, the model expects "
+                             f"({linear.out_features}, {linear.in_features})")
+        bias = state_dict.get(f"{name}.bias")
+        _set_submodule(model, name, Linear4bit(state_dict[f"{name}.weight"], state, bias))
+    return names
+
+
+def is_4bit(model: nn.Module) -> bool:
+    return any(isinstance(m, Linear4bit) for m in model.modules())
