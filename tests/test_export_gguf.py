@@ -263,3 +263,20 @@ def test_llama_cpp_method_list_matches_llama_cpp_python():
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
     for method in LLAMA_CPP_TYPES:
         assert hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{method.upper()}"), method
+
+
+@pytest.mark.slow
+def test_gguf_of_a_4bit_model_holds_its_dequantised_weights(tmp_path):
+    """A QLoRA model (NF4 base + LoRA) exports its dequantised, merged weights: llama.cpp's f16 logits match."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install 'ahazero[llamacpp]'")
+    from peft import LoraConfig, get_peft_model
+    from ahazero.models.linear4bit import quantize_model
+    base = tiny.tiny_model("qwen2", initializer_range=0.02)
+    quantize_model(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                            init_lora_weights=False)).eval()
+    (f16,) = save_gguf(model, tmp_path / "g", tiny.tokenizer(), "f16")
+    ids = prompt_ids(32)
+    want = logits(model, ids)[0].numpy()
+    got, _ = llama_cpp_logits(f16, ids)
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()

@@ -168,11 +168,8 @@ def attach_lora(model, *, r: int, lora_alpha: float, target_modules, lora_dropou
 
 
 def enable_gradient_checkpointing(model, mode) -> None:
-    """mode: False | True (recompute each layer) | "offload"/"unsloth" (also keep layer inputs on the CPU).
-
-    The offload itself happens around the training forward (`offload_context`); here the layers are set
-    to recompute, which is what makes their inputs the only activations kept.
-    """
+    """mode: False | True (recompute each layer) | "offload"/"unsloth" (recompute, and keep each layer's
+    input in CPU memory meanwhile: models/offload.py)."""
     if mode in (None, False):
         return
     if mode not in (True, "offload", "unsloth"):
@@ -180,11 +177,18 @@ def enable_gradient_checkpointing(model, mode) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
-    model.ahazero_offload_activations = mode in ("offload", "unsloth")
+    offload = mode in ("offload", "unsloth")
+    model.ahazero_offload_activations = False
+    if offload and hasattr(base, "_set_gradient_checkpointing"):
+        from .offload import offloaded_checkpoint
+        base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded_checkpoint)
+    elif offload:  # a transformers without the per-layer hook: offload every saved tensor instead
+        model.ahazero_offload_activations = True
 
 
 def offload_context(model):
-    """Saved activations go to (pinned) CPU memory while the training forward runs, when asked for."""
+    """Saved activations go to (pinned) CPU memory while the training forward runs (the fallback of
+    `enable_gradient_checkpointing` where the per-layer offload cannot be installed)."""
     from contextlib import nullcontext
     if getattr(model, "ahazero_offload_activations", False) and next(model.parameters()).is_cuda:
         return torch.autograd.graph.save_on_cpu(pin_memory=True)
