@@ -5,12 +5,22 @@ notebooks pass), so a notebook runs after changing its imports. Differences from
 - `per_device_train_batch_size` counts completions; a value below `num_generations` is raised to it
   with a warning (as Unsloth does).
 - `use_vllm` is accepted and means "use the built-in engine"; the `vllm_*` fields are accepted and ignored.
-- `micro_batch_size` is ours: rows per forward/backward chunk inside an accumulation step
-  (None: the whole accumulation step at once).
+- `micro_batch_size` and `micro_batch_tokens` are ours: the rows of an accumulation step go through
+  forward/backward in chunks of `micro_batch_size` rows when it is set, else (the default) of as many
+  consecutive rows as fit `micro_batch_tokens` token positions (default 4096; a longer row runs alone).
+  Packed sequences attend through one dense [S, S] mask under sdpa/eager, so the token budget also
+  bounds that mask. On CUDA a chunk that runs out of memory is split in two and retried (its partial
+  gradients undone first), and the budget is halved for the rest of the run, with a warning.
 - `max_nonfinite_steps` is ours: a step whose loss or gradient norm is NaN/inf is skipped (weights,
   optimizer and scheduler untouched) and logged as `nonfinite_skipped`; this many in a row stop the run.
+- `padding_free` is ours: the training forwards (policy, old-policy and reference log-probs) run each
+  micro-batch's sequences packed into one row, without padding (grpo/packing.py); exact, so on by default.
+  Where a model's attention does not keep packed sequences apart (measured at the first forward), the
+  padded forward is used with a warning that says why.
 - `ddp_timeout` (transformers' name) defaults to 300 s, not 1800: under torchrun, how long a rank waits for
   the others at a collective before raising, so one failed or stuck rank stops the run in bounded time.
+- `optim="adamw_8bit"` is our own blockwise 8-bit AdamW (grpo/optimizers.py, no bitsandbytes);
+  `paged_adamw_8bit` is the same optimizer and `paged_adamw_32bit` is torch's AdamW (no paging).
 """
 from __future__ import annotations
 
@@ -54,6 +64,8 @@ class GRPOConfig:
     num_train_epochs: float = 1.0
     max_steps: int = -1
     micro_batch_size: int | None = None
+    micro_batch_tokens: int = 4096  # ours: token positions per forward/backward chunk when micro_batch_size is None
+    padding_free: bool = True  # ours: pack each micro-batch's sequences into one row (no padding), where exact
     shuffle_dataset: bool = True
     max_nonfinite_steps: int = 3  # ours: consecutive NaN/inf losses or gradients (each skipped) before stopping
     ddp_timeout: int = 300  # seconds a rank waits in a collective for the others (transformers' default: 1800)
@@ -148,6 +160,7 @@ class GRPOConfig:
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         need(self.ddp_timeout > 0, "ddp_timeout", "must be > 0 seconds")
         need(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1 or None")
+        need(self.micro_batch_tokens >= 1, "micro_batch_tokens", "must be >= 1")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1 or None")
         for r in self.report_to:
             need(r in REPORT_TO, "report_to", f"each entry must be one of {REPORT_TO}")

@@ -39,6 +39,8 @@ from .batch import RolloutBatch, build_batch
 from .config import GRPOConfig
 from .logprobs import chunked_token_logprobs
 from .loss import aggregate_loss, loss_normalizers, normalizers_from_counts, per_token_loss
+from .packing import pack_rollouts, packing_fallback_reason, token_budget_chunks, unpack_to_rows
+from .optimizers import AdamW8bit
 from .progress import MetricsLogger, NullLogger
 
 
@@ -73,6 +75,10 @@ class GRPOTrainer:
         self.control = TrainerControl()
         self.optimizer = self.scheduler = None
         self._warned_truncation = False
+        self.micro_batch_tokens = self.args.micro_batch_tokens  # halved after an out-of-memory split
+        self.split_on_oom = self.device.type == "cuda"  # out-of-memory chunks are split and retried
+        self.padding_free_reason: str | None = None  # why the padded forward is used (set at the first forward)
+        self._padding_free: bool | None = None
         self.consumed_prompts = 0
         self.nonfinite_in_a_row = 0
 
@@ -238,15 +244,65 @@ class GRPOTrainer:
 
     def _logps_in_chunks(self, b: RolloutBatch) -> torch.Tensor:
         out = torch.zeros_like(b.sampling_logps)  # [N, C]
-        for start, stop in self._chunks(len(b)):
+
+        def run(start: int, stop: int) -> None:
             chunk = b.rows(start, stop).to(self.device)
-            logps, _ = policy_logps(self.model, chunk, self.args.temperature)
+            logps, _ = policy_logps(self.model, chunk, self.args.temperature, padding_free=self.use_padding_free())
             out[start:stop, :logps.shape[1]] = logps.float().cpu()
+
+        self._for_each_chunk(b, run)
         return out
 
-    def _chunks(self, n: int):
-        size = self.args.micro_batch_size or n
-        return [(i, min(i + size, n)) for i in range(0, n, size)]
+    def use_padding_free(self) -> bool:
+        """Whether training forwards pack each micro-batch into one row (GRPOConfig.padding_free): decided at
+        the first forward, by measuring that the model keeps packed sequences apart; else padded, and
+        `padding_free_reason` says why (warned once)."""
+        if self._padding_free is None:
+            if not self.args.padding_free:
+                self.padding_free_reason = "GRPOConfig.padding_free is False"
+            else:
+                self.padding_free_reason = packing_fallback_reason(self.model)
+                if self.padding_free_reason is not None:
+                    warnings.warn(f"padding-free training is off, the padded forward is used: "
+                                  f"{self.padding_free_reason}", stacklevel=2)
+            self._padding_free = self.padding_free_reason is None
+        return self._padding_free
+
+    def _chunks(self, b: RolloutBatch) -> list[tuple[int, int]]:
+        """Row ranges of one forward/backward each: `micro_batch_size` rows, else a token budget."""
+        n = len(b)
+        if self.args.micro_batch_size:
+            size = self.args.micro_batch_size
+            return [(i, min(i + size, n)) for i in range(0, n, size)]
+        if self.use_padding_free():
+            row_tokens = (b.prompt_mask.sum(1) + b.completion_mask.sum(1)).tolist()  # [n] packed lengths
+        else:
+            row_tokens = [b.prompt_ids.shape[1] + b.completion_ids.shape[1]] * n  # padded width
+        return token_budget_chunks([int(t) for t in row_tokens], self.micro_batch_tokens)
+
+    def _for_each_chunk(self, b: RolloutBatch, run, restore_grads: bool = False) -> None:
+        """`run(start, stop)` over `_chunks(b)`. Where `split_on_oom` (CUDA), a chunk of several rows that
+        runs out of memory is split in two and retried, after undoing its partial gradients (kept only
+        when the trainable parameters are small, as LoRA's are); the token budget is halved from then on."""
+        pending = self._chunks(b)
+        while pending:
+            start, stop = pending.pop(0)
+            can_split = self.split_on_oom and stop - start > 1
+            saved = _grad_snapshot(self.trainable_parameters) if can_split and restore_grads else None
+            try:
+                run(start, stop)
+                continue
+            except torch.OutOfMemoryError:
+                if not can_split or (restore_grads and saved is None):
+                    raise
+            # out of the except block, so the traceback's frames (and their tensors) are gone
+            _grad_restore(self.trainable_parameters, saved)
+            _free_cuda_memory()
+            self.micro_batch_tokens = max(1, self.micro_batch_tokens // 2)
+            warnings.warn(f"out of memory on a chunk of {stop - start} rows: split in two and retried; "
+                          f"micro_batch_tokens is {self.micro_batch_tokens} from now on", stacklevel=2)
+            mid = (start + stop) // 2
+            pending[:0] = [(start, mid), (mid, stop)]
 
     # ---------------------------------------------------------------------------------------------
     def optimizer_step(self, batches: list[RolloutBatch], first_iteration: bool = True) -> dict:
@@ -261,18 +317,22 @@ class GRPOTrainer:
             normalizers = loss_normalizers(a.loss_type, [b.completion_mask for b in batches], a.max_completion_length)
         sums = _StatSums()
         for s, batch in enumerate(batches):
-            for start, stop in self._chunks(len(batch)):
+            def run(start: int, stop: int, s=s, batch=batch) -> None:
                 chunk = batch.rows(start, stop).to(self.device)
                 with offload_context(self.model):
-                    logps, entropy = policy_logps(self.model, chunk, a.temperature, with_entropy=True)
+                    logps, entropy = policy_logps(self.model, chunk, a.temperature, with_entropy=True,
+                                                  padding_free=self.use_padding_free())
                 old = chunk.old_logps if chunk.old_logps is not None else logps.detach()
                 loss_tokens, stats = per_token_loss(logps, old, chunk.advantages, chunk.completion_mask,
                                                     epsilon_low=a.epsilon, epsilon_high=a.epsilon_high,
                                                     importance_sampling_level=a.importance_sampling_level,
                                                     ref_logps=chunk.ref_logps, beta=a.beta)
                 loss = aggregate_loss(loss_tokens, chunk.completion_mask, a.loss_type, normalizers[s])
-                loss.backward()
+                if loss.requires_grad:  # not when a packed chunk has no counted token (all masked)
+                    loss.backward()
                 sums.add(loss, stats, entropy, logps.detach(), chunk, first_iteration)
+
+            self._for_each_chunk(batch, run, restore_grads=True)
         if self.world_size > 1:
             dist.all_reduce_grads_(self.trainable_parameters)
             sums.reduce_over_ranks()
@@ -352,9 +412,16 @@ class _StopOnSignal:
 
 # --- the pieces of the step, as functions ----------------------------------------------------------
 
-def policy_logps(model, batch: RolloutBatch, temperature: float, with_entropy: bool = False):
+def policy_logps(model, batch: RolloutBatch, temperature: float, with_entropy: bool = False,
+                 padding_free: bool = False):
     """Per-token log-probs [n, C] (float32) of the completion tokens, from the last hidden states in
-    chunks (no [n, T, V] logits), and their entropy when asked."""
+    chunks (no [n, T, V] logits), and their entropy when asked.
+
+    padding_free: run the rows packed into one row (grpo/packing.py) instead of padded [n, P+C]; only
+    for a model where `packing_fallback_reason` is None. Then the log-probs (and entropy) are 0 at
+    completion positions outside completion_mask, which the loss masks out anyway."""
+    if padding_free:
+        return _packed_policy_logps(model, batch, temperature, with_entropy)
     decoder, head = decoder_and_head(model)
     P = batch.prompt_ids.shape[1]
     input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)  # [n, P+C]
@@ -365,6 +432,24 @@ def policy_logps(model, batch: RolloutBatch, temperature: float, with_entropy: b
     hidden = hidden[:, P - 1:-1]  # [n, C, H]: position P-1+t predicts completion token t
     return chunked_token_logprobs(hidden, head.weight, batch.completion_ids, temperature=temperature,
                                   bias=head.bias, with_entropy=with_entropy)
+
+
+def _packed_policy_logps(model, batch: RolloutBatch, temperature: float, with_entropy: bool):
+    """policy_logps on one packed row [1, S]: no attention mask, position_ids restarting per sequence,
+    and only the M rows of hidden states that predict a counted completion token reach the lm_head."""
+    decoder, head = decoder_and_head(model)
+    shape = tuple(batch.completion_ids.shape)  # (n, C)
+    packed = pack_rollouts(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    if packed.targets.numel() == 0:  # every row masked out: nothing to run
+        zeros = torch.zeros(shape, dtype=torch.float32, device=batch.completion_ids.device)  # [n, C]
+        return zeros, (zeros.clone() if with_entropy else None)
+    hidden = decoder(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None],
+                     use_cache=False).last_hidden_state  # [1, S, H]
+    hidden = hidden[:, packed.predict_at]  # [1, M, H]
+    logps, entropy = chunked_token_logprobs(hidden, head.weight, packed.targets[None], temperature=temperature,
+                                            bias=head.bias, with_entropy=with_entropy)  # [1, M]
+    return (unpack_to_rows(logps[0], packed, shape),
+            unpack_to_rows(entropy[0], packed, shape) if with_entropy else None)  # [n, C]
 
 
 def rollout_metrics(rewards, rewards_per_func, group_std, reward_names, lengths, truncated) -> dict:
@@ -425,24 +510,21 @@ class _StatSums:
 
 
 def make_optimizer(params, args: GRPOConfig) -> torch.optim.Optimizer:
-    """Optimizers by TRL's `optim` names."""
+    """Optimizers by TRL's `optim` names. The 8-bit ones are our `AdamW8bit` (no bitsandbytes): "paged"
+    (bnb's paging of the state to the CPU under GPU memory pressure) has no separate meaning here, so
+    `paged_adamw_8bit` is `adamw_8bit` and `paged_adamw_32bit` is torch's AdamW."""
     if not params:
         raise ValueError("the model has no trainable parameters (call FastLanguageModel.get_peft_model?)")
     kw = dict(lr=args.learning_rate, weight_decay=args.weight_decay)
     betas = (args.adam_beta1, args.adam_beta2)
-    if args.optim in ("adamw_torch", "adamw_torch_fused"):
+    if args.optim in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
         fused = args.optim == "adamw_torch_fused" or params[0].is_cuda
         return torch.optim.AdamW(params, betas=betas, eps=args.adam_epsilon, fused=fused or None, **kw)
+    if args.optim in ("adamw_8bit", "paged_adamw_8bit"):
+        return AdamW8bit(params, betas=betas, eps=args.adam_epsilon, **kw)
     if args.optim == "sgd":
         return torch.optim.SGD(params, **kw)
-    try:
-        import bitsandbytes as bnb
-    except ImportError as e:
-        raise ValueError(f"optim={args.optim!r} needs bitsandbytes (pip install bitsandbytes) and a GPU; "
-                         "use optim='adamw_torch'") from e
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[args.optim]
-    return cls(params, betas=betas, eps=args.adam_epsilon, **kw)
+    raise ValueError(f"unknown optim {args.optim!r}")
 
 
 # --- small helpers ---------------------------------------------------------------------------------
@@ -453,6 +535,30 @@ def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     return torch.randperm(n, generator=g)
+
+
+_SNAPSHOT_LIMIT_BYTES = 2**30  # gradients this small are copied before each chunk, to undo an OOM'd backward
+
+
+def _grad_snapshot(params) -> list | None:
+    """Copies of the parameters' gradients (None where unset), or None when they are too big to copy."""
+    if sum(p.numel() * p.element_size() for p in params) > _SNAPSHOT_LIMIT_BYTES:
+        return None
+    return [None if p.grad is None else p.grad.clone() for p in params]
+
+
+def _grad_restore(params, saved) -> None:
+    if saved is None:
+        return
+    for p, g in zip(params, saved):
+        p.grad = g
+
+
+def _free_cuda_memory() -> None:
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _seed_everything(seed: int) -> None:
@@ -498,8 +604,14 @@ def _reward_weights(weights, n: int) -> torch.Tensor:
 
 
 def _check_dataset(dataset):
+    """A `datasets.Dataset` with a prompt column; a list of dicts is turned into one."""
     if dataset is None:
         raise ValueError("GRPOTrainer needs train_dataset")
+    if isinstance(dataset, (list, tuple)):
+        if not all(isinstance(row, dict) for row in dataset):
+            raise ValueError("train_dataset given as a list must hold dicts (rows with a 'prompt' key)")
+        from datasets import Dataset
+        dataset = Dataset.from_list(list(dataset))
     if len(dataset) == 0:
         raise ValueError("train_dataset is empty")
     if "prompt" not in dataset.column_names:

@@ -1,0 +1,171 @@
+"""Padding-free training forward: a micro-batch's sequences packed into one row.
+
+Each sequence (a prompt's real tokens, then its completion's counted tokens) is laid end to end in one
+row [1, S], S = sum of the sequence lengths, with `position_ids` restarting at 0 for each sequence and
+no attention mask. transformers (>= 4.53; read in 5.x `masking_utils.find_packed_sequence_indices` and
+`create_causal_mask` / `create_sliding_window_causal_mask`) then finds the sequence boundaries from the
+position_ids and builds a block-diagonal causal mask for sdpa, eager and flex attention; the
+flash-attention path (`modeling_flash_attention_utils._is_packed_sequence`) turns the same position_ids
+into varlen `cu_seqlens`. Each token sees exactly what it sees in the padded batch, with the same
+positions (hence the same RoPE angles), and the per-token work (projections, MLP, norms, the lm_head
+rows) runs on S tokens instead of n * (P + C) (`processed_tokens`).
+
+Cost of the attention itself: flash-attention's varlen kernel does sum(L_i^2) work. sdpa and eager get
+one dense [S, S] block-diagonal mask, so their attention work is S^2 (padded: n * (P + C)^2), and eager
+also keeps [heads, S, S] scores for backward; `micro_batch_size` bounds S.
+
+The idea is that of TRL's SFT `padding_free` (transformers' `DataCollatorWithFlattening`) and of verl's
+`use_remove_padding`; simplified: one packed row per micro-batch (no token-budget bucketing), and a row
+with no counted completion token is left out of the packed row (its log-probs are returned as 0 and are
+masked).
+
+Whether a model's attention honours packed position_ids is measured, not assumed: see
+`packing_fallback_reason`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..models.lora import decoder_and_head
+
+
+@dataclass
+class PackedRollouts:
+    """Where the rows of a padded batch [n, P] + [n, C] went in one packed row of S tokens."""
+    input_ids: Tensor     # [S] long, the sequences end to end
+    position_ids: Tensor  # [S] long, 0 at the start of each sequence
+    predict_at: Tensor    # [M] long, the packed index whose hidden state predicts each completion token
+    targets: Tensor       # [M] long, that completion token
+    rows: Tensor          # [M] long, its row in the [n, C] completion layout
+    cols: Tensor          # [M] long, its column there
+
+
+def completion_lengths(completion_mask: Tensor) -> Tensor:
+    """Counted completion tokens per row [n]. build_batch makes each row of the mask a run of ones then
+    zeros (or all zeros: a truncated completion under mask_truncated_completions)."""
+    return completion_mask.gt(0).sum(1)                                          # [n]
+
+
+def pack_rollouts(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                  completion_mask: Tensor) -> PackedRollouts:
+    """Pack left-padded prompts [n, P] and right-padded completions [n, C] into one row.
+
+    Prompt tokens are those with prompt_mask 1; completion tokens the first `completion_lengths` of each
+    row. A row with no counted completion token is left out. Raises ValueError for a row with completion
+    tokens but no prompt token (nothing would predict its first token).
+    """
+    n, P = prompt_ids.shape
+    C = completion_ids.shape[1]
+    c_len = completion_lengths(completion_mask)                                  # [n]
+    keep_c = torch.arange(C, device=c_len.device)[None, :] < c_len[:, None]      # [n, C]
+    keep_p = prompt_mask.bool() & (c_len > 0)[:, None]                           # [n, P]
+    if bool(((keep_p.sum(1) == 0) & (c_len > 0)).any()):
+        raise ValueError("a row has completion tokens but an empty prompt: nothing predicts its first token")
+    keep = torch.cat([keep_p, keep_c], dim=1)                                    # [n, P+C]
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)                         # [n, P+C]
+    packed_index = keep.flatten().cumsum(0).view(n, P + C) - 1                   # [n, P+C], valid where keep
+    rows, cols = keep_c.nonzero(as_tuple=True)                                   # [M], [M] (row-major)
+    return PackedRollouts(input_ids=ids[keep],                                   # [S]
+                          position_ids=(keep.cumsum(1) - 1)[keep],               # [S]
+                          predict_at=packed_index[:, P:][keep_c] - 1,            # [M]
+                          targets=completion_ids[keep_c],                        # [M]
+                          rows=rows, cols=cols)
+
+
+def unpack_to_rows(values: Tensor, packed: PackedRollouts, shape: tuple[int, int]) -> Tensor:
+    """values [M] (one per packed completion token) -> [n, C], zeros where no token was packed.
+    Differentiable (an index_put into zeros)."""
+    out = values.new_zeros(shape)                                                # [n, C]
+    return out.index_put((packed.rows, packed.cols), values)                     # [n, C]
+
+
+def processed_tokens(prompt_lengths: list[int], completion_lengths: list[int], padding_free: bool) -> int:
+    """Token positions one training forward runs through the model: the sum of the sequence lengths when
+    packed; rows x (longest prompt + longest completion) when padded (left-padded prompts, right-padded
+    completions, as build_batch and RolloutBatch.rows make them). Rows without completion tokens are
+    left out of a packed forward."""
+    pairs = list(zip(prompt_lengths, completion_lengths))
+    if padding_free:
+        return sum(p + c for p, c in pairs if c > 0)
+    return len(pairs) * (max(p for p, _ in pairs) + max(max(c for _, c in pairs), 1))
+
+
+# ------------------------------------------------------------------ does this model honour packing?
+
+PROBE_MAX_RATIO = 0.1  # packed-vs-alone difference allowed, as a fraction of a real cross-sequence leak
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Dropout off for the probe; every submodule's training flag restored afterwards."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@torch.no_grad()
+def measure_packing(decoder: torch.nn.Module) -> tuple[float, float]:
+    """(diff, leak): mean |h| differences of a sequence `b`'s last hidden states [4, H] packed after a
+    sequence `a` (positions restarting at 0, no attention mask) and joined to `a` (positions continuing,
+    so `b` attends to `a`: what a leak looks like), each against `b` run alone. Dropout is off."""
+    device = next(decoder.parameters()).device
+    vocab = decoder.get_input_embeddings().num_embeddings
+    a = torch.tensor([17, 9_001, 523, 77_777, 4_242, 1_234], device=device) % vocab        # [6]
+    b = torch.tensor([3_141, 592, 65_358, 979], device=device) % vocab                       # [4]
+    ids = torch.cat([a, b])[None]                                                             # [1, 10]
+    restart = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(device)[None]       # [1, 10]
+
+    def last_hidden(input_ids, position_ids):  # [1, T, H] float32
+        return decoder(input_ids=input_ids, position_ids=position_ids,
+                       use_cache=False).last_hidden_state.float()
+
+    with _eval_mode(decoder):
+        alone = last_hidden(b[None], torch.arange(len(b), device=device)[None])                 # [1, 4, H]
+        packed = last_hidden(ids, restart)[:, len(a):]                                          # [1, 4, H]
+        joined = last_hidden(ids, torch.arange(ids.shape[1], device=device)[None])[:, len(a):]  # [1, 4, H]
+    return (packed - alone).abs().mean().item(), (joined - alone).abs().mean().item()
+
+
+def packing_fallback_reason(model) -> str | None:
+    """None when the model's decoder keeps packed sequences apart; else why the padded path is needed.
+
+    Measured on the model itself (its architecture, attn_implementation, dtype, quantisation, adapters)
+    by `measure_packing`: packing is honoured when a packed sequence is within PROBE_MAX_RATIO of a
+    leak's size from itself alone (tiny float32 / bf16 CPU models of our four architectures, sdpa and
+    eager: <= 1e-7 against ~0.6; a ratio, not an absolute tolerance, so that it holds in bf16 and 4-bit).
+    """
+    decoder, _ = decoder_and_head(model)
+    impl = getattr(decoder.config, "_attn_implementation", None)
+    where = f"{type(decoder).__name__} with attn_implementation={impl!r}"
+    try:
+        diff, leak = measure_packing(decoder)
+    except Exception as e:  # noqa: BLE001 - any failure of the probe means: do not pack
+        return f"{where}: the packed probe forward raised {type(e).__name__}: {e}"
+    if not leak > 0:
+        return f"{where}: the packing probe could not tell (a sequence's context changed nothing)"
+    if not diff <= PROBE_MAX_RATIO * leak:
+        return (f"{where} does not keep packed sequences apart (a packed sequence differs from itself alone "
+                f"by {diff:.3g} on average, one that attends to the other sequence by {leak:.3g})")
+    return None
+
+
+def token_budget_chunks(row_tokens: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive rows grouped into [start, stop) chunks whose summed tokens are at most `budget`;
+    a row longer than the budget is a chunk of its own."""
+    chunks, start, total = [], 0, 0
+    for i, tokens in enumerate(row_tokens):
+        if i > start and total + tokens > budget:
+            chunks.append((start, i))
+            start, total = i, 0
+        total += tokens
+    if row_tokens:
+        chunks.append((start, len(row_tokens)))
+    return chunks
