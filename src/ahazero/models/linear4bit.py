@@ -190,9 +190,11 @@ class QuantizationReport:
         return [n for n in self.errors if n not in self.kept_16bit]
 
 
-def relative_error(weight: torch.Tensor) -> float:
-    """||W - deq(q(W))||_F / ||W||_F of NF4 quantisation (0 for an all-zero weight)."""
-    packed, state = quantize_nf4(weight)
+def relative_error(weight: torch.Tensor, packed: torch.Tensor | None = None, state: QuantState | None = None) -> float:
+    """||W - deq(q(W))||_F / ||W||_F of NF4 quantisation (0 for an all-zero weight); `packed, state` are
+    q(W) when already computed."""
+    if packed is None:
+        packed, state = quantize_nf4(weight)
     w = weight.float()
     norm = torch.linalg.vector_norm(w)
     diff = torch.linalg.vector_norm(dequantize_nf4(packed, state).float() - w)
@@ -226,16 +228,19 @@ def quantize_model(model: nn.Module, device: torch.device | str | None = None, d
     With `dynamic`, layers whose NF4 error is an outlier (module docstring) stay in 16 bit.
     """
     linears = quantizable_linears(model)
-    errors = {}
-    for name, linear in linears.items():
-        errors[name] = relative_error(linear.weight.detach().to(device)) if dynamic else 0.0
+    errors, quantized = {}, {}
+    for name, linear in linears.items():  # one layer at a time on `device`; the 16-bit weights stay put
+        weight = linear.weight.detach().to(device)
+        quantized[name] = quantize_nf4(weight)
+        errors[name] = relative_error(weight, *quantized[name]) if dynamic else 0.0
+        del weight
     kept, threshold = outlier_layers(errors, factor) if dynamic else ([], float("nan"))
     for name, linear in linears.items():
         if name in kept:
             continue
-        src = linear.to(device) if device is not None else linear
-        _set_submodule(model, name, Linear4bit.from_linear(src))
-        src.weight = None  # free the 16-bit weight now, not when the model is done
+        bias = None if linear.bias is None else linear.bias.detach().to(device)
+        _set_submodule(model, name, Linear4bit(*quantized.pop(name), bias))
+        linear.weight = None  # free the 16-bit weight now, not when the model is done
     report = QuantizationReport(errors=errors, kept_16bit=kept, threshold=threshold)
     if kept:
         logger.warning("load_in_4bit: %d of %d linear layers stay in 16 bit (NF4 error above %.3f = %.1f x the "
