@@ -49,6 +49,9 @@ def test_eval_and_generate_on_the_builtin_model(demo_run, capsys):
     assert main(["generate", "--model", "builtin:tiny-reasoner", "--max-tokens", "64",
                  "Mia has 14 apples. She buys 9 more. How many apples does Mia have now?"]) == 0
     assert "<answer>" in capsys.readouterr().out
+    assert main(["generate", "--model", "builtin:tiny-reasoner", "--max-tokens", "64", "--load-in-4bit",
+                 "Mia has 14 apples. She buys 9 more. How many apples does Mia have now?"]) == 0
+    assert "<answer>" in capsys.readouterr().out  # the NF4 model still writes the format
 
 
 def test_eval_on_a_local_gsm8k_file(tmp_path, capsys):

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=0.8)
     e.add_argument("--max-tokens", type=int, default=256)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (QLoRA), as the model trained")
     e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="complete one question (interactive when none is given)")
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system prompt (default: the <reasoning>/<answer> one)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (QLoRA), as the model trained")
     g.set_defaults(func=_generate)
 
     x = sub.add_parser("export", help="merged 16-bit / 4-bit checkpoints, LoRA, or GGUF")
@@ -84,7 +86,8 @@ def _load(args):
     from . import FastLanguageModel
     from .recipe import resolve_model_name
     model, tokenizer = FastLanguageModel.from_pretrained(resolve_model_name(args.model),
-                                                         max_seq_length=args.max_seq_length, fast_inference=True)
+                                                         max_seq_length=args.max_seq_length, fast_inference=True,
+                                                         load_in_4bit=getattr(args, "load_in_4bit", False))
     if args.adapter is None:
         return model, tokenizer, None
     from .api import attach_saved_adapter
