@@ -1,4 +1,5 @@
-"""Data parallel GRPO: 2 CPU processes with the gloo backend, as torchrun would start them.
+"""Data parallel GRPO: 2 CPU processes with the gloo backend, as torchrun would start them (LoRA: DDP;
+full fine-tuning: FSDP2).
 
 Equivalence needs the same completions in both layouts. The trainer seeds each rank's rollout with its
 own seed, and one seeded batch's draws depend on what else is in the batch, so the test's generator
@@ -15,6 +16,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 import tiny
 from ahazero import FastLanguageModel, GRPOConfig, GRPOTrainer
@@ -58,29 +61,52 @@ TRAIN = dict(max_steps=2, num_generations=4, gradient_accumulation_steps=2, max_
              beta=0.04, micro_batch_size=3, save_steps=2, logging_steps=1, seed=7, disable_tqdm=True)
 
 
+# full fine-tuning: no reference model (beta 0); AdamW, so that checkpoints carry per-element state to
+# gather and to cut into shards again (its first steps are lr * g / (|g| + eps): smooth in g, so the
+# layouts' last-bit gradient differences stay far below the tolerance); two optimizer steps per rollout,
+# so old-policy log-probs come from forwards without autograd; 4 steps, a checkpoint after each rollout.
+FULL = dict(beta=0.0, optim="adamw_torch", learning_rate=1e-3, num_iterations=2, max_steps=4, save_steps=2)
+
+
 def gsm8k():
     return load_gsm8k("train", path=str(tiny.GSM8K_DIR / "train.jsonl")).select(range(32))
 
 
-def train(model_dir, output_dir, reward, per_device_train_batch_size, **kw):
+def train(model_dir, output_dir, reward, per_device_train_batch_size, lora=True, resume=None, **kw):
+    """LoRA (DDP under torchrun), or full fine-tuning (FSDP2 under torchrun) with FULL's settings."""
     model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=256)
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=False)
+    if lora:
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0,
+                                                 use_gradient_checkpointing=False)
+    else:
+        kw = {**FULL, **kw}
     args = GRPOConfig(output_dir=str(output_dir), per_device_train_batch_size=per_device_train_batch_size, **{**TRAIN, **kw})
     trainer = GRPOTrainer(model=model, processing_class=tok, args=args, train_dataset=gsm8k(), reward_funcs=reward,
                           generator=PerPromptSeeded(get_generator(model, tok)))
-    state = trainer.train()
-    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    return weights, state.log_history
+    state = trainer.train(resume_from_checkpoint=resume)
+    weights = {n: whole(p).detach().clone() for n, p in model.named_parameters() if not lora or "lora_" in n}
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    return weights, state.log_history, sharded
 
 
-def _worker(rank, world, port, model_dir, out_dir, reward_name, timeout_s):
+def whole(p: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard's whole tensor (every rank gathers it), a plain tensor as it is."""
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def _worker(rank, world, port, model_dir, out_dir, reward_name, timeout_s, lora=True, resume=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
         assert distributed.init_from_env(timeout_s=timeout_s) and distributed.world_size() == world
-        weights, history = train(model_dir, out_dir / "run", globals()[reward_name], 4, ddp_timeout=timeout_s)
-        torch.save({"weights": weights, "history": history}, out_dir / f"rank{rank}.pt")
+        weights, history, sharded = train(model_dir, out_dir / "run", globals()[reward_name], 4, lora=lora,
+                                          ddp_timeout=timeout_s)
+        result = {"weights": weights, "history": history, "sharded": sharded}
+        if resume is not None:  # a second run, from a checkpoint that another number of ranks wrote
+            result["resumed"] = train(model_dir, out_dir / "resumed", globals()[reward_name], 4, lora=lora,
+                                      resume=resume, ddp_timeout=timeout_s)[0]
+        torch.save(result, out_dir / f"rank{rank}.pt")
     except BaseException:
         (out_dir / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -94,12 +120,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model_dir, out_dir, reward_name, timeout_s=60, world=2, wait_s=120, wait_for=None):
+def launch(model_dir, out_dir, reward_name, timeout_s=60, world=2, wait_s=120, wait_for=None, lora=True,
+           resume=None):
     """Start `world` ranks and wait (at most wait_s) until the ranks `wait_for` (default all) have exited;
     the others are then killed, as torchrun would. Returns the exit codes (None: killed) and the seconds."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, model_dir, out_dir, reward_name, timeout_s))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, model_dir, out_dir, reward_name, timeout_s, lora,
+                                                     resume))
              for r in range(world)]
     start = time.monotonic()
     for p in procs:
@@ -126,7 +154,8 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(model_dir, tmp_path):
     errors = "\n".join(p.read_text() for p in tmp_path.glob("rank*.err"))
     assert codes == [0, 0], errors
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single, single_history = train(model_dir, tmp_path / "single", odd_token_reward, 8)
+    assert not ranks[0]["sharded"]  # LoRA: replicated, adapter gradients all-reduced
+    single, single_history, _ = train(model_dir, tmp_path / "single", odd_token_reward, 8)
 
     initial = FastLanguageModel.get_peft_model(FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=256)[0],
                                                r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=False)
@@ -149,6 +178,41 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(model_dir, tmp_path):
     run = tmp_path / "run"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+
+
+def test_full_finetuning_on_two_ranks_with_fsdp2_equals_one_process_with_twice_the_batch(model_dir, tmp_path):
+    single, single_history, _ = train(model_dir, tmp_path / "single", odd_token_reward, 8, lora=False)
+    # the ranks train 4 steps from scratch, then steps 3 and 4 resumed from the single process's checkpoint-2
+    codes, _ = launch(model_dir, tmp_path, "odd_token_reward", lora=False,
+                      resume=str(tmp_path / "single" / "checkpoint-2"))
+    errors = "\n".join(p.read_text() for p in tmp_path.glob("rank*.err"))
+    assert codes == [0, 0], errors
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["sharded"] and ranks[1]["sharded"]  # FSDP2 trained it, not the all-reduce of whole gradients
+
+    initial = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=256)[0]
+    assert set(single) == {n for n, _ in initial.named_parameters()}  # every weight trained (embeddings tied)
+    assert max((single[n] - p).abs().max().item() for n, p in initial.named_parameters()) > 1e-3
+    for run in ("weights", "resumed"):
+        for name, w in single.items():
+            assert torch.equal(ranks[0][run][name], ranks[1][run][name]), (run, name)
+            torch.testing.assert_close(ranks[0][run][name], w, rtol=0, atol=1e-5, msg=f"{run}: {name}")
+    assert [h["step"] for h in ranks[0]["history"]] == [h["step"] for h in single_history] == [1, 2, 3, 4]
+    for dist_row, row in zip(ranks[0]["history"], single_history):
+        for key in ("reward", "completions/mean_length", "loss", "grad_norm", "entropy", "clip_ratio/region_mean"):
+            assert dist_row[key] == pytest.approx(row[key], rel=1e-4, abs=1e-6), key
+
+    # rank 0 wrote the single process's files: whole weights and AdamW moments, the same names and ids
+    sharded_ckpt, single_ckpt = tmp_path / "run" / "checkpoint-4", tmp_path / "single" / "checkpoint-4"
+    saved, expected = load_file(sharded_ckpt / "trainable.safetensors"), load_file(single_ckpt / "trainable.safetensors")
+    assert list(saved) == list(expected)
+    for name, w in expected.items():
+        torch.testing.assert_close(saved[name], w, rtol=0, atol=1e-5, msg=name)
+    opt, single_opt = (torch.load(c / "optimizer.pt") for c in (sharded_ckpt, single_ckpt))
+    assert opt["param_groups"] == single_opt["param_groups"] and opt["state"].keys() == single_opt["state"].keys()
+    for i, state in single_opt["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(opt["state"][i][key], value, rtol=1e-4, atol=1e-9, msg=f"{i} {key}")
 
 
 def test_a_reward_function_raising_on_one_rank_stops_both(model_dir, tmp_path):

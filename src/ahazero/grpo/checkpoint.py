@@ -3,7 +3,8 @@
 A folder `checkpoint-<step>` exists only once it is complete (rename is atomic on one filesystem), so
 resuming picks the newest one whose name is final; `*.tmp*` leftovers of a killed write are ignored.
 Layout: the adapter in PEFT format (or `trainable.safetensors` for full fine-tuning), `optimizer.pt`,
-`scheduler.pt`, `rng_state.pt`, `trainer_state.json` (step, data position, log history).
+`scheduler.pt`, `rng_state.pt`, `trainer_state.json` (step, data position, log history). A model sharded
+with FSDP2 (grpo/fsdp.py) writes the same files, whole tensors gathered to rank 0, and loads any of them.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..models.lora import is_peft_model
+from .fsdp import copy_full_, shard_optimizer_state
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -30,14 +32,17 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    save_total_limit: int | None = None) -> Path:
+                    save_total_limit: int | None = None, weights: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """weights / optimizer_state: the trainable tensors and optimizer state dict when already gathered
+    (an FSDP2-sharded model: grpo/fsdp.py); else they are read from model and optimizer."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp", dir=output_dir))
     try:
-        _save_weights(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _save_weights(model, tmp, weights)
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
@@ -107,7 +112,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG in place; returns the trainer state dict."""
     state = _read(path / STATE_FILE, lambda f: json.loads(Path(f).read_text()))
     _load_weights(model, path)
-    optimizer.load_state_dict(_read(path / "optimizer.pt", _torch_load))
+    optimizer.load_state_dict(shard_optimizer_state(optimizer, _read(path / "optimizer.pt", _torch_load)))
     scheduler.load_state_dict(_read(path / "scheduler.pt", _torch_load))
     _set_rng_state(_read(path / "rng_state.pt", _torch_load))
     return state
@@ -119,10 +124,11 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_weights(model, folder: Path) -> None:
+def _save_weights(model, folder: Path, weights: dict | None = None) -> None:
     if is_peft_model(model):
         model.save_pretrained(folder, selected_adapters=["default"])  # PEFT format, loadable by users
-    save_file(_trainable(model), str(folder / "trainable.safetensors"))  # exact names, for resuming
+    weights = weights if weights is not None else _trainable(model)
+    save_file(weights, str(folder / "trainable.safetensors"))  # exact names, for resuming
 
 
 def _load_weights(model, folder: Path) -> None:
@@ -138,7 +144,7 @@ def _load_weights(model, folder: Path) -> None:
             if params[name].shape != tensor.shape:
                 raise CheckpointError(f"{folder / 'trainable.safetensors'}: {name} has shape "
                                       f"{tuple(tensor.shape)}, the model has {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+            copy_full_(params[name], tensor)  # only this rank's shard where FSDP2 shards it
 
 
 def _read(path: Path, reader):

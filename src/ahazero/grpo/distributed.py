@@ -8,7 +8,9 @@ samples all num_generations completions of each itself, so group advantages need
 Per step the ranks exchange: the rewards, lengths and truncation flags of their completions (one
 all-gather: metrics over all completions, and the batch std when scale_rewards="batch"), the row and
 token counts of each accumulation step (one all-reduce: the loss normalisers of the global batch), the
-trainable gradients (one all-reduce per dtype, summed, before clipping) and the loss statistics.
+trainable gradients (one all-reduce per dtype, summed, before clipping) and the loss statistics. Full
+fine-tuning (no LoRA) is sharded with FSDP2 instead (grpo/fsdp.py): its gradients are reduce-scattered in
+the backward, and the rollout all-gathers the weights.
 
 A rank that fails must not hang the others: `init_from_env` sets the collective timeout (GRPOConfig
 `ddp_timeout`, default 300 s). A rank that dies closes its gloo connections, so the others fail at their
@@ -104,7 +106,8 @@ def _comm_device() -> torch.device:
 
 
 @contextlib.contextmanager
-def _collective(what: str):
+def collective(what: str):
+    """Turns a failed collective inside the block into a DistributedError that says what to look for."""
     try:
         yield
     except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
@@ -120,7 +123,7 @@ def _reduce(tensor: torch.Tensor, op) -> torch.Tensor:
     t = tensor.to(_comm_device()).contiguous()
     if t is tensor:
         t = t.clone()
-    with _collective("all_reduce"):
+    with collective("all_reduce"):
         dist.all_reduce(t, op=op)
     return t.to(tensor.device)
 
@@ -140,18 +143,21 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     t = tensor.to(_comm_device()).contiguous()
     parts = [torch.empty_like(t) for _ in range(world_size())]
-    with _collective("all_gather"):
+    with collective("all_gather"):
         dist.all_gather(parts, t)
     return torch.cat(parts).to(tensor.device)
 
 
 def all_reduce_grads_(params) -> None:
     """Sum the gradients of `params` over ranks, in place: one flat all-reduce per dtype. A parameter
-    without a gradient takes part as zeros (and keeps it), so every rank reduces the same layout."""
+    without a gradient takes part as zeros (and keeps it), so every rank reduces the same layout.
+    FSDP2-sharded parameters (DTensors, grpo/fsdp.py) are skipped: their backward reduce-scattered them."""
     if not is_distributed():
         return
     by_dtype: dict[torch.dtype, list] = {}
     for p in params:
+        if _is_dtensor(p):
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         by_dtype.setdefault(p.grad.dtype, []).append(p)
@@ -165,7 +171,12 @@ def all_reduce_grads_(params) -> None:
             offset += n
 
 
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
 def barrier() -> None:
     if is_distributed():
-        with _collective("barrier"):
+        with collective("barrier"):
             dist.barrier()

@@ -11,7 +11,9 @@ r, r+W, ... of the global list, all num_generations completions of a prompt on o
 stays per rank (TRL's meaning), and the update is the single-process update over the W-times-larger batch:
 loss normalisers from the global counts, trainable gradients summed over ranks before clipping, metrics
 over all completions. Rank 0 alone writes metrics, the live table and checkpoints; every rank resumes
-from the same checkpoint, on the same or another number of ranks (the data position is global).
+from the same checkpoint, on the same or another number of ranks (the data position is global). Full
+fine-tuning (no adapters) is sharded with FSDP2 there (grpo/fsdp.py): gradients are reduce-scattered in the
+backward instead, and each rollout generates from the weights all-gathered for it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from ..models.loader import offload_context
 from ..rewards import check_columns, resolve_reward_func, reward_func_name, run_reward_funcs
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import fsdp
 from .advantages import group_advantages
 from .batch import RolloutBatch, build_batch
 from .config import GRPOConfig
@@ -81,6 +84,21 @@ class GRPOTrainer:
         self._padding_free: bool | None = None
         self.consumed_prompts = 0
         self.nonfinite_in_a_row = 0
+        if self.world_size > 1 and not is_peft_model(model):
+            self._shard_for_full_finetuning()
+
+    def _shard_for_full_finetuning(self) -> None:
+        """FSDP2 (grpo/fsdp.py) instead of all-reducing whole gradients. Its forwards and backwards are
+        collectives, so every rank must run as many as the others: chunks of micro_batch_size rows (a
+        token budget gives each rank its own count), and no splitting of one rank's chunk on out-of-memory."""
+        fsdp.check_supported(self.model, self.args.optim)
+        if not self.args.micro_batch_size:
+            raise ValueError("full fine-tuning on several GPUs (FSDP2) needs micro_batch_size: every rank must run "
+                             "the same number of forward/backward passes, which a token budget "
+                             "(micro_batch_tokens) does not give")
+        fsdp.shard_model(self.model)
+        self.generator = fsdp.gather_for_rollouts(self.model, self.generator)
+        self.split_on_oom = False
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -260,6 +278,11 @@ class GRPOTrainer:
         if self._padding_free is None:
             if not self.args.padding_free:
                 self.padding_free_reason = "GRPOConfig.padding_free is False"
+            elif fsdp.is_sharded(self.model):  # no warning: a design choice, not a fallback
+                self.padding_free_reason = ("FSDP2: every rank must run every forward, and a packed chunk whose "
+                                            "completions are all masked runs none")
+                self._padding_free = False
+                return False
             else:
                 self.padding_free_reason = packing_fallback_reason(self.model)
                 if self.padding_free_reason is not None:
@@ -357,12 +380,17 @@ class GRPOTrainer:
         return metrics
 
     def save_checkpoint(self) -> Path:
-        """Rank 0 writes (every rank holds the same weights and optimizer state); all return the path."""
+        """Rank 0 writes (every rank holds the same weights and optimizer state, or, with FSDP2, every rank
+        first takes part in gathering them to rank 0); all return the path."""
         state = {"global_step": self.state.global_step, "consumed_prompts": self.consumed_prompts,
                  "log_history": self.state.log_history, "config": self.args.to_dict()}
+        weights = optimizer_state = None
+        if fsdp.is_sharded(self.model):
+            weights, optimizer_state = fsdp.full_trainable_state(self.model), fsdp.full_optimizer_state(self.optimizer)
         if self.rank == 0:
             path = ckpt.save_checkpoint(self.args.output_dir, self.state.global_step, self.model, self.optimizer,
-                                        self.scheduler, state, self.args.save_total_limit)
+                                        self.scheduler, state, self.args.save_total_limit, weights=weights,
+                                        optimizer_state=optimizer_state)
         else:
             path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         self._callback("on_save")
