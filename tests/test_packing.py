@@ -166,7 +166,8 @@ def test_probe_rejects_an_attention_that_ignores_packing_and_the_trainer_falls_b
     assert reason is not None and "test_causal_ignoring_mask" in reason and "apart" in reason
     rows = Dataset.from_list([{"prompt": "1 + 1 ="}])
     trainer = GRPOTrainer(model=model, processing_class=tiny.tokenizer(), reward_funcs=lambda completions, **k: [0.0],
-                          args=GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2),
+                          args=GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2,
+                                          padding_free=True),
                           train_dataset=rows)
     with pytest.warns(UserWarning, match="padded forward is used"):
         assert trainer.use_padding_free() is False
@@ -176,6 +177,18 @@ def test_probe_rejects_an_attention_that_ignores_packing_and_the_trainer_falls_b
                       args=GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2,
                                       padding_free=False))
     assert off.use_padding_free() is False and "padding_free is False" in off.padding_free_reason
+
+
+def test_by_default_packing_is_on_only_where_attention_is_varlen(tmp_path):
+    from ahazero.grpo.trainer import packs_sparsely
+    assert packs_sparsely("flash_attention_2") and packs_sparsely("flash_attention_3")
+    assert packs_sparsely("kernels-community/flash-attn3") and packs_sparsely("flex_attention")
+    assert not packs_sparsely("sdpa") and not packs_sparsely("eager")
+    rows = Dataset.from_list([{"prompt": "1 + 1 ="}])
+    auto = GRPOTrainer(model=tiny.tiny_model("qwen2"), processing_class=tiny.tokenizer(), train_dataset=rows,
+                       reward_funcs=lambda completions, **k: [0.0],
+                       args=GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2))
+    assert auto.use_padding_free() is False and "dense [S, S] mask" in auto.padding_free_reason
 
 
 # ------------------------------------------------------------------ one training step, packed or padded
@@ -254,7 +267,7 @@ def test_a_step_whose_completions_are_all_masked_leaves_the_adapter(model_dir, t
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, num_generations=2, per_device_train_batch_size=2,
                       max_prompt_length=None, max_completion_length=3, mask_truncated_completions=True, seed=7,
-                      disable_tqdm=True)
+                      disable_tqdm=True, padding_free=True)
     trainer = GRPOTrainer(model=model, processing_class=tok, args=args, train_dataset=data,
                           reward_funcs=odd_token_reward, generator=AllTruncated(model, tok))
     trainer.train()

@@ -276,8 +276,14 @@ class GRPOTrainer:
         the first forward, by measuring that the model keeps packed sequences apart; else padded, and
         `padding_free_reason` says why (warned once)."""
         if self._padding_free is None:
-            if not self.args.padding_free:
+            attention = attention_implementation(self.model)
+            if self.args.padding_free is False:
                 self.padding_free_reason = "GRPOConfig.padding_free is False"
+            elif self.args.padding_free is None and not packs_sparsely(attention):
+                self.padding_free_reason = (f"{attention!r} attention runs a packed row through one dense [S, S] "
+                                            "mask (padding_free=True packs anyway)")
+                self._padding_free = False
+                return False
             elif fsdp.is_sharded(self.model):  # no warning: a design choice, not a fallback
                 self.padding_free_reason = ("FSDP2: every rank must run every forward, and a packed chunk whose "
                                             "completions are all masked runs none")
@@ -563,6 +569,18 @@ def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     return torch.randperm(n, generator=g)
+
+
+def attention_implementation(model) -> str:
+    """The causal LM's attention implementation name (transformers' `config._attn_implementation`)."""
+    decoder, _ = decoder_and_head(model)
+    return str(getattr(decoder.config, "_attn_implementation", None) or "eager")
+
+
+def packs_sparsely(attention: str) -> bool:
+    """Attention that computes within each packed sequence only: flash-attention's varlen kernels (any
+    `flash_attention_*` or hub `...flash...` kernel) and flex attention's block mask."""
+    return "flash" in attention or attention.startswith("flex_attention")
 
 
 _SNAPSHOT_LIMIT_BYTES = 2**30  # gradients this small are copied before each chunk, to undo an OOM'd backward
