@@ -159,7 +159,11 @@ def test_probe_accepts_sdpa_and_eager_in_float32_and_bfloat16(arch):
             assert diff <= 1e-6 < 0.1 < leak, (attn, dtype, diff, leak)
 
 
-def test_probe_rejects_an_attention_that_ignores_packing_and_the_trainer_falls_back(tmp_path):
+def test_probe_rejects_an_attention_that_ignores_packing_and_the_trainer_falls_back(tmp_path, monkeypatch):
+    """A packed forward that does not run on our varlen attention (here: made not to) is measured."""
+    import contextlib
+    import ahazero.grpo.packing as packing
+    monkeypatch.setattr(packing, "varlen_context", lambda decoder: contextlib.nullcontext())
     model = tiny.tiny_model("llama")
     model.set_attn_implementation("test_causal_ignoring_mask")
     reason = packing_fallback_reason(model)
@@ -179,16 +183,16 @@ def test_probe_rejects_an_attention_that_ignores_packing_and_the_trainer_falls_b
     assert off.use_padding_free() is False and "padding_free is False" in off.padding_free_reason
 
 
-def test_by_default_packing_is_on_only_where_attention_is_varlen(tmp_path):
-    from ahazero.grpo.trainer import packs_sparsely
+def test_packed_forwards_use_varlen_attention_unless_the_model_has_it():
+    from ahazero.grpo.packing import packs_sparsely, varlen_context
+    from ahazero.models.varlen import NAME
     assert packs_sparsely("flash_attention_2") and packs_sparsely("flash_attention_3")
     assert packs_sparsely("kernels-community/flash-attn3") and packs_sparsely("flex_attention")
     assert not packs_sparsely("sdpa") and not packs_sparsely("eager")
-    rows = Dataset.from_list([{"prompt": "1 + 1 ="}])
-    auto = GRPOTrainer(model=tiny.tiny_model("qwen2"), processing_class=tiny.tokenizer(), train_dataset=rows,
-                       reward_funcs=lambda completions, **k: [0.0],
-                       args=GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2))
-    assert auto.use_padding_free() is False and "dense [S, S] mask" in auto.padding_free_reason
+    model = tiny.tiny_model("qwen2")
+    with varlen_context(model.model):
+        assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {NAME}
+    assert model.config._attn_implementation == "sdpa"  # restored
 
 
 # ------------------------------------------------------------------ one training step, packed or padded

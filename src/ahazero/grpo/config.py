@@ -14,13 +14,11 @@ notebooks pass), so a notebook runs after changing its imports. Differences from
 - `max_nonfinite_steps` is ours: a step whose loss or gradient norm is NaN/inf is skipped (weights,
   optimizer and scheduler untouched) and logged as `nonfinite_skipped`; this many in a row stop the run.
 - `padding_free` is ours: the training forwards (policy, old-policy and reference log-probs) run each
-  micro-batch's sequences packed into one row, without padding (grpo/packing.py). None (default): on
-  where the model's attention computes within each packed sequence only (flash-attention's varlen
-  kernels, flex attention's block mask); off for sdpa and eager, which run a packed row through one
-  dense [S, S] mask, so attention costs S^2 instead of sum of T_i^2 (measured: the built-in CPU demo takes
-  228 s packed against 100 s padded). True packs with any attention. Packing is exact, and checked: where
-  a model's attention does not keep packed sequences apart (measured at the first forward), the padded
-  forward is used with a warning that says why.
+  micro-batch's sequences packed into one row, without padding (grpo/packing.py), through a varlen
+  attention that computes within each sequence only (models/varlen.py: PyTorch's varlen FlashAttention on
+  CUDA, per-sequence SDPA elsewhere; flash/flex attention implementations are used as they are). Exact,
+  so on by default; where a model does not keep packed sequences apart (measured at the first forward),
+  the padded forward is used with a warning that says why.
 - `ddp_timeout` (transformers' name) defaults to 300 s, not 1800: under torchrun, how long a rank waits for
   the others at a collective before raising, so one failed or stuck rank stops the run in bounded time.
 - `optim="adamw_8bit"` is our own blockwise 8-bit AdamW (grpo/optimizers.py, no bitsandbytes);
@@ -69,7 +67,7 @@ class GRPOConfig:
     max_steps: int = -1
     micro_batch_size: int | None = None
     micro_batch_tokens: int = 4096  # ours: token positions per forward/backward chunk when micro_batch_size is None
-    padding_free: bool | None = None  # ours: pack each micro-batch's rows into one (None: where attention is varlen)
+    padding_free: bool = True  # ours: pack each micro-batch's sequences into one row (no padding), where exact
     shuffle_dataset: bool = True
     max_nonfinite_steps: int = 3  # ours: consecutive NaN/inf losses or gradients (each skipped) before stopping
     ddp_timeout: int = 300  # seconds a rank waits in a collective for the others (transformers' default: 1800)

@@ -17,6 +17,7 @@ backward instead, and each rollout generates from the weights all-gathered for i
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
@@ -42,7 +43,7 @@ from .batch import RolloutBatch, build_batch
 from .config import GRPOConfig
 from .logprobs import chunked_token_logprobs
 from .loss import aggregate_loss, loss_normalizers, normalizers_from_counts, per_token_loss
-from .packing import pack_rollouts, packing_fallback_reason, token_budget_chunks, unpack_to_rows
+from .packing import pack_rollouts, packing_fallback_reason, token_budget_chunks, unpack_to_rows, varlen_context
 from .optimizers import AdamW8bit
 from .progress import MetricsLogger, NullLogger
 
@@ -276,14 +277,8 @@ class GRPOTrainer:
         the first forward, by measuring that the model keeps packed sequences apart; else padded, and
         `padding_free_reason` says why (warned once)."""
         if self._padding_free is None:
-            attention = attention_implementation(self.model)
-            if self.args.padding_free is False:
+            if not self.args.padding_free:
                 self.padding_free_reason = "GRPOConfig.padding_free is False"
-            elif self.args.padding_free is None and not packs_sparsely(attention):
-                self.padding_free_reason = (f"{attention!r} attention runs a packed row through one dense [S, S] "
-                                            "mask (padding_free=True packs anyway)")
-                self._padding_free = False
-                return False
             elif fsdp.is_sharded(self.model):  # no warning: a design choice, not a fallback
                 self.padding_free_reason = ("FSDP2: every rank must run every forward, and a packed chunk whose "
                                             "completions are all masked runs none")
@@ -361,7 +356,13 @@ class GRPOTrainer:
                     loss.backward()
                 sums.add(loss, stats, entropy, logps.detach(), chunk, first_iteration)
 
-            self._for_each_chunk(batch, run, restore_grads=True)
+            def run_packed_or_padded(start: int, stop: int, run=run) -> None:
+                # the backward's recompute (gradient checkpointing) must see the forward's attention
+                packed = self.use_padding_free()
+                with varlen_context(decoder_and_head(self.model)[0]) if packed else contextlib.nullcontext():
+                    run(start, stop)
+
+            self._for_each_chunk(batch, run_packed_or_padded, restore_grads=True)
         if self.world_size > 1:
             dist.all_reduce_grads_(self.trainable_parameters)
             sums.reduce_over_ranks()
@@ -477,8 +478,9 @@ def _packed_policy_logps(model, batch: RolloutBatch, temperature: float, with_en
     if packed.targets.numel() == 0:  # every row masked out: nothing to run
         zeros = torch.zeros(shape, dtype=torch.float32, device=batch.completion_ids.device)  # [n, C]
         return zeros, (zeros.clone() if with_entropy else None)
-    hidden = decoder(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None],
-                     use_cache=False).last_hidden_state  # [1, S, H]
+    with varlen_context(decoder):
+        hidden = decoder(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None],
+                         use_cache=False).last_hidden_state  # [1, S, H]
     hidden = hidden[:, packed.predict_at]  # [1, M, H]
     logps, entropy = chunked_token_logprobs(hidden, head.weight, packed.targets[None], temperature=temperature,
                                             bias=head.bias, with_entropy=with_entropy)  # [1, M]
@@ -569,18 +571,6 @@ def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     return torch.randperm(n, generator=g)
-
-
-def attention_implementation(model) -> str:
-    """The causal LM's attention implementation name (transformers' `config._attn_implementation`)."""
-    decoder, _ = decoder_and_head(model)
-    return str(getattr(decoder.config, "_attn_implementation", None) or "eager")
-
-
-def packs_sparsely(attention: str) -> bool:
-    """Attention that computes within each packed sequence only: flash-attention's varlen kernels (any
-    `flash_attention_*` or hub `...flash...` kernel) and flex attention's block mask."""
-    return "flash" in attention or attention.startswith("flex_attention")
 
 
 _SNAPSHOT_LIMIT_BYTES = 2**30  # gradients this small are copied before each chunk, to undo an OOM'd backward
