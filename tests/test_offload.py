@@ -46,3 +46,14 @@ def test_dropout_masks_are_replayed_in_the_recompute():
     for name in none:
         torch.testing.assert_close(offloaded[name], none[name], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(plain[name], none[name], atol=1e-6, rtol=1e-5)
+
+
+def test_first_layer_adapters_get_gradients_even_when_the_embeddings_output_needs_none():
+    model = attach_lora(tiny.tiny_model("qwen2"), r=4, lora_alpha=8, target_modules=["q_proj"], random_state=0,
+                        init_lora_weights=False)
+    enable_gradient_checkpointing(model, "offload")
+    model.get_base_model().disable_input_require_grads()  # as where transformers does not enable it
+    model.train()
+    model(torch.tensor([[11, 22, 33, 44]])).logits.float().logsumexp(-1).mean().backward()
+    first = model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert first.grad is not None and first.grad.abs().sum() > 0

@@ -104,4 +104,6 @@ def offloaded_checkpoint(function, *args):
     for a in rest:
         if torch.is_tensor(a) and a.requires_grad:
             raise NotImplementedError("offloaded checkpointing: only the first input may require a gradient")
+    if not hidden.requires_grad:  # e.g. the first layer's input (frozen embeddings): the Function's output
+        hidden = hidden.detach().requires_grad_(True)  # must still carry a graph to the layer's LoRA weights
     return _OffloadedCheckpoint.apply(function, hidden, *rest)
