@@ -68,12 +68,13 @@ TRAIN = dict(max_steps=2, num_generations=4, gradient_accumulation_steps=2, max_
 FULL = dict(beta=0.0, optim="adamw_torch", learning_rate=1e-3, num_iterations=2, max_steps=4, save_steps=2)
 
 
-def gsm8k():
-    return load_gsm8k("train", path=str(tiny.GSM8K_DIR / "train.jsonl")).select(range(32))
+def gsm8k(rows=range(32)):
+    return load_gsm8k("train", path=str(tiny.GSM8K_DIR / "train.jsonl")).select(rows)
 
 
-def train(model_dir, output_dir, reward, per_device_train_batch_size, lora=True, resume=None, **kw):
-    """LoRA (DDP under torchrun), or full fine-tuning (FSDP2 under torchrun) with FULL's settings."""
+def train(model_dir, output_dir, reward, per_device_train_batch_size, lora=True, resume=None, rows=range(32), **kw):
+    """LoRA (DDP under torchrun), or full fine-tuning (FSDP2 under torchrun) with FULL's settings, on the
+    gsm8k `rows`."""
     model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=256)
     if lora:
         model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0,
@@ -81,7 +82,7 @@ def train(model_dir, output_dir, reward, per_device_train_batch_size, lora=True,
     else:
         kw = {**FULL, **kw}
     args = GRPOConfig(output_dir=str(output_dir), per_device_train_batch_size=per_device_train_batch_size, **{**TRAIN, **kw})
-    trainer = GRPOTrainer(model=model, processing_class=tok, args=args, train_dataset=gsm8k(), reward_funcs=reward,
+    trainer = GRPOTrainer(model=model, processing_class=tok, args=args, train_dataset=gsm8k(rows), reward_funcs=reward,
                           generator=PerPromptSeeded(get_generator(model, tok)))
     state = trainer.train(resume_from_checkpoint=resume)
     weights = {n: whole(p).detach().clone() for n, p in model.named_parameters() if not lora or "lora_" in n}
@@ -94,14 +95,14 @@ def whole(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if isinstance(p, DTensor) else p
 
 
-def _worker(rank, world, port, model_dir, out_dir, reward_name, timeout_s, lora=True, resume=None):
+def _worker(rank, world, port, model_dir, out_dir, reward_name, timeout_s, lora=True, resume=None, train_kw=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
         assert distributed.init_from_env(timeout_s=timeout_s) and distributed.world_size() == world
         weights, history, sharded = train(model_dir, out_dir / "run", globals()[reward_name], 4, lora=lora,
-                                          ddp_timeout=timeout_s)
+                                          ddp_timeout=timeout_s, **(train_kw or {}))
         result = {"weights": weights, "history": history, "sharded": sharded}
         if resume is not None:  # a second run, from a checkpoint that another number of ranks wrote
             result["resumed"] = train(model_dir, out_dir / "resumed", globals()[reward_name], 4, lora=lora,
@@ -121,13 +122,14 @@ def _free_port() -> int:
 
 
 def launch(model_dir, out_dir, reward_name, timeout_s=60, world=2, wait_s=120, wait_for=None, lora=True,
-           resume=None):
+           resume=None, train_kw=None):
     """Start `world` ranks and wait (at most wait_s) until the ranks `wait_for` (default all) have exited;
-    the others are then killed, as torchrun would. Returns the exit codes (None: killed) and the seconds."""
+    the others are then killed, as torchrun would. Returns the exit codes (None: killed) and the seconds.
+    train_kw: more arguments of `train` (GRPOConfig fields, rows)."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, model_dir, out_dir, reward_name, timeout_s, lora,
-                                                     resume))
+                                                     resume, train_kw))
              for r in range(world)]
     start = time.monotonic()
     for p in procs:
@@ -213,6 +215,32 @@ def test_full_finetuning_on_two_ranks_with_fsdp2_equals_one_process_with_twice_t
     for i, state in single_opt["state"].items():
         for key, value in state.items():
             torch.testing.assert_close(opt["state"][i][key], value, rtol=1e-4, atol=1e-9, msg=f"{i} {key}")
+
+
+# FSDP2 with the token budget: rank 0 gets the short prompts (gsm8k rows 4 and 14: 61 and 65 tokens), rank 1
+# the long ones (rows 11 and 7: 134 and 141), shuffle off. Padded rows of P + C tokens (C <= 8) in a budget
+# of 300: rank 0 fits its 4 rows in 1 chunk, rank 1 needs 2 chunks of 2; rank 0 must split its chunk.
+UNEVEN = dict(rows=[4, 11, 14, 7], shuffle_dataset=False, max_prompt_length=None, micro_batch_size=None,
+              micro_batch_tokens=300, max_steps=2)
+
+
+def test_fsdp2_with_a_token_budget_splits_chunks_so_every_rank_runs_as_many(model_dir, tmp_path):
+    from ahazero.grpo.packing import token_budget_chunks
+    for C in range(1, 9):  # whatever the completions' padded width, the ranks' natural counts differ
+        assert [len(token_budget_chunks([61 + C] * 4, 300)), len(token_budget_chunks([141 + C] * 4, 300))] == [1, 2]
+    codes, elapsed = launch(model_dir, tmp_path, "odd_token_reward", timeout_s=20, wait_s=60, lora=False,
+                            train_kw=UNEVEN)
+    errors = "\n".join(p.read_text() for p in tmp_path.glob("rank*.err"))
+    assert codes == [0, 0], (codes, elapsed, errors)  # no hang: a rank that ran fewer passes would stall the other
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["sharded"] and ranks[1]["sharded"]
+    single, single_history, _ = train(model_dir, tmp_path / "single", odd_token_reward, 8, lora=False, **UNEVEN)
+    for name, w in single.items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name
+        torch.testing.assert_close(ranks[0]["weights"][name], w, rtol=0, atol=1e-5, msg=name)
+    for dist_row, row in zip(ranks[0]["history"], single_history, strict=True):
+        for key in ("loss", "grad_norm", "entropy", "completions/mean_length"):
+            assert dist_row[key] == pytest.approx(row[key], rel=1e-4, abs=1e-6), key
 
 
 def test_a_reward_function_raising_on_one_rank_stops_both(model_dir, tmp_path):

@@ -294,6 +294,21 @@ def test_token_budget_chunks():
         assert all(b - a == 1 or sum(lengths[a:b]) <= budget for a, b in chunks)
 
 
+def test_split_chunks_to_count_splits_the_chunk_of_most_tokens():
+    from ahazero.grpo.packing import split_chunks_to_count, token_budget_chunks
+    assert split_chunks_to_count([(0, 4)], [5] * 4, 2) == [(0, 2), (2, 4)]
+    assert split_chunks_to_count([(0, 1), (1, 4)], [9, 2, 2, 2], 3) == [(0, 1), (1, 2), (2, 4)]  # [9] is one row
+    assert split_chunks_to_count([(0, 3), (3, 5)], [1, 1, 1, 4, 4], 3) == [(0, 3), (3, 4), (4, 5)]  # 8 tokens > 3
+    assert split_chunks_to_count([(0, 2), (2, 4)], [1] * 4, 2) == [(0, 2), (2, 4)]  # already there
+    with pytest.raises(ValueError, match="cannot cut 2 rows into 3 chunks"):
+        split_chunks_to_count([(0, 2)], [1, 1], 3)
+    for count in range(1, 31):
+        lengths = [int(x) for x in torch.randint(1, 20, (30,))]
+        chunks = split_chunks_to_count(token_budget_chunks(lengths, 50), lengths, count)
+        assert len(chunks) == max(count, len(token_budget_chunks(lengths, 50)))
+        assert [i for a, b in chunks for i in range(a, b)] == list(range(30))  # every row once, in order
+
+
 def test_an_out_of_memory_chunk_is_split_and_its_partial_gradients_undone(model_dir, tmp_path, monkeypatch):
     """A chunk of more than 2 rows 'runs out of memory' halfway through its backward (a LoRA gradient
     already polluted): it is split until it fits, and the step equals one run in chunks of 2 rows."""
@@ -333,3 +348,26 @@ def test_an_out_of_memory_chunk_is_split_and_its_partial_gradients_undone(model_
         adapters[mode] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     for name, w in adapters["split"].items():
         torch.testing.assert_close(w, adapters["reference"][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_under_fsdp2_an_out_of_memory_chunk_is_not_split(model_dir, tmp_path, monkeypatch):
+    """One rank cannot split its chunk alone (the others would wait for passes they do not run): under
+    FSDP2 the out-of-memory error stops the run at once, with the advice to lower micro_batch_tokens."""
+    import ahazero.grpo.trainer as trainer_module
+    attempts = []
+
+    def out_of_memory(model, batch, *args, **kwargs):
+        attempts.append(len(batch))
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=512)
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, num_generations=4, per_device_train_batch_size=4,
+                      max_prompt_length=None, max_completion_length=4, beta=0.0, optim="sgd", disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, processing_class=tok, args=args, reward_funcs=odd_token_reward,
+                          train_dataset=load_gsm8k("train", path=str(tiny.GSM8K_DIR / "train.jsonl")).select(range(2)))
+    trainer.split_on_oom = True  # as on CUDA
+    model.ahazero_fsdp = object()  # marked as grpo/fsdp.py's shard_model marks it (one process: no collective)
+    monkeypatch.setattr(trainer_module, "policy_logps", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="Under FSDP2 a chunk that runs out of memory is not split"):
+        trainer.train()
+    assert attempts == [4]

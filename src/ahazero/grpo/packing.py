@@ -190,3 +190,21 @@ def token_budget_chunks(row_tokens: list[int], budget: int) -> list[tuple[int, i
     if row_tokens:
         chunks.append((start, len(row_tokens)))
     return chunks
+
+
+def split_chunks_to_count(chunks: list[tuple[int, int]], row_tokens: list[int],
+                          count: int) -> list[tuple[int, int]]:
+    """`chunks` with the one of most tokens (of 2+ rows) split into two halves of its rows, again and
+    again, until there are `count` chunks, in row order. Under FSDP2 every rank needs the same number of
+    forward/backward passes; a rank never needs more chunks than rows (each rank has as many rows, and
+    every chunk holds at least one), else ValueError."""
+    chunks = list(chunks)
+    while len(chunks) < count:
+        splittable = [i for i, (start, stop) in enumerate(chunks) if stop - start > 1]
+        if not splittable:
+            raise ValueError(f"cannot cut {sum(b - a for a, b in chunks)} rows into {count} chunks")
+        i = max(splittable, key=lambda j: sum(row_tokens[chunks[j][0]:chunks[j][1]]))
+        start, stop = chunks[i]
+        mid = (start + stop) // 2
+        chunks[i:i + 1] = [(start, mid), (mid, stop)]
+    return chunks

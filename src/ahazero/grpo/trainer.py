@@ -43,7 +43,8 @@ from .batch import RolloutBatch, build_batch
 from .config import GRPOConfig
 from .logprobs import chunked_token_logprobs
 from .loss import aggregate_loss, loss_normalizers, normalizers_from_counts, per_token_loss
-from .packing import pack_rollouts, packing_fallback_reason, token_budget_chunks, unpack_to_rows, varlen_context
+from .packing import (pack_rollouts, packing_fallback_reason, split_chunks_to_count, token_budget_chunks,
+                      unpack_to_rows, varlen_context)
 from .optimizers import AdamW8bit
 from .progress import MetricsLogger, NullLogger
 
@@ -90,13 +91,9 @@ class GRPOTrainer:
 
     def _shard_for_full_finetuning(self) -> None:
         """FSDP2 (grpo/fsdp.py) instead of all-reducing whole gradients. Its forwards and backwards are
-        collectives, so every rank must run as many as the others: chunks of micro_batch_size rows (a
-        token budget gives each rank its own count), and no splitting of one rank's chunk on out-of-memory."""
+        collectives, so every rank must run as many as the others: `_chunks` makes the counts equal, and
+        a chunk that runs out of memory is not split (one rank cannot change its count alone): it raises."""
         fsdp.check_supported(self.model, self.args.optim)
-        if not self.args.micro_batch_size:
-            raise ValueError("full fine-tuning on several GPUs (FSDP2) needs micro_batch_size: every rank must run "
-                             "the same number of forward/backward passes, which a token budget "
-                             "(micro_batch_tokens) does not give")
         fsdp.shard_model(self.model)
         self.generator = fsdp.gather_for_rollouts(self.model, self.generator)
         self.split_on_oom = False
@@ -148,8 +145,7 @@ class GRPOTrainer:
                         stop_flag = torch.tensor([float(self.control.should_training_stop)])
                         self.control.should_training_stop = bool(dist.all_reduce_max(stop_flag).item())
         except torch.cuda.OutOfMemoryError as e:
-            raise torch.cuda.OutOfMemoryError(_OOM_ADVICE.format(g=a.num_generations, c=a.max_completion_length,
-                                                                 b=a.per_device_train_batch_size)) from e
+            raise torch.cuda.OutOfMemoryError(self._oom_advice()) from e
         finally:
             logger.close()
         if stop.signal_name:
@@ -158,6 +154,15 @@ class GRPOTrainer:
             self.save_checkpoint()
         self._callback("on_train_end")
         return self.state
+
+    def _oom_advice(self) -> str:
+        a = self.args
+        advice = _OOM_ADVICE.format(g=a.num_generations, c=a.max_completion_length, b=a.per_device_train_batch_size)
+        if fsdp.is_sharded(self.model):
+            advice += (" Under FSDP2 a chunk that runs out of memory is not split and retried (every rank must "
+                       f"run as many chunks): lower micro_batch_tokens ({self.micro_batch_tokens}) or set "
+                       "micro_batch_size.")
+        return advice
 
     # ---------------------------------------------------------------------------------------------
     def _rollout_and_update(self, total: int, logger: MetricsLogger) -> None:
@@ -293,25 +298,34 @@ class GRPOTrainer:
         return self._padding_free
 
     def _chunks(self, b: RolloutBatch) -> list[tuple[int, int]]:
-        """Row ranges of one forward/backward each: `micro_batch_size` rows, else a token budget."""
+        """Row ranges of one forward/backward each: `micro_batch_size` rows, else a token budget. Under
+        FSDP2 every rank then splits its largest chunks until it has as many as the rank with the most
+        (each chunk's loss is its rows' share of the step's loss, so the split leaves the sum unchanged)."""
         n = len(b)
-        if self.args.micro_batch_size:
-            size = self.args.micro_batch_size
-            return [(i, min(i + size, n)) for i in range(0, n, size)]
         if self.use_padding_free():
             row_tokens = (b.prompt_mask.sum(1) + b.completion_mask.sum(1)).tolist()  # [n] packed lengths
         else:
             row_tokens = [b.prompt_ids.shape[1] + b.completion_ids.shape[1]] * n  # padded width
-        return token_budget_chunks([int(t) for t in row_tokens], self.micro_batch_tokens)
+        row_tokens = [int(t) for t in row_tokens]
+        if self.args.micro_batch_size:
+            size = self.args.micro_batch_size
+            chunks = [(i, min(i + size, n)) for i in range(0, n, size)]
+        else:
+            chunks = token_budget_chunks(row_tokens, self.micro_batch_tokens)
+        if fsdp.is_sharded(self.model):
+            count = int(dist.all_reduce_max(torch.tensor([len(chunks)])).item())  # the most of any rank
+            chunks = split_chunks_to_count(chunks, row_tokens, count)
+        return chunks
 
     def _for_each_chunk(self, b: RolloutBatch, run, restore_grads: bool = False) -> None:
         """`run(start, stop)` over `_chunks(b)`. Where `split_on_oom` (CUDA), a chunk of several rows that
         runs out of memory is split in two and retried, after undoing its partial gradients (kept only
-        when the trainable parameters are small, as LoRA's are); the token budget is halved from then on."""
+        when the trainable parameters are small, as LoRA's are); the token budget is halved from then on.
+        Never under FSDP2: the other ranks would wait for collectives of chunks they do not have."""
         pending = self._chunks(b)
         while pending:
             start, stop = pending.pop(0)
-            can_split = self.split_on_oom and stop - start > 1
+            can_split = self.split_on_oom and not fsdp.is_sharded(self.model) and stop - start > 1
             saved = _grad_snapshot(self.trainable_parameters) if can_split and restore_grads else None
             try:
                 run(start, stop)
