@@ -56,9 +56,11 @@ def test_engine_with_lora_kernels_matches_torch_lora():
                        LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)).eval()
     prompts = [tok.encode(t) for t in ("Hi", "What is the capital of France? Think step by step.")]
     params = SamplingParams(temperature=0, max_tokens=6, n=2, ignore_eos=True)
+    want = merged_greedy(m, prompts, max_tokens=6)  # on the CPU
+    m.to(DEVICE)  # the kernels read device memory (on a CPU: the interpreter reads host memory)
     plain = create_generator(m, tok, max_seq_length=64).generate(prompts, params)
     fused = create_generator(m, tok, max_seq_length=64, lora_kernels=True).generate(prompts, params)
-    assert tokens(fused) == tokens(plain) == merged_greedy(m, prompts, max_tokens=6)
+    assert tokens(fused) == tokens(plain) == want
     for a, b in zip(plain, fused):
         torch.testing.assert_close(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs),
                                    atol=1e-4, rtol=1e-4)
@@ -109,10 +111,12 @@ def test_engine_with_triton_attention_matches_transformers():
         assert [c.token_ids for c in out.outputs] == [hf_greedy(m, p, 8)] * 2
 
 
-@pytest.mark.parametrize("N,K,O,dtype", [(1, 64, 64, torch.float32), (5, 100, 72, torch.float32),
-                                         (3, 1100, 70, torch.bfloat16), (17, 640, 130, torch.float32)])
+@pytest.mark.parametrize("N,K,O,dtype", [(1, 64, 64, torch.float32), (5, 320, 72, torch.float32),
+                                         (3, 1152, 70, torch.bfloat16), (17, 640, 130, torch.float32),
+                                         (32, 1536, 200, torch.bfloat16)])
 def test_fused_nf4_linear_matches_dequantise_then_matmul(N, K, O, dtype):
-    """K not a multiple of 64 puts 64-blocks across rows; O*K odd pads the last byte."""
+    """Widths past one tile (256) and one split (512), a partial tile, O not a multiple of the column block."""
+    from ahazero.models import nf4_kernels
     from ahazero.models.linear4bit import Linear4bit
     torch.manual_seed(0)
     plain = Linear4bit.from_linear(torch.nn.Linear(K, O).to(dtype)).to(DEVICE)
@@ -122,12 +126,29 @@ def test_fused_nf4_linear_matches_dequantise_then_matmul(N, K, O, dtype):
     x = torch.randn(N, K, dtype=dtype, device=DEVICE)
     with torch.no_grad():
         want = (x.float() @ plain.dequantized_weight().float().t() + plain.bias.float()).to(dtype)
+        direct = nf4_kernels.nf4_linear_small(x, fused.weight.view(-1), fused.absmax, fused.nested_absmax,
+                                              fused.offset, fused.code, fused.nested_code, O, fused.bias)
         got = fused(x)
     assert got.dtype == dtype and got.shape == (N, O)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(direct, want, **tol)
+    torch.testing.assert_close(got, direct, atol=0, rtol=0)  # the module took the kernel
     torch.testing.assert_close(plain(x), want, **tol)
     assert fused(torch.randn(40, K, dtype=dtype, device=DEVICE)).shape == (40, O)  # above MAX_ROWS: plain path
+
+
+def test_fused_nf4_kernel_is_only_used_where_blocks_do_not_span_rows():
+    """K = 100: a 64-block spans two rows; the module takes the dequantise-then-matmul path."""
+    from ahazero.models import nf4_kernels
+    from ahazero.models.linear4bit import Linear4bit
+    layer = Linear4bit.from_linear(torch.nn.Linear(100, 70)).to(DEVICE)
+    layer.fused_kernel = True
+    assert not layer.use_fused_kernel(torch.device(DEVICE))
+    x = torch.randn(3, 100, device=DEVICE)
+    torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().t() + layer.bias, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="K % 64"):
+        nf4_kernels.nf4_linear_small(x, layer.weight.view(-1), layer.absmax, layer.nested_absmax, layer.offset,
+                                     layer.code, layer.nested_code, 70)
 
 
 def test_engine_decodes_a_4bit_model_through_the_fused_kernel():
