@@ -24,6 +24,7 @@ Run on a GPU machine, from the repository root:
   python bench/rollout.py --workload W2 --model qwen2.5-1.5b --backends ahazero,ahazero-kernels,hf-static,hf
   python bench/rollout.py --workload W1 --model qwen2.5-1.5b --backends ahazero-lora,ahazero-attn,ahazero-graphs
   python bench/rollout.py --workload W1 --model llama-3.1-8b --backends ahazero,ahazero-kernels,hf-static
+  python bench/rollout.py --workload W1 --prompts 4 --load-in-4bit --backends ahazero   (issue 6: 4-bit at batch 32)
 Each run prints a markdown table and appends one JSON line per backend to --out (on the device machine,
 pass --out $OUT/rollout.jsonl so the lines come back). `--smoke` runs a shrunken model on the CPU with
 few tokens: it checks the script, not the speed.
@@ -52,8 +53,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
 
 
-def build_model(name: str, lora_rank: int, smoke: bool = False):
-    """Random bf16 weights of the named shape on the GPU, with a PEFT LoRA adapter on every linear layer."""
+def build_model(name: str, lora_rank: int, smoke: bool = False, load_in_4bit: bool = False):
+    """Random bf16 weights of the named shape on the GPU, with a PEFT LoRA adapter on every linear layer;
+    with `load_in_4bit`, the linear layers quantised to NF4 first (ahazero's dynamic 4-bit)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = json.loads((ASSETS / "configs" / f"{name}.json").read_text())
@@ -63,6 +65,9 @@ def build_model(name: str, lora_rank: int, smoke: bool = False):
     torch.manual_seed(0)
     with DEVICE:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if not smoke else torch.float32)
+    if load_in_4bit:
+        from ahazero.models.linear4bit import quantize_model
+        quantize_model(model)
     lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=TARGETS, lora_dropout=0.0,
                       init_lora_weights=False)
     return get_peft_model(model, lora).eval()
@@ -144,7 +149,7 @@ def run_engine(model, tok, prompts, wl, max_seq_length, **options) -> dict:
     outs, seconds = timed(lambda: gen.generate(prompts, params))
     assert all(len(c.token_ids) == wl["new_tokens"] for o in outs for c in o.outputs)
     from torch._dynamo.utils import counters
-    result = dict(seconds=seconds, first_call_s=first, slots=gen.runner.num_slots,
+    result = dict(seconds=seconds, first_call_s=first, slots=gen.runner.allocated_slots,
                   peak_gib=peak_gib(),
                   compiled_graphs=counters["stats"]["unique_graphs"],
                   cuda_graphs=len(gen.runner.graphs.graphs) if gen.runner.graphs else 0)
@@ -223,11 +228,15 @@ def main():
     ap.add_argument("--backends", default="ahazero,ahazero-kernels,hf-static,hf")
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "bench" / "rollout_results.jsonl"))
+    ap.add_argument("--prompts", type=int, help="override the workload's prompt count (batch = prompts x n)")
+    ap.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (issue 6)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 8 new tokens")
     args = ap.parse_args()
     wl = dict(WORKLOADS[args.workload], **(dict(new_tokens=8) if args.smoke else {}))
+    if args.prompts:
+        wl["prompts"] = args.prompts
     tok = tokenizer()
-    model = build_model(args.model, args.lora_rank, smoke=args.smoke)
+    model = build_model(args.model, args.lora_rank, smoke=args.smoke, load_in_4bit=args.load_in_4bit)
     prompts = gsm8k_prompts(tok, wl["prompts"], model.config.vocab_size)
     max_seq_length = -(-(max(len(p) for p in prompts) + wl["new_tokens"]) // 128) * 128
     bandwidth = copy_bandwidth(nbytes=(2 << 30) if not args.smoke else (64 << 20))
@@ -248,6 +257,7 @@ def main():
             result = dict(error=f"{type(err).__name__}: {err}")
         result.setdefault("peak_gib", peak_gib())
         result.update(backend=name, workload=args.workload, model=args.model, device=device, tokens=tokens,
+                      prompts=wl["prompts"], load_in_4bit=args.load_in_4bit,
                       roofline_tokens_per_s=roof,
                       bandwidth_gbs=bandwidth / 1e9, torch=torch.__version__)
         if "seconds" in result:

@@ -103,12 +103,14 @@ def test_engine_with_triton_attention_matches_transformers():
     tok = tiny.tokenizer()
     m = tiny.tiny_model("llama", initializer_range=0.3)
     prompts = [tok.encode(t) for t in ("Hi", "What is the capital of France? Think step by step.", "1 + 1 =")]
+    want = [hf_greedy(m, p, 8) for p in prompts]  # on the CPU
     params = SamplingParams(temperature=0, max_tokens=8, n=2, ignore_eos=True)
-    gen = create_generator(m, tok, max_seq_length=64, attention="triton", cuda_graphs=True, graph_batch_sizes=(4, 8))
+    gen = create_generator(m.to(DEVICE), tok, max_seq_length=64, attention="triton", cuda_graphs=True,
+                           graph_batch_sizes=(4, 8))
     assert gen.config.kv_len_bucket == 64
     got = gen.generate(prompts, params)
-    for p, out in zip(prompts, got):
-        assert [c.token_ids for c in out.outputs] == [hf_greedy(m, p, 8)] * 2
+    for w, out in zip(want, got):
+        assert [c.token_ids for c in out.outputs] == [w] * 2
 
 
 @pytest.mark.parametrize("N,K,O,dtype", [(1, 64, 64, torch.float32), (5, 320, 72, torch.float32),

@@ -118,7 +118,7 @@ def test_matches_trl_chunked_kernel():
 
 
 def test_default_chunk():
-    assert default_chunk_tokens(151936) == 256 * 2**20 // (4 * 151936) == 441
+    assert default_chunk_tokens(151936) == 64 * 2**20 // (4 * 151936) == 110
     assert default_chunk_tokens(10**12) == 1
 
 

@@ -110,6 +110,7 @@ class LLMEngine:
         call = _Call(weights, adapter, params, self._stop_checker(params), self._generator(params))
         try:
             groups = self._add_requests(prompt_token_ids, params)
+            self.runner.ensure_slots(sum(len(group) for group in groups))
             while not self.scheduler.done:
                 self.step(call)
         finally:

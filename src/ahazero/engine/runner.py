@@ -20,16 +20,29 @@ class ModelRunner:
     def __init__(self, model, config: EngineConfig):
         causal_lm = model.get_base_model() if is_peft_model(model) else model
         self.config = config
-        shape = llama.kv_shape(causal_lm)
-        slots = num_slots_for(config, shape, _workspace_bytes(causal_lm.config, config))
-        self.kv = KVCache(shape, slots, config.max_seq_length, config.device, config.dtype)
+        self.kv_shape = llama.kv_shape(causal_lm)
+        self.max_slots = num_slots_for(config, self.kv_shape, _workspace_bytes(causal_lm.config, config))
+        self.kv: KVCache | None = None  # allocated by ensure_slots, for the sequences a call runs
         self.rope = llama.rope_table(causal_lm, config.max_seq_length, config.device, config.dtype)
         self.attend = decode_attention_triton if config.attention == "triton" else decode_attention
-        self.graphs = None
-        if config.cuda_graphs:
-            sizes = [b for b in config.graph_batch_sizes if b < slots] + [slots]
-            self.graphs = DecodeGraphs(self._decode_step(config), sizes, config.max_seq_length, config.device,
-                                       capture=config.device.type == "cuda", eager_step=self._decode_step(None))
+        self.graphs: DecodeGraphs | None = None
+        self.use_graphs = config.cuda_graphs
+
+    def ensure_slots(self, wanted: int) -> None:
+        """Hold a KV cache of at least min(wanted, max_slots) slots. The cache is sized to what a call
+        runs (a GRPO step's rollouts), not to all the memory `gpu_memory_utilization` allows, so the
+        training step keeps the rest; a larger call re-allocates it (and its graphs, which hold its
+        addresses)."""
+        wanted = min(wanted, self.max_slots)
+        if self.kv is not None and self.kv.num_slots >= wanted:
+            return
+        self.kv = self.graphs = None  # free the old cache before the new one is allocated
+        self.kv = KVCache(self.kv_shape, wanted, self.config.max_seq_length, self.config.device, self.config.dtype)
+        if self.use_graphs:
+            sizes = [b for b in self.config.graph_batch_sizes if b < wanted] + [wanted]
+            self.graphs = DecodeGraphs(self._decode_step(self.config), sizes, self.config.max_seq_length,
+                                       self.config.device, capture=self.config.device.type == "cuda",
+                                       eager_step=self._decode_step(None))
 
     def _decode_step(self, config: EngineConfig | None):
         """The function the graphs capture: (weights, ids [B], meta) -> logits [B, V]; compiled when asked
@@ -41,7 +54,12 @@ class ModelRunner:
 
     @property
     def num_slots(self) -> int:
-        return self.kv.num_slots
+        """The most sequences that may run at once (what memory allows, capped at max_batch_size)."""
+        return self.max_slots
+
+    @property
+    def allocated_slots(self) -> int:
+        return 0 if self.kv is None else self.kv.num_slots
 
     @torch.no_grad()
     def prefill(self, weights, seqs: list[Sequence]) -> torch.Tensor:
@@ -80,7 +98,7 @@ class ModelRunner:
                 return self.graphs.run(weights, key, ids, positions, kv_len)
             except RuntimeError as err:  # a capture failed: keep generating, without graphs
                 warnings.warn(f"CUDA graph capture of the decode step failed ({err}); decoding eagerly")
-                self.graphs = None
+                self.graphs, self.use_graphs = None, False
         span = torch.arange(kv_len, device=self.config.device)  # [L]
         return llama.decode(weights, ids, DecodeMetadata(positions, span), self.kv, self.rope, self.attend)
 

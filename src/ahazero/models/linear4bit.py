@@ -83,15 +83,17 @@ class Linear4bit(nn.Linear):
 
     `fused_kernel`: None (default) runs inputs of at most `nf4_kernels.MAX_ROWS` rows through the fused
     Triton dequantise-and-multiply kernel on CUDA where Triton is installed; True forces it on any
-    device (the CPU tests, through Triton's interpreter); False never uses it.
+    device (the CPU tests, through Triton's interpreter); False never uses it. Either way only weights
+    the kernel supports (in_features % 64 == 0, bitsandbytes' blocksizes) take it.
     """
 
     fused_kernel: bool | None = None
 
     def use_fused_kernel(self, device: torch.device) -> bool:
-        if self.fused_kernel is None:
-            return device.type == "cuda" and _has_triton()
-        return self.fused_kernel
+        if self.fused_kernel is False or (self.fused_kernel is None and (device.type != "cuda" or not _has_triton())):
+            return False
+        meta = self.quant_meta
+        return _fused().supports(self.in_features, meta["blocksize"], meta["nested_blocksize"])
 
     def __init__(self, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
         nn.Module.__init__(self)
