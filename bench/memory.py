@@ -267,6 +267,9 @@ def trl_step_runner(trainer_cls, config_cls, model, tok, args, device, text, pro
                         per_device_train_batch_size=M, gradient_accumulation_steps=accumulation,
                         steps_per_generation=accumulation, max_completion_length=args.completion_len,
                         beta=0.0, loss_type="dapo", learning_rate=1e-6, max_grad_norm=1.0, num_iterations=1,
+                        # explicit, as ahazero's step has them: with loss_type "dapo" Unsloth would otherwise
+                        # mask every truncated completion (here all of them: no EOS), training on no tokens
+                        mask_truncated_completions=False, epsilon=0.2, epsilon_high=0.2,
                         temperature=1.0, gradient_checkpointing=True, report_to=[], logging_steps=1,
                         bf16=not args.smoke, use_cpu=args.smoke, max_steps=10, save_strategy="no",
                         shuffle_dataset=False, **extra_config)
@@ -392,9 +395,13 @@ def backend_env(backend: str, args) -> dict:
     """The worker's environment: --trl-path / --unsloth-path (folders of unpacked wheels, e.g. made with
     `pip install --no-index --no-deps --target DIR *.whl`) go first on its PYTHONPATH, for it alone."""
     env = dict(os.environ)
+    current = [p for p in [env.get("PYTHONPATH")] if p]
     extra = {"trl": args.trl_path, "unsloth": args.unsloth_path}.get(backend)
     if extra:
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(extra).resolve())] + [p for p in [env.get("PYTHONPATH")] if p])
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(extra).resolve())] + current)
+    elif backend == "ahazero" and (args.trl_path or args.unsloth_path):
+        # last, so only what this environment lacks comes from it (the GPU image has no `datasets`)
+        env["PYTHONPATH"] = os.pathsep.join(current + [str(Path(args.trl_path or args.unsloth_path).resolve())])
     return env
 
 

@@ -7,12 +7,16 @@ layers, active; EOS ignored so every completion has the full length):
 
 Backends, each timed on its second call (the first compiles / captures), in one process, one after the
 other, with the peak memory of each:
-  ahazero          the engine: CUDA graphs over batch buckets + torch.compile of the decode step
-  ahazero-graphs   the engine with CUDA graphs, no compile
-  ahazero-lora     as `ahazero`, LoRA through the grouped Triton kernels (lora_kernels=True)
-  ahazero-attn     as `ahazero`, decode attention through our split-KV Triton kernel (attention="triton")
-  ahazero-kernels  as `ahazero`, both Triton kernels
-  ahazero-eager    the engine, no graphs, no compile
+  ahazero          the engine as users get it: CUDA graphs over batch buckets, the Triton LoRA and
+                   decode-attention kernels on CUDA, no torch.compile
+  ahazero-fused    as `ahazero`, plus engine/fused_kernels.py (add+RMSNorm, RoPE+KV write, SiLU*up in one
+                   launch each; not yet the default: unmeasured)
+  ahazero-compile  as `ahazero`, plus torch.compile of the decode step (first call took > 190 s on an
+                   H100 on 2026-11-27: not the default)
+  ahazero-graphs   CUDA graphs, SDPA attention and LoRA through torch (no Triton kernels)
+  ahazero-lora     as `ahazero-graphs`, LoRA through the grouped Triton kernels
+  ahazero-attn     as `ahazero-graphs`, decode attention through our split-KV Triton kernel
+  ahazero-eager    the engine, no graphs, no compile, no Triton kernels
   hf               transformers generate, default (dynamic) cache
   hf-static        transformers generate, cache_implementation="static" (compiled)
   profile          (not a timing) torch.profiler's table of the engine's eager decode kernels
@@ -20,10 +24,10 @@ The roofline is (weight bytes + KV bytes read per decode step) / device-to-devic
 ((bytes read + bytes written) / time of a 2 GiB copy), summed over the decode steps.
 
 Run on a GPU machine, from the repository root:
-  python bench/rollout.py --workload W1 --model qwen2.5-1.5b --backends ahazero,ahazero-kernels,hf-static,hf
-  python bench/rollout.py --workload W2 --model qwen2.5-1.5b --backends ahazero,ahazero-kernels,hf-static,hf
+  python bench/rollout.py --workload W1 --model qwen2.5-1.5b --backends ahazero,ahazero-fused,ahazero-graphs,hf-static,hf
+  python bench/rollout.py --workload W2 --model qwen2.5-1.5b --backends ahazero,ahazero-fused,ahazero-graphs,hf-static,hf
   python bench/rollout.py --workload W1 --model qwen2.5-1.5b --backends ahazero-lora,ahazero-attn,ahazero-graphs
-  python bench/rollout.py --workload W1 --model llama-3.1-8b --backends ahazero,ahazero-kernels,hf-static
+  python bench/rollout.py --workload W1 --model llama-3.1-8b --backends ahazero,hf-static
   python bench/rollout.py --workload W1 --prompts 4 --load-in-4bit --backends ahazero   (issue 6: 4-bit at batch 32)
 Each run prints a markdown table and appends one JSON line per backend to --out (on the device machine,
 pass --out $OUT/rollout.jsonl so the lines come back). `--smoke` runs a shrunken model on the CPU with
@@ -208,13 +212,15 @@ def run_profile(model, tok, prompts, wl, max_seq_length) -> dict:
     return dict(kernels_per_step=len(kernels) / 8)
 
 
+TORCH_PATHS = dict(lora_kernels=False, attention="sdpa", compile=False)
 BACKENDS = {
-    "ahazero": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=True, compile=True),
-    "ahazero-lora": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, lora_kernels=True),
-    "ahazero-attn": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, attention="triton"),
-    "ahazero-kernels": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, lora_kernels=True, attention="triton"),
-    "ahazero-graphs": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=True, compile=False),
-    "ahazero-eager": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=False, compile=False),
+    "ahazero": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L),
+    "ahazero-fused": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, fused_kernels=True, attention="triton"),
+    "ahazero-compile": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, compile=True),
+    "ahazero-graphs": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=True, **TORCH_PATHS),
+    "ahazero-lora": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, lora_kernels=True, attention="sdpa"),
+    "ahazero-attn": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, lora_kernels=False, attention="triton"),
+    "ahazero-eager": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=False, **TORCH_PATHS),
     "hf": lambda m, t, p, wl, L: run_hf(m, t, p, wl, static=False),
     "hf-static": lambda m, t, p, wl, L: run_hf(m, t, p, wl, static=True),
     "profile": run_profile,
@@ -225,7 +231,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
     ap.add_argument("--model", default="qwen2.5-1.5b", help="a config name in tests/assets/configs")
-    ap.add_argument("--backends", default="ahazero,ahazero-kernels,hf-static,hf")
+    ap.add_argument("--backends", default="ahazero,ahazero-graphs,hf-static,hf")
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "bench" / "rollout_results.jsonl"))
     ap.add_argument("--prompts", type=int, help="override the workload's prompt count (batch = prompts x n)")

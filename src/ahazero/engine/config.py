@@ -1,6 +1,7 @@
 """The engine's one config: sizes of the KV cache, batches and CUDA graphs, validated where built."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -19,11 +20,16 @@ class EngineConfig:
     `max_prefill_tokens` caps the padded tokens (prompts x longest prompt) of one prefill forward.
     `cuda_graphs` replays the decode step from CUDA graphs over batch-size and KV-length buckets.
     `compile` runs the decode step through torch.compile (fuses norms, RoPE and adds) before capture
-    (off by default: its first-call cost on the GPU is not measured yet);
+    (off by default: on an H100 its first call did not finish in 190 s, 2026-11-27);
     `compile_backend` is torch.compile's backend ("eager" in the CPU tests: tracing only).
     `attention`: "sdpa" (PyTorch's kernels over a length bucket, masked) or "triton" (our split-KV kernel,
     engine/attention_kernels.py, which reads each sequence's own length; needs triton).
     `lora_kernels` applies LoRA with engine/lora_kernels.py's grouped Triton kernels (needs triton).
+    `fused_kernels` runs the decode step's RMSNorms, RoPE + KV-cache write and SiLU * up through
+    engine/fused_kernels.py (needs the Triton attention). Off by default until measured on a GPU.
+    `lora_kernels` and `attention` default to the Triton kernels on CUDA where triton is installed
+    (H100, 2026-11-27: 14-21% more tokens/s than sdpa + torch LoRA on W1 and W2, bench/RESULTS.md), else
+    to sdpa and torch LoRA.
     `kv_len_bucket`: decode attends over the first multiple of this many cache positions that covers
     the longest running sequence (one graph per bucket), not over the whole slot.
     `graph_batch_sizes`: the batch-size buckets; a batch runs in the smallest bucket that holds it.
@@ -38,8 +44,9 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     compile: bool | None = None
     compile_backend: str = "inductor"
-    lora_kernels: bool = False
-    attention: str = "sdpa"
+    lora_kernels: bool | None = None
+    attention: str | None = None
+    fused_kernels: bool = False
     kv_len_bucket: int = 128
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192,
                                                         224, 256, 320, 384, 448, 512))
@@ -61,8 +68,16 @@ class EngineConfig:
             self.cuda_graphs = on_cuda
         if self.compile is None:
             self.compile = False  # off until measured: the first H100 run did not finish its first call in 150 s
+        triton_kernels = on_cuda and importlib.util.find_spec("triton") is not None
+        if self.lora_kernels is None:
+            self.lora_kernels = triton_kernels
+        if self.attention is None:
+            self.attention = "triton" if triton_kernels else "sdpa"
         if self.attention not in ("sdpa", "triton"):
             raise ValueError(f"attention must be 'sdpa' or 'triton', got {self.attention!r}")
+        if self.fused_kernels and self.attention != "triton":
+            raise ValueError("fused_kernels needs attention='triton' (its attention reads the cache the fused "
+                             "RoPE kernel writes)")
         if self.attention == "triton":
             self.kv_len_bucket = self.max_seq_length  # the kernel reads lengths itself: one bucket
         if self.kv_len_bucket < 1:

@@ -159,7 +159,8 @@ class LLMEngine:
         """References to the live parameters with `adapter` on; the cached binding is kept while it reads
         the same tensors (so CUDA graphs and compiled code stay valid)."""
         _check_adapter(self.model, adapter)
-        fresh = llama.LlamaWeights.bind(self.model, adapter, lora_kernels=self.config.lora_kernels)
+        fresh = llama.LlamaWeights.bind(self.model, adapter, lora_kernels=self.config.lora_kernels,
+                                        fused_kernels=self.config.fused_kernels)
         cached = self._bound.get(adapter)
         if cached is not None and cached.signature() == fresh.signature():
             return cached

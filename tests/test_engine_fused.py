@@ -1,0 +1,95 @@
+"""The decode step's fused Triton kernels (engine/fused_kernels.py) against the torch functions they
+replace, and the engine decoding through them against transformers. On a CPU through Triton's
+interpreter (skipped where triton is not installed)."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, at import
+
+from ahazero.engine import fused_kernels  # noqa: E402
+from ahazero.engine.layers import apply_rope, rms_norm  # noqa: E402
+from ahazero.engine.types import SamplingParams  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def same_roundings(got, want, sums=False):
+    """On a GPU the kernels round as torch does: equal, up to the order of a float32 sum (`sums`). Triton's
+    interpreter truncates float32 -> bfloat16 instead of rounding to nearest: a few steps of the dtype."""
+    if DEVICE == "cuda" and not sums:
+        assert torch.equal(got, want)
+        return
+    steps = 1 if DEVICE == "cuda" else 4
+    tol = steps * torch.finfo(want.dtype).eps * want.float().abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,H", [(1, 64), (6, 96), (5, 1536)])
+def test_add_rms_norm_matches_the_torch_math(N, H, dtype):
+    torch.manual_seed(N + H)
+    h, delta = (torch.randn(N, H, device=DEVICE, dtype=dtype) for _ in range(2))
+    weight = torch.randn(H, device=DEVICE, dtype=dtype)
+    x, res = fused_kernels.add_rms_norm(h, delta, weight, 1e-6)
+    same_roundings(res, h + delta)
+    same_roundings(x, rms_norm(h + delta, weight, 1e-6), sums=True)
+    same_roundings(fused_kernels.rms_norm(h, weight, 1e-6), rms_norm(h, weight, 1e-6), sums=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_cache_rotates_q_and_k_and_writes_the_slots(dtype):
+    torch.manual_seed(0)
+    B, HQ, HKV, D, T, slots = 3, 4, 2, 16, 12, 5
+    qkv = torch.randn(B, (HQ + 2 * HKV) * D, device=DEVICE, dtype=dtype)  # one fused projection's output
+    q, k, v = (t.view(B, -1, D) for t in qkv.split([HQ * D, HKV * D, HKV * D], dim=1))  # strided views
+    cos, sin = torch.randn(T, D, device=DEVICE, dtype=dtype), torch.randn(T, D, device=DEVICE, dtype=dtype)
+    positions = torch.tensor([0, 7, 11], device=DEVICE)
+    cache_k = torch.randn(slots, HKV, T, D, device=DEVICE, dtype=dtype)
+    cache_v = torch.randn(slots, HKV, T, D, device=DEVICE, dtype=dtype)
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [B, 1, D]
+    rows = torch.arange(B, device=DEVICE)
+    want_k[rows, :, positions] = apply_rope(k, c, s)
+    want_v[rows, :, positions] = v
+    got_q = fused_kernels.rope_and_cache(q, k, v, cos, sin, positions, cache_k, cache_v)
+    same_roundings(got_q, apply_rope(q, c, s))
+    same_roundings(cache_k, want_k)  # rotated k at the positions, nothing else touched
+    assert torch.equal(cache_v, want_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    torch.manual_seed(1)
+    gate, up = (torch.randn(7, 300, device=DEVICE, dtype=dtype) * 3 for _ in range(2))
+    same_roundings(fused_kernels.silu_mul(gate, up), torch.nn.functional.silu(gate) * up, sums=True)  # exp differs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_engine_with_fused_kernels_matches_transformers(arch):
+    import tiny
+    from ahazero.engine.engine import create_generator
+    from test_engine import hf_greedy
+    tok = tiny.tokenizer()
+    m = tiny.tiny_model(arch, initializer_range=0.3)
+    prompts = [tok.encode(t) for t in ("Hi", "What is the capital of France? Think step by step.", "1 + 1 =")]
+    want = [hf_greedy(m, p, 8) for p in prompts]  # on the CPU
+    gen = create_generator(m.to(DEVICE), tok, max_seq_length=64, attention="triton", fused_kernels=True,
+                           cuda_graphs=True, graph_batch_sizes=(4, 8))
+    got = gen.generate(prompts, SamplingParams(temperature=0, max_tokens=8, n=2, ignore_eos=True))
+    for w, out in zip(want, got):
+        assert [c.token_ids for c in out.outputs] == [w] * 2
+
+
+def test_fused_kernels_need_the_triton_attention():
+    from ahazero.engine.config import EngineConfig
+    with pytest.raises(ValueError, match="attention='triton'"):
+        EngineConfig(max_seq_length=64, device=torch.device("cpu"), dtype=torch.float32, fused_kernels=True,
+                     attention="sdpa")
