@@ -153,6 +153,35 @@ def test_fused_nf4_kernel_is_only_used_where_blocks_do_not_span_rows():
                                      layer.code, layer.nested_code, 70)
 
 
+@pytest.mark.parametrize("N,dtype,bias", [(1, torch.bfloat16, True), (8, torch.float16, False),
+                                          (16, torch.bfloat16, False), (32, torch.float16, True),
+                                          (48, torch.bfloat16, True)])
+def test_fused_nf4_kernel_splits_k_and_reduces_in_the_last_split(N, dtype, bias):
+    """K = 18 blocks split over several programs (a short last split) whose partials the tile's last split
+    adds; a partial column tile; x a misaligned view (its rows are read as 32-bit pairs: the launcher
+    copies it). Two calls give the same bits: the tile counters are back to 0 after each launch."""
+    from ahazero.models import nf4_kernels
+    from ahazero.models.linear4bit import Linear4bit
+    torch.manual_seed(0)
+    K, O = 1152, 130
+    layer = Linear4bit.from_linear(torch.nn.Linear(K, O, bias=bias).to(dtype)).to(DEVICE)
+    tiles = -(-O // nf4_kernels.BLOCK_O)
+    splits, per_split = nf4_kernels._splits(tiles, K // 64, nf4_kernels._sm_count(torch.device(DEVICE)))
+    assert splits > 1 and K // 64 % per_split
+    x = torch.randn(N, K + 1, dtype=dtype, device=DEVICE)[:, 1:]  # [N, K], rows K + 1 apart, 2 bytes off
+    args = (layer.weight.view(-1), layer.absmax, layer.nested_absmax, layer.offset, layer.code, layer.nested_code, O,
+            layer.bias)
+    with torch.no_grad():
+        want = x.float() @ layer.dequantized_weight().float().t()
+        if bias:
+            want += layer.bias.float()
+        got = nf4_kernels.nf4_linear_small(x, *args)
+        again = nf4_kernels.nf4_linear_small(x.contiguous(), *args)
+    assert got.dtype == dtype and got.shape == (N, O)
+    torch.testing.assert_close(got, want.to(dtype), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+
+
 def test_engine_decodes_a_4bit_model_through_the_fused_kernel():
     import tiny
     from ahazero.engine.engine import create_generator
@@ -171,3 +200,24 @@ def test_engine_decodes_a_4bit_model_through_the_fused_kernel():
         finally:
             Linear4bit.fused_kernel = None
     assert outs[True] == outs[False]
+
+
+def test_the_fused_nf4_kernel_is_checked_before_it_serves_by_default(monkeypatch, caplog):
+    """Default (fused_kernel None) on a device: the kernel is compared with dequantise-then-matmul once;
+    a kernel that disagrees is turned off with a warning, and the plain path serves."""
+    from ahazero.models import linear4bit, nf4_kernels
+    device = torch.device(DEVICE)
+    linear4bit._fused_kernel_checked.cache_clear()
+    assert linear4bit._fused_kernel_checked(device)
+    linear4bit._fused_kernel_checked.cache_clear()
+    monkeypatch.setattr(nf4_kernels, "nf4_linear_small", lambda x, *a: torch.zeros(x.shape[0], a[6], dtype=x.dtype,
+                                                                                    device=x.device))
+    monkeypatch.setattr(linear4bit, "_has_triton", lambda: True)
+    layer = linear4bit.Linear4bit.from_linear(torch.nn.Linear(128, 64)).to(DEVICE)
+    with caplog.at_level("WARNING", logger="ahazero"):
+        if DEVICE == "cuda":
+            assert not layer.use_fused_kernel(device)
+        else:
+            assert not linear4bit._fused_kernel_checked(device)
+    assert "disagrees" in caplog.text
+    linear4bit._fused_kernel_checked.cache_clear()

@@ -74,6 +74,28 @@ def _fused():
 
 
 @functools.cache
+def _fused_kernel_checked(device: torch.device) -> bool:
+    """Once per device, before the fused kernel serves by default: its output on random inputs (several
+    batch sizes, split K, repeated calls) against dequantise-then-matmul. A mismatch turns it off for the
+    process, with a warning: 4-bit decode then runs the slower plain path, never a wrong one."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(1152, 200, dtype=torch.bfloat16, device=device))
+    weight = layer.dequantized_weight().float()  # [200, 1152]
+    worst = 0.0
+    for rows in (1, 7, 32, 32, 32):
+        x = torch.randn(rows, 1152, device=device, dtype=torch.bfloat16, generator=gen)  # [rows, 1152]
+        got = _fused().nf4_linear_small(x, layer.weight.view(-1), layer.absmax, layer.nested_absmax, layer.offset,
+                                        layer.code, layer.nested_code, 200, layer.bias).float()
+        want = x.float() @ weight.t() + layer.bias.float()  # [rows, 200]
+        worst = max(worst, ((got - want).norm() / want.norm()).item())
+    if not worst < 1e-2:  # bf16 rounding of the output gives ~3e-3
+        logger.warning("the fused NF4 kernel disagrees with dequantise-then-matmul on %s (relative error %.2e); "
+                       "4-bit decode uses the plain path", device, worst)
+        return False
+    return True
+
+
+@functools.cache
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -93,7 +115,9 @@ class Linear4bit(nn.Linear):
         if self.fused_kernel is False or (self.fused_kernel is None and (device.type != "cuda" or not _has_triton())):
             return False
         meta = self.quant_meta
-        return _fused().supports(self.in_features, meta["blocksize"], meta["nested_blocksize"])
+        if not _fused().supports(self.in_features, meta["blocksize"], meta["nested_blocksize"]):
+            return False
+        return self.fused_kernel is True or _fused_kernel_checked(device)
 
     def __init__(self, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
         nn.Module.__init__(self)

@@ -4,33 +4,61 @@ Decode reads every weight once per step for a handful of rows, so its speed is t
 plain path (`Linear4bit`: dequantise the whole weight into a 16-bit temporary, then a GEMM) reads the
 4-bit weight, writes and reads a 16-bit copy: more traffic than a bf16 GEMV. This kernel instead reads
 the packed bytes (0.5 byte per weight) plus the 8-bit absmax codes, dequantises each tile in registers
-exactly as `nf4.dequantize_nf4` does (absmax = dyn[q] * absmax2 + offset, w = nf4[code] * absmax, in
-float32, rounded to the input's dtype), and multiplies it with x in float32.
+exactly as `nf4.dequantize_nf4` does (absmax = dyn[q] * absmax2[block // 256] + offset,
+w = nf4[code] * absmax, in float32, rounded to the input's dtype), and multiplies it with x, accumulating
+in float32.
 
-The weight is [O, K] flattened row-major into blocks of 64, two codes per byte with the even element in
-the high nibble. The kernel takes K % 64 == 0 (every real model's widths), so a quantisation block never
-spans two rows: a tile of BLOCK_O weight rows x BLOCK_K columns is BLOCK_O x BLOCK_K/2 contiguous bytes
-(one load), whose high nibbles pair with x's even columns and low nibbles with its odd ones, and whose
-absmax is BLOCK_O x BLOCK_K/64 codes (one small load, broadcast over each block's 32 bytes). A program
-owns BLOCK_O output columns and a K_PER_SPLIT slice of K for up to BLOCK_N rows; the split-K partial
-sums [S, N, O] are added by the launcher, so a small batch still fills the GPU.
+Layout: the weight is [O, K] flattened row-major into blocks of 64, two codes per byte with the even
+element in the high nibble. The kernel takes K % 64 == 0 (every real model's widths), so a quantisation
+block never spans two rows: block b of weight row o is the 32 contiguous bytes at (o * K/64 + b) * 32,
+with one absmax code. One step of a program reads block b of BLOCK_O rows as a [32, BLOCK_O] byte tile
+(a 16-byte vector load per thread), looks each byte up in a [256, 2] table of its two NF4 values
+(nf4[b >> 4], nf4[b & 15]; one 8-byte L1-resident gather per byte, the table built once per `code`
+tensor), scales by the rows' absmax and rounds to x's dtype. The high nibbles are the block's even
+columns and the low nibbles its odd ones, so instead of interleaving them the step does two dots of
+K = 32: W_even x_even^T + W_odd x_odd^T, with x's even/odd columns read as one 32-bit load per pair.
+The dot is "swapped", out^T [BLOCK_O, BLOCK_N] = W [BLOCK_O, 32] @ x^T [32, BLOCK_N], so the weight tile
+is the MMA's A operand, which Hopper's wgmma reads from registers (Triton moves the gathered values into
+that layout through shared memory; the tile is transposed, never reshaped or joined) and x (N <= 32
+rows, padded to BLOCK_N) is the small B operand. The tensor cores do the multiply-adds, the CUDA cores
+only the dequantisation: about 8 SASS instructions per weight in the loop (sm_90, BLOCK_O 64, 4 warps,
+80 registers, 8 KB shared memory, no spills). Each step issues the next step's loads (bytes, absmax
+codes, x) before its own work, into registers: no shared-memory pipelining; occupancy hides the rest.
+
+Grid: (column tiles of BLOCK_O output features, splits of K). K is split until there are about
+PROGRAMS_PER_SM programs per SM, keeping at least MIN_BLOCKS_PER_SPLIT blocks each. A split writes
+its float32 partial [BLOCK_O, N] to a workspace and bumps its tile's counter; the last split of a
+tile to arrive (the counter reaches S - 1) adds the partials in split order (deterministic), adds the
+bias, casts to x's dtype, stores y and resets the counter to 0. So one launch does everything
+(no zero-fill, sum or cast kernels; the counters live in a per-device buffer kept between calls,
+always 0 between launches on a stream; concurrent launches on two streams would race on them).
+
 Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1), as the tests do; there the
-dot runs in float32 (the interpreter's bf16 dot is wrong).
+dot runs in float32 (the interpreter's bf16 dot is wrong), as it does for float32 inputs.
+
+To tune on an H100 (the constants below): BLOCK_O / NUM_WARPS (64 / 4; 128 / 8 has 12% fewer
+instructions per weight but 104 registers, 2 programs per SM), PROGRAMS_PER_SM (4; the splits of K),
+MIN_BLOCKS_PER_SPLIT (4; fewer splits cut the partials' traffic, which grows with N), BLOCK_N (N
+rounded up to a power of 2, at least 16; 8 would take mma.sync instead of wgmma), and MAX_ROWS (the
+crossover with dequantise + GEMM, likely above 32 now).
 """
 from __future__ import annotations
 
+import functools
 import os
+import weakref
 
 import torch
 import triton
 import triton.language as tl
 
 MAX_ROWS = 32  # above this the dequantise-then-GEMM path wins (its cost is amortised over the rows)
-BLOCK_N = 16  # rows per tile (tl.dot's minimum)
-BLOCK_O = 64
-BLOCK_K = 256  # 4 quantisation blocks: 128 contiguous bytes per weight row per step
-K_PER_SPLIT = 512  # K per program: a multiple of BLOCK_K
 QBLOCK = 64  # the NF4 blocksize the kernel is written for
+BLOCK_O = 64  # output features per program: the wgmma M (64 per warpgroup)
+NUM_WARPS = 4
+PROGRAMS_PER_SM = 4  # split K until about this many programs per SM
+MIN_BLOCKS_PER_SPLIT = 4  # at least this many 64-blocks (32 bytes of each row) per program
+COUNTERS = 1 << 14  # per-device tile counters for the split-K reduction (grown on demand)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -40,49 +68,157 @@ def supports(in_features: int, blocksize: int, nested_blocksize: int) -> bool:
 
 
 @triton.jit
-def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, code_ptr, dyn_ptr, out_ptr,
-                     N, O, K, row_bytes, row_blocks, stride_x, K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
-    """Program (row block, column block, split): out[s, rows, cols] = x[rows, ks] @ W[cols, ks]^T.
-    row_bytes = K // 2 and row_blocks = K // 64 are passed in, so Triton sees their alignment."""
-    HALF: tl.constexpr = BLOCK_K // 2  # bytes per weight row per step
-    NB: tl.constexpr = BLOCK_K // 64  # quantisation blocks per weight row per step
-    pid_n, pid_o, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of x
-    cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO] rows of W (output features)
+def _load_step(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, valid):
+    """Block blk of each row: bytes [32, BO] (uint8), absmax code [BO] (int32) and absmax2 [BO]."""
+    ok = col_ok & valid
+    byte = tl.load(byte_at + blk * 32, mask=ok[None, :], other=0)  # uint8
+    q = tl.load(absmax_q_ptr + block_of_row + blk, mask=ok, other=0).to(tl.int32)
+    a2 = tl.load(absmax2_ptr + (block_of_row + blk) // 256, mask=ok, other=0.0)
+    return byte, q, a2
+
+
+@triton.jit
+def _load_x(x_ptr, x_at, n_ok, j, blk, X_PAIRS: tl.constexpr):
+    """Load x's columns of block blk, transposed: X_PAIRS (16-bit x): the [32, BN] int32 (even, odd)
+    pairs, twice; else the even and odd columns, [32, BN] each. `_split_x` makes them operands."""
+    if X_PAIRS:
+        pair = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + x_at[None, :] + blk * 32 + j[:, None],
+                       mask=n_ok[None, :], other=0)
+        return pair, pair
+    else:
+        at = x_ptr + x_at[None, :] + blk * 64 + 2 * j[:, None]
+        return tl.load(at, mask=n_ok[None, :], other=0.0), tl.load(at + 1, mask=n_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _split_x(a, b, dtype: tl.constexpr, X_PAIRS: tl.constexpr):
+    """(even, odd) [32, BN] in x's dtype from `_load_x`'s tiles; a pair's even column is its low half."""
+    if X_PAIRS:
+        return a.to(tl.int16).to(dtype, bitcast=True), (a >> 16).to(tl.int16).to(dtype, bitcast=True)
+    else:
+        return a, b
+
+
+@triton.jit
+def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, pairs_ptr, dyn_ptr, bias_ptr,
+                     partial_ptr, count_ptr, out_ptr, N, O, row_blocks, x_row_stride, blocks_per_split,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+                     X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr):
+    """Program (column tile, split s): acc [BO, BN] = W[cols, blocks of s] @ x[:, blocks of s]^T, then the
+    split-K reduction and the store of out [N, O]. pairs_ptr: float32 [256, 2], (nf4[b >> 4], nf4[b & 15])
+    of byte b. x_row_stride is in 32-bit pairs when X_PAIRS, else in elements."""
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    tile = tl.program_id(0)
+    s = tl.program_id(1)
+    cols = tile * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO] weight rows = output features
     col_ok = cols < O
-    pair = tl.arange(0, HALF)  # [HALF] byte within the tile's row
-    blocks = tl.arange(0, NB)  # [NB]
-    ks = tl.arange(0, BLOCK_K)  # [BK]
+    j = tl.arange(0, 32)  # [32] byte within a block
+    n = tl.arange(0, BLOCK_N)  # [BN] rows of x
+    n_ok = n < N
+    first = s * blocks_per_split
+    last = first + blocks_per_split
+    if last > row_blocks:  # the last split may be short
+        last = row_blocks
     offset = tl.load(offset_ptr)
-    acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        first = s * K_PER_SPLIT + k0  # first column of the tile (a multiple of 64)
-        byte_at = packed_ptr + cols.to(tl.int64)[:, None] * row_bytes + first // 2 + pair[None, :]  # contiguous
-        byte = tl.load(byte_at, mask=col_ok[:, None] & (first + 2 * pair < K)[None, :], other=0).to(tl.int32)
-        b_mask = col_ok[:, None] & (first + blocks * 64 < K)[None, :]  # [BO, NB]
-        block = cols.to(tl.int64)[:, None] * row_blocks + first // 64 + blocks[None, :]  # [BO, NB]
-        absmax_q = tl.load(absmax_q_ptr + block, mask=b_mask, other=0).to(tl.int32)
-        absmax = tl.load(dyn_ptr + absmax_q) * tl.load(absmax2_ptr + block // 256, mask=b_mask, other=0.0) + offset
-        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BLOCK_O, NB, 32)), (BLOCK_O, HALF))  # per byte
-        hi = tl.load(code_ptr + (byte >> 4)) * absmax  # [BO, HALF] even columns, float32
-        lo = tl.load(code_ptr + (byte & 15)) * absmax  # odd columns
-        w = tl.reshape(tl.join(hi, lo), (BLOCK_O, BLOCK_K)).to(x_ptr.dtype.element_ty)  # [BO, BK] as the plain path
-        x_mask = (rows[:, None] < N) & (first + ks < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + first + ks[None, :], mask=x_mask, other=0.0)  # [BN, BK]
+    block_of_row = cols * row_blocks  # [BO] each row's first block (int32: the launcher checks the size)
+    byte_at = packed_ptr + block_of_row[None, :] * 32 + j[:, None]  # [32, BO] byte j of block 0, contiguous in j
+    x_at = n * x_row_stride  # [BN]
+    table = pairs_ptr.to(tl.pointer_type(tl.int64))  # one 64-bit load per byte: both of its values
+    acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
+    byte, q, a2 = _load_step(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first, first < last)
+    xa, xb = _load_x(x_ptr, x_at, n_ok, j, first, X_PAIRS)
+    blk = first
+    while blk < last:  # (a while loop: the interpreter can't take range() bounds derived from program_id)
+        cur_byte, cur_q, cur_a2, cur_xa, cur_xb = byte, q, a2, xa, xb
+        # the next step's loads, in flight during this one (the last step's are masked off)
+        byte, q, a2 = _load_step(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk + 1, blk + 1 < last)
+        xa, xb = _load_x(x_ptr, x_at, n_ok & (blk + 1 < last), j, blk + 1, X_PAIRS)
+        absmax = (tl.load(dyn_ptr + cur_q) * cur_a2 + offset)[None, :]  # [1, BO] float32
+        both = tl.load(table + cur_byte)  # [32, BO] int64: nf4[byte >> 4] in the low half, nf4[byte & 15] high
+        hi = (both.to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)  # the block's even columns
+        lo = ((both >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)  # its odd columns
+        even, odd = _split_x(cur_xa, cur_xb, dtype, X_PAIRS)  # [32, BN] each
         if DOT_F32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w).to(tl.float32), input_precision="ieee")
+            acc = tl.dot(tl.trans(hi).to(tl.float32), even.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(lo).to(tl.float32), odd.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc += tl.dot(x, tl.trans(w))
-    out = out_ptr + (s * N + rows[:, None]) * O + cols[None, :]
-    tl.store(out, acc, mask=(rows[:, None] < N) & (cols[None, :] < O))
+            acc = tl.dot(tl.trans(hi), even, acc)
+            acc = tl.dot(tl.trans(lo), odd, acc)
+        blk += 1
+
+    ok = col_ok[:, None] & n_ok[None, :]
+    at = n[None, :] * O + cols[:, None]  # [BO, BN] into [N, O]
+    S = tl.num_programs(1)
+    done = S == 1
+    if S > 1:
+        tl.store(partial_ptr + s * N * O + at, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        done = arrived == S - 1
+        if done:  # the tile's last split: add all S partials in split order
+            total = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
+            t = 0
+            while t < S:
+                p = tl.load(partial_ptr + t * N * O + at, mask=ok & (t != s), other=0.0, cache_modifier=".cg")
+                total += tl.where(t == s, acc, p)
+                t += 1
+            acc = total
+            tl.store(count_ptr + tile, 0)  # ready for the next launch
+    if done:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+@functools.cache
+def _splits(tiles: int, row_blocks: int, sms: int) -> tuple[int, int]:
+    """(splits, blocks per split): about PROGRAMS_PER_SM programs per SM, >= MIN_BLOCKS_PER_SPLIT blocks each."""
+    want = min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles), max(row_blocks // MIN_BLOCKS_PER_SPLIT, 1))
+    per_split = triton.cdiv(row_blocks, want)
+    return triton.cdiv(row_blocks, per_split), per_split
+
+
+_pair_tables: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """float32 [256, 2]: (code[b >> 4], code[b & 15]) of byte b, cached per code tensor: rebuilt when the
+    tensor is modified in place (an inference tensor has no version counter: taken as never modified),
+    dropped with it."""
+    key, version = id(code), -1 if code.is_inference() else code._version
+    hit = _pair_tables.get(key)
+    if hit is not None and hit[0]() is code and hit[1] == version:
+        return hit[2]
+    byte = torch.arange(256, device=code.device)
+    table = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).float().contiguous()  # [256, 2]
+    _pair_tables[key] = (weakref.ref(code, lambda _: _pair_tables.pop(key, None)), version, table)
+    return table
+
+
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tile counters int32 [>= tiles], all 0 between launches: each launch's last split resets its tile's;
+    a float32 [1] stand-in for the partials of an unsplit launch)."""
+    ws = _workspaces.get(device)
+    if ws is None or ws[0].numel() < tiles:
+        ws = _workspaces[device] = (torch.zeros(max(tiles, COUNTERS), dtype=torch.int32, device=device),
+                                    torch.empty(1, dtype=torch.float32, device=device))
+    return ws
 
 
 def nf4_linear_small(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, absmax2: torch.Tensor,
                      offset: torch.Tensor, code: torch.Tensor, dyn: torch.Tensor, out_features: int,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, K] (N <= MAX_ROWS, K % 64 == 0) with the NF4 weight [out_features, K] in the bitsandbytes
-    layout (blocksize 64, nested blocksize 256) -> [N, O].
+    """x [N, K] (K % 64 == 0; any N, but above MAX_ROWS the module dequantises instead) with the NF4
+    weight [out_features, K] in the bitsandbytes layout (blocksize 64, nested blocksize 256) -> [N, O]
+    in x's dtype.
 
     packed uint8 [ceil(O*K/2)], absmax_q uint8 [nb], absmax2 float32 [nb2], offset float32 [],
     code float32 [16], dyn float32 [256], all on x's device; bias [O] or None.
@@ -90,16 +226,25 @@ def nf4_linear_small(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tens
     N, K = x.shape
     if K % QBLOCK:
         raise ValueError(f"the fused NF4 kernel takes K % {QBLOCK} == 0, got K = {K}")
-    x = x.contiguous()
-    splits = triton.cdiv(K, K_PER_SPLIT)
-    partial = torch.empty(splits, N, out_features, device=x.device, dtype=torch.float32)  # [S, N, O]
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(out_features, BLOCK_O), splits)
-    dot_f32 = INTERPRET or x.dtype == torch.float32
-    _nf4_gemv_kernel[grid](x, packed, absmax_q, absmax2, offset, code, dyn, partial, N, out_features, K,
-                           K // 2, K // QBLOCK, x.stride(0), K_PER_SPLIT, BLOCK_N=BLOCK_N, BLOCK_O=BLOCK_O,
-                           BLOCK_K=BLOCK_K, DOT_F32=dot_f32,
-                           num_stages=1 if dot_f32 else 2)  # float32 tiles of 3 stages overflow shared memory
-    y = partial.sum(0)  # [N, O] float32
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype)
+    if packed.numel() >= 2 ** 31:
+        raise ValueError("the fused NF4 kernel indexes the weight with int32")
+    if N == 0:
+        return x.new_empty(0, out_features)
+    pairs = x.element_size() == 2  # x's (even, odd) columns read as one 32-bit word
+    if x.stride(-1) != 1 or (pairs and (x.stride(0) % 2 or x.data_ptr() % 4)):
+        x = x.clone(memory_format=torch.contiguous_format)
+    row_blocks = K // QBLOCK
+    tiles = triton.cdiv(out_features, BLOCK_O)
+    splits, per_split = _splits(tiles, row_blocks, _sm_count(x.device))
+    counts, partial = _workspace(x.device, tiles)
+    if splits > 1:
+        partial = torch.empty(splits, N, out_features, device=x.device, dtype=torch.float32)  # [S, N, O]
+    out = torch.empty(N, out_features, device=x.device, dtype=x.dtype)
+    _nf4_gemv_kernel[(tiles, splits)](
+        x, packed, absmax_q, absmax2, offset, _pair_table(code), dyn, out if bias is None else bias, partial,
+        counts, out,
+        N, out_features, row_blocks, x.stride(0) // 2 if pairs else x.stride(0), per_split,
+        HAS_BIAS=bias is not None, BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_O=BLOCK_O, X_PAIRS=pairs,
+        DOT_F32=INTERPRET or x.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=1,
+        enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
+    return out
