@@ -11,8 +11,8 @@ other, with the peak memory of each:
                    decode-attention kernels on CUDA, no torch.compile
   ahazero-fused    as `ahazero`, plus engine/fused_kernels.py (add+RMSNorm, RoPE+KV write, SiLU*up in one
                    launch each; not yet the default: unmeasured)
-  ahazero-compile  as `ahazero`, plus torch.compile of the decode step (first call took > 190 s on an
-                   H100 on 2026-11-27: not the default)
+  ahazero-compile  as `ahazero`, plus torch.compile of the decoder layer (compiling the whole decode step
+                   took > 190 s on its first call on an H100 on 2026-11-27; per layer: unmeasured)
   ahazero-graphs   CUDA graphs, SDPA attention and LoRA through torch (no Triton kernels)
   ahazero-lora     as `ahazero-graphs`, LoRA through the grouped Triton kernels
   ahazero-attn     as `ahazero-graphs`, decode attention through our split-KV Triton kernel

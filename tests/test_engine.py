@@ -91,15 +91,26 @@ def test_padded_bucket_path_matches_eager(tok):
 
 
 def test_decode_step_traces_with_dynamo(tok):
-    """torch.compile(dynamic=True) traces the decode step in one graph (backend "eager": tracing only)."""
-    m = model("qwen3")
+    """torch.compile(dynamic=True) of the decoder layer gives the eager tokens, and its graphs are as
+    large for 4 layers as for 2: one trace serves every layer (compile time does not grow with depth)."""
     prompts = prompt_ids(tok)[:2]
     params = SamplingParams(temperature=0, max_tokens=6, n=2, ignore_eos=True)
-    ref = engine(m, tok, cuda_graphs=False).generate(prompts, params)
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(error_on_recompile=False):
-        got = engine(m, tok, cuda_graphs=True, compile=True, compile_backend="eager").generate(prompts, params)
-    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in ref]
+    largest = []
+    for layers in (2, 4):
+        sizes = []
+
+        def recording_backend(gm, example_inputs):  # tracing only, as backend "eager", noting graph sizes
+            sizes.append(len(gm.graph.nodes))
+            return gm.forward
+
+        m = model("qwen3", num_hidden_layers=layers)
+        ref = engine(m, tok, cuda_graphs=False).generate(prompts, params)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(error_on_recompile=False):
+            got = engine(m, tok, cuda_graphs=True, compile=True, compile_backend=recording_backend).generate(prompts, params)
+        assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in ref]
+        largest.append(max(sizes))
+    assert largest[0] == largest[1] > 20
 
 
 def test_seeded_sampling_is_reproducible(tok):

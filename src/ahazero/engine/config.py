@@ -19,8 +19,9 @@ class EngineConfig:
     `max_batch_size` caps the number of KV slots (sequences decoded at once).
     `max_prefill_tokens` caps the padded tokens (prompts x longest prompt) of one prefill forward.
     `cuda_graphs` replays the decode step from CUDA graphs over batch-size and KV-length buckets.
-    `compile` runs the decode step through torch.compile (fuses norms, RoPE and adds) before capture
-    (off by default: on an H100 its first call did not finish in 190 s, 2026-11-27);
+    `compile` runs the decoder layer through torch.compile (fuses norms, RoPE and adds) before capture
+    (off by default: compiling the whole step, its first call did not finish in 190 s on an H100,
+    2026-11-27; the layer is compiled now, unmeasured);
     `compile_backend` is torch.compile's backend ("eager" in the CPU tests: tracing only).
     `attention`: "sdpa" (PyTorch's kernels over a length bucket, masked) or "triton" (our split-KV kernel,
     engine/attention_kernels.py, which reads each sequence's own length; needs triton).

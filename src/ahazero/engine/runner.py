@@ -45,12 +45,13 @@ class ModelRunner:
                                        eager_step=self._decode_step(None))
 
     def _decode_step(self, config: EngineConfig | None):
-        """The function the graphs capture: (weights, ids [B], meta) -> logits [B, V]; compiled when asked
-        (one trace with symbolic batch size and KV length serves every bucket)."""
-        step = llama.decode
+        """The function the graphs capture: (weights, ids [B], meta) -> logits [B, V]. When asked, the
+        decoder layer is compiled rather than the whole step: Dynamo re-uses its graph for every layer
+        (symbolic batch size and KV length), so compile time does not grow with the model's depth."""
+        layer = llama.decoder_layer
         if config is not None and config.compile:
-            step = torch.compile(llama.decode, dynamic=True, backend=config.compile_backend)
-        return lambda weights, ids, meta: step(weights, ids, meta, self.kv, self.rope, self.attend)
+            layer = torch.compile(llama.decoder_layer, dynamic=True, backend=config.compile_backend)
+        return lambda weights, ids, meta: llama.decode(weights, ids, meta, self.kv, self.rope, self.attend, layer)
 
     @property
     def num_slots(self) -> int:

@@ -150,13 +150,15 @@ def _prefill_attend(q, k, v, cache_k, cache_v, meta: PrefillMetadata, scale: flo
     return out.transpose(1, 2).reshape(P * T, out.shape[1], out.shape[3])  # [P*T, Hq, D]
 
 
-def _run_layers(w: LlamaWeights, input_ids, positions, kv: KVCache, rope, meta, attend: Attend):
-    """input_ids, positions: [N]. Returns the final hidden rows before the last norm, [N, H]."""
+def _run_layers(w: LlamaWeights, input_ids, positions, kv: KVCache, rope, meta, attend: Attend,
+                layer: Callable = decoder_layer):
+    """input_ids, positions: [N]. Returns the final hidden rows before the last norm, [N, H].
+    `layer`: decoder_layer, or a compiled version of it (the same function for every layer)."""
     cos, sin = rope[0][positions].unsqueeze(1), rope[1][positions].unsqueeze(1)  # [N, 1, D]
     h = F.embedding(input_ids, w.embed)  # [N, H]
     for i, lw in enumerate(w.layers):
         cache_k, cache_v = kv.layer(i)
-        h = decoder_layer(w, lw, h, cos, sin, cache_k, cache_v, meta, attend)
+        h = layer(w, lw, h, cos, sin, cache_k, cache_v, meta, attend)
     return h
 
 
@@ -175,12 +177,13 @@ def prefill(w: LlamaWeights, input_ids, meta: PrefillMetadata, kv: KVCache, rope
 
 
 def decode(w: LlamaWeights, input_ids, meta: DecodeMetadata, kv: KVCache, rope,
-           attend: Attend = decode_attention) -> torch.Tensor:
+           attend: Attend = decode_attention, layer: Callable = decoder_layer) -> torch.Tensor:
     """input_ids: [B], the last token of the sequence in slot b. Returns next-token logits [B, V].
-    `attend`: attention.decode_attention (SDPA) or attention.decode_attention_triton."""
+    `attend`: attention.decode_attention (SDPA) or attention.decode_attention_triton; `layer`: see
+    _run_layers (not used by the fused path)."""
     if w.fused_kernels:
         return _decode_fused(w, input_ids, meta, kv, rope)
-    h = _run_layers(w, input_ids, meta.positions, kv, rope, meta, attend)
+    h = _run_layers(w, input_ids, meta.positions, kv, rope, meta, attend, layer)
     return logits(w, h)
 
 
