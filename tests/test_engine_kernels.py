@@ -221,3 +221,12 @@ def test_the_fused_nf4_kernel_is_checked_before_it_serves_by_default(monkeypatch
             assert not linear4bit._fused_kernel_checked(device)
     assert "disagrees" in caplog.text
     linear4bit._fused_kernel_checked.cache_clear()
+
+    def broken(*args):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(nf4_kernels, "nf4_linear_small", broken)
+    with caplog.at_level("WARNING", logger="ahazero"):
+        assert not linear4bit._fused_kernel_checked(device)
+    assert "no kernel image" in caplog.text
+    linear4bit._fused_kernel_checked.cache_clear()
