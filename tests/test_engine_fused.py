@@ -93,3 +93,59 @@ def test_fused_kernels_need_the_triton_attention():
     with pytest.raises(ValueError, match="attention='triton'"):
         EngineConfig(max_seq_length=64, device=torch.device("cpu"), dtype=torch.float32, fused_kernels=True,
                      attention="sdpa")
+
+
+VIEWS = {"aten.t.default", "aten.view.default", "aten.unsqueeze.default", "aten.select.int", "aten.slice.Tensor",
+         "aten.alias.default", "aten.expand.default", "aten._unsafe_view.default", "aten.reshape.default",
+         "aten.transpose.int", "aten.as_strided.default", "aten.detach.default", "aten.split.Tensor",
+         "aten.split_with_sizes.default"}
+
+
+def launches_per_layer(fused, layers=(2, 4)):
+    """Ops that launch work (not views) in one decode step, per decoder layer: the difference between a
+    4-layer and a 2-layer model, halved. Each custom op (a Triton launcher) counts once."""
+    import collections
+    import tiny
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from ahazero.engine import runner as runner_module
+    from ahazero.engine.engine import create_generator
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) not in VIEWS:
+                self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    tok = tiny.tokenizer()
+    totals = []
+    for n in layers:
+        m = tiny.tiny_model("qwen2", num_hidden_layers=n).to(DEVICE)
+        gen = create_generator(m, tok, max_seq_length=64, attention="triton", fused_kernels=fused, lora_kernels=False,
+                               cuda_graphs=False)
+        steps = []
+        decode = runner_module.llama.decode
+
+        def counted(*a, **k):
+            with Count() as c:
+                out = decode(*a, **k)
+            steps.append(sum(c.ops.values()))
+            return out
+
+        runner_module.llama.decode = counted
+        try:
+            gen.generate([tok.encode("Hi")], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        finally:
+            runner_module.llama.decode = decode
+        totals.append(steps[-1])
+    return (totals[1] - totals[0]) / (layers[1] - layers[0])
+
+
+def test_the_fused_decode_step_launches_far_fewer_kernels_per_layer():
+    """Per layer (no adapter, the Triton attention): the torch path's norms, RoPE, cache writes and
+    activation (37 ops) against one launch each: 7 projections + 2 norms + RoPE/cache + attention + SiLU*up."""
+    torch_path, fused_path = launches_per_layer(False), launches_per_layer(True)
+    assert fused_path <= 12 and torch_path > 2.5 * fused_path, (fused_path, torch_path)
