@@ -88,7 +88,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from memory import (ASSETS, GIB, ROOT, SYSTEM_PROMPT, TARGETS, TOKENIZER, Meter,  # noqa: E402
-                    importable, save_random_model)
+                    append_jsonl, importable, save_random_model)
 
 BACKENDS = ("ahazero", "unsloth", "trl")
 PEERS = ("unsloth", "trl")
@@ -499,10 +499,7 @@ def parent(args) -> None:
         raise SystemExit(f"writing the random-weight checkpoint failed: {failure}")
     records = [run_backend(b, args) for b in backends]
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        append_jsonl(args.out, records)
     print()
     print(table(records, args))
 

@@ -481,12 +481,17 @@ def parent(args) -> None:
         records.append(record)
         print(f"[{b}] {json.dumps(record)}", flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        append_jsonl(args.out, records)
     print()
     print(table(records))
+
+
+def append_jsonl(path: str, records: list[dict]) -> None:
+    """One JSON line per record, appended to `path` (made if missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
 
 
 def table(records: list[dict]) -> str:

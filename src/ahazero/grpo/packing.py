@@ -23,8 +23,7 @@ Whether a model's attention honours packed position_ids is measured, not assumed
 """
 from __future__ import annotations
 
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -174,7 +173,7 @@ def varlen_context(decoder):
     """Packed forwards run on our varlen attention (models/varlen.py), unless the decoder's own attention
     already keeps packed sequences apart sparsely: sdpa and eager would build a dense [S, S] mask."""
     if packs_sparsely(attention_implementation(decoder)):
-        return contextlib.nullcontext()
+        return nullcontext()
     return packed_attention(decoder)
 
 

@@ -188,7 +188,7 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     temporaries are the float32 values and the output; the products are the same float32 `code * absmax`.
     """
     n, bs = state.shape.numel(), state.blocksize
-    pairs = _byte_table(state.code)[packed.reshape(-1).int()]  # [ceil(n/2), 2] float32
+    pairs = byte_table(state.code)[packed.reshape(-1).int()]  # [ceil(n/2), 2] float32
     values = pairs.view(-1)[:n]  # [n]
     absmax = dequantize_absmax(state)  # [nb]
     nb_full = n // bs
@@ -199,7 +199,7 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     return w.to(state.dtype).view(state.shape)
 
 
-def _byte_table(code: torch.Tensor) -> torch.Tensor:
+def byte_table(code: torch.Tensor) -> torch.Tensor:
     """[256, 2]: the two table values a packed byte stands for, high nibble first."""
     byte = torch.arange(256, device=code.device)
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)

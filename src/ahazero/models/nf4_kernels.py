@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .nf4 import byte_table
+
 MAX_ROWS = 32  # above this the dequantise-then-GEMM path wins (its cost is amortised over the rows)
 QBLOCK = 64  # the NF4 blocksize the kernel is written for
 BLOCK_O = 64  # output features per program: the wgmma M (64 per warpgroup)
@@ -194,8 +196,7 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     hit = _pair_tables.get(key)
     if hit is not None and hit[0]() is code and hit[1] == version:
         return hit[2]
-    byte = torch.arange(256, device=code.device)
-    table = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).float().contiguous()  # [256, 2]
+    table = byte_table(code).float().contiguous()  # [256, 2]
     _pair_tables[key] = (weakref.ref(code, lambda _: _pair_tables.pop(key, None)), version, table)
     return table
 
