@@ -7,25 +7,27 @@ layers, active; EOS ignored so every completion has the full length):
 
 Backends, each timed on its second call (the first compiles / captures), in one process, one after the
 other, with the peak memory of each:
-  ahazero          the engine as users get it: CUDA graphs over batch buckets, the Triton LoRA and
-                   decode-attention kernels on CUDA, no torch.compile
-  ahazero-fused    as `ahazero`, plus engine/fused_kernels.py (add+RMSNorm, RoPE+KV write, SiLU*up in one
-                   launch each; not yet the default: unmeasured)
-  ahazero-compile  as `ahazero`, plus torch.compile of the decoder layer (compiling the whole decode step
-                   took > 190 s on its first call on an H100 on 2026-11-27; per layer: unmeasured)
+  ahazero          the engine as users get it: CUDA graphs over batch buckets, the Triton LoRA,
+                   decode-attention and fused kernels (add+RMSNorm, RoPE+KV write, SiLU*up in one launch
+                   each) on CUDA, no torch.compile
+  ahazero-unfused  as `ahazero` without the fused kernels (the default before 2026-11-27, second session)
+  ahazero-compile  as `ahazero-unfused`, plus torch.compile of the decoder layer (compiling the whole decode
+                   step took > 190 s on its first call on an H100; the layer: 15 s, 2026-11-27)
   ahazero-graphs   CUDA graphs, SDPA attention and LoRA through torch (no Triton kernels)
   ahazero-lora     as `ahazero-graphs`, LoRA through the grouped Triton kernels
   ahazero-attn     as `ahazero-graphs`, decode attention through our split-KV Triton kernel
   ahazero-eager    the engine, no graphs, no compile, no Triton kernels
   hf               transformers generate, default (dynamic) cache
   hf-static        transformers generate, cache_implementation="static" (compiled)
-  profile          (not a timing) torch.profiler's table of the engine's eager decode kernels
+  profile          (not a timing) torch.profiler's table of the engine's eager decode kernels, with the
+                   GPU's busy time per step against the wall time
+  profile-graphs   the same for the graphs of `ahazero` (what their replays launch)
 The roofline is (weight bytes + KV bytes read per decode step) / device-to-device copy bandwidth
 ((bytes read + bytes written) / time of a 2 GiB copy), summed over the decode steps.
 
 Run on a GPU machine, from the repository root:
-  python bench/rollout.py --workload W1 --model qwen2.5-1.5b --backends ahazero,ahazero-fused,ahazero-graphs,hf-static,hf
-  python bench/rollout.py --workload W2 --model qwen2.5-1.5b --backends ahazero,ahazero-fused,ahazero-graphs,hf-static,hf
+  python bench/rollout.py --workload W1 --model qwen2.5-1.5b --backends ahazero,ahazero-unfused,ahazero-graphs,hf-static,hf
+  python bench/rollout.py --workload W2 --model qwen2.5-1.5b --backends ahazero,ahazero-unfused,ahazero-graphs,hf-static,hf
   python bench/rollout.py --workload W1 --model qwen2.5-1.5b --backends ahazero-lora,ahazero-attn,ahazero-graphs
   python bench/rollout.py --workload W1 --model llama-3.1-8b --backends ahazero,hf-static
   python bench/rollout.py --workload W1 --prompts 4 --load-in-4bit --backends ahazero   (issue 6: 4-bit at batch 32)
@@ -195,35 +197,48 @@ def run_hf(model, tok, prompts, wl, static: bool) -> dict:
     return dict(seconds=seconds, first_call_s=first)
 
 
-def run_profile(model, tok, prompts, wl, max_seq_length) -> dict:
-    """Not a timing: the kernels of a few eager decode steps (what the graphs replay), heaviest first."""
+def run_profile(model, tok, prompts, wl, max_seq_length, steps: int = 32, **options) -> dict:
+    """Not a timing: the GPU kernels of `steps` decode steps, heaviest first, and how busy the GPU was.
+    Without options it profiles eager decode (each op a launch); with cuda_graphs=True, what the graphs
+    replay. busy = union of kernel intervals; the rest of the wall time the GPU waited for the host."""
     from torch.profiler import ProfilerActivity, profile
     from ahazero.engine.engine import create_generator
     from ahazero.engine.types import SamplingParams
-    gen = create_generator(model, tok, max_seq_length=max_seq_length, cuda_graphs=False, compile=False)
-    params = SamplingParams(temperature=1.0, max_tokens=8, n=wl["n"], ignore_eos=True, seed=0)
+    options = dict(dict(cuda_graphs=False, compile=False), **options)  # the default kernels
+    gen = create_generator(model, tok, max_seq_length=max_seq_length, **options)
+    params = SamplingParams(temperature=1.0, max_tokens=steps, n=wl["n"], ignore_eos=True, seed=0)
     gen.generate(prompts, params)
     on_cuda = DEVICE.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
-        gen.generate(prompts, params)
+        _, wall = timed(lambda: gen.generate(prompts, params))
     print(prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=30))
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return dict(kernels_per_step=len(kernels) / 8)
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, reach = 0.0, float("-inf")
+    for start, end in kernels:  # union of the intervals (us)
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    result = dict(kernels_per_step=len(kernels) / steps, wall_ms_per_step=wall * 1e3 / steps,
+                  gpu_busy_ms_per_step=busy / 1e3 / steps)
+    print(json.dumps(result))
+    return result
 
 
 TORCH_PATHS = dict(lora_kernels=False, attention="sdpa", compile=False)
 BACKENDS = {
     "ahazero": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L),
-    "ahazero-fused": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, fused_kernels=True, attention="triton"),
-    "ahazero-compile": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, compile=True),
+    "ahazero-unfused": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, fused_kernels=False),
+    "ahazero-compile": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, compile=True, fused_kernels=False),
     "ahazero-graphs": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=True, **TORCH_PATHS),
     "ahazero-lora": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, lora_kernels=True, attention="sdpa"),
-    "ahazero-attn": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, lora_kernels=False, attention="triton"),
+    "ahazero-attn": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, lora_kernels=False, attention="triton",
+                                                       fused_kernels=False),
     "ahazero-eager": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=False, **TORCH_PATHS),
     "hf": lambda m, t, p, wl, L: run_hf(m, t, p, wl, static=False),
     "hf-static": lambda m, t, p, wl, L: run_hf(m, t, p, wl, static=True),
     "profile": run_profile,
+    "profile-graphs": lambda m, t, p, wl, L: run_profile(m, t, p, wl, L, cuda_graphs=True),
 }
 
 

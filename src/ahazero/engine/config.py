@@ -27,10 +27,11 @@ class EngineConfig:
     engine/attention_kernels.py, which reads each sequence's own length; needs triton).
     `lora_kernels` applies LoRA with engine/lora_kernels.py's grouped Triton kernels (needs triton).
     `fused_kernels` runs the decode step's RMSNorms, RoPE + KV-cache write and SiLU * up through
-    engine/fused_kernels.py (needs the Triton attention). Off by default until measured on a GPU.
-    `lora_kernels` and `attention` default to the Triton kernels on CUDA where triton is installed
-    (H100, 2026-11-27: 14-21% more tokens/s than sdpa + torch LoRA on W1 and W2, bench/RESULTS.md), else
-    to sdpa and torch LoRA.
+    engine/fused_kernels.py (needs the Triton attention).
+    `lora_kernels`, `attention` and `fused_kernels` default to the Triton kernels on CUDA where triton is
+    installed, else to sdpa, torch LoRA and the torch ops (H100, bench/RESULTS.md: the LoRA and attention
+    kernels 14-21% more tokens/s than sdpa + torch LoRA on W1 and W2; the fused kernels 39% more on W2 and
+    29% more in 4-bit at batch 32).
     `kv_len_bucket`: decode attends over the first multiple of this many cache positions that covers
     the longest running sequence (one graph per bucket), not over the whole slot.
     `graph_batch_sizes`: the batch-size buckets; a batch runs in the smallest bucket that holds it.
@@ -47,7 +48,7 @@ class EngineConfig:
     compile_backend: str = "inductor"
     lora_kernels: bool | None = None
     attention: str | None = None
-    fused_kernels: bool = False
+    fused_kernels: bool | None = None
     kv_len_bucket: int = 128
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192,
                                                         224, 256, 320, 384, 448, 512))
@@ -76,6 +77,8 @@ class EngineConfig:
             self.attention = "triton" if triton_kernels else "sdpa"
         if self.attention not in ("sdpa", "triton"):
             raise ValueError(f"attention must be 'sdpa' or 'triton', got {self.attention!r}")
+        if self.fused_kernels is None:
+            self.fused_kernels = triton_kernels and self.attention == "triton"
         if self.fused_kernels and self.attention != "triton":
             raise ValueError("fused_kernels needs attention='triton' (its attention reads the cache the fused "
                              "RoPE kernel writes)")

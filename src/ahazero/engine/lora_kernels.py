@@ -17,7 +17,15 @@ import triton.language as tl
 
 MAX_GROUP = 3  # q, k, v
 BLOCK_N = 16  # rows per program: small batches are the point, and a row block re-reads A and B from L2
-SPLIT_K = 512  # the shrink's K per program (a multiple of its BLOCK_K): K=8960 gives 18 programs per row block
+# The shrink is latency-bound at decode sizes (A is 32 x 1536 to 32 x 8960, x a few rows): its time is
+# the serial K loop of one program, so K is split finely and each program does one tile. H100, 2026-11-27,
+# bench/kernels.py, one Qwen2.5-1.5B layer's 4 groups at N = 6: 99.7 us with SPLIT_K 512 and 4 warps
+# (then 44% of a W2 decode step), 42.1 us as below; torch's F.linear + addmm: 149.3 us.
+SPLIT_K = 64  # the shrink's K per program (a multiple of SHRINK_BLOCK_K)
+SHRINK_BLOCK_K = 64
+SHRINK_WARPS = 2
+EXPAND_BLOCK_O = 128
+EXPAND_WARPS = 4
 
 
 @triton.jit
@@ -65,7 +73,7 @@ def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R,
     ranks = tl.arange(0, BLOCK_R)  # [BR]
     xa_mask = (rows[:, None] < N) & (ranks[None, :] < R)
     xa = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for s in range(0, SPLITS):
+    for s in tl.static_range(SPLITS):  # unrolled: the S loads are in flight together
         xa += tl.load(xa_ptr + ((s * G + g) * N + rows[:, None]) * R + ranks[None, :], mask=xa_mask, other=0.0)
     b_mask = (cols[None, :] < O) & (ranks[:, None] < R)
     b = tl.load(b_ptr + cols[None, :] * R + ranks[:, None], mask=b_mask, other=0.0)  # [BR, BO] = B^T tile
@@ -80,31 +88,36 @@ def _block_r(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
 
-def num_splits(K: int) -> int:
-    return triton.cdiv(K, SPLIT_K)
+def num_splits(K: int, split_k: int = SPLIT_K) -> int:
+    return triton.cdiv(K, split_k)
 
 
-def _shrink(x: torch.Tensor, a: list[torch.Tensor]) -> torch.Tensor:
+def _shrink(x: torch.Tensor, a: list[torch.Tensor], split_k: int = SPLIT_K, block_k: int = SHRINK_BLOCK_K,
+            num_warps: int = SHRINK_WARPS) -> torch.Tensor:
     """x [N, K], a: G tensors [R, K] -> partial sums [S, G, N, R] float32 (sum over S is x @ A_g^T)."""
+    if split_k % block_k:
+        raise ValueError(f"split_k ({split_k}) must be a multiple of block_k ({block_k})")
     N, K = x.shape
     G, R = len(a), a[0].shape[0]
-    out = torch.empty(num_splits(K), G, N, R, device=x.device, dtype=torch.float32)  # [S, G, N, R]
+    splits = num_splits(K, split_k)
+    out = torch.empty(splits, G, N, R, device=x.device, dtype=torch.float32)  # [S, G, N, R]
     a = a + [a[0]] * (MAX_GROUP - G)
-    grid = (triton.cdiv(N, BLOCK_N), G, num_splits(K))
-    _shrink_kernel[grid](x, *a, out, N, K, R, x.stride(0), SPLIT_K,
-                         BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), BLOCK_K=64)
+    grid = (triton.cdiv(N, BLOCK_N), G, splits)
+    _shrink_kernel[grid](x, *a, out, N, K, R, x.stride(0), split_k,
+                         BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), BLOCK_K=block_k, num_warps=num_warps)
     return out
 
 
-def _expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tensor], scales: list[float]) -> None:
+def _expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tensor], scales: list[float],
+                block_o: int = EXPAND_BLOCK_O, num_warps: int = EXPAND_WARPS) -> None:
     """xa [S, G, N, R] partial sums; b: G tensors [O_g, R]; y: G tensors [N, O_g], updated in place."""
     splits, G, N, R = xa.shape
-    BLOCK_O = 64
     outs = [t.shape[1] for t in y]
     pad = MAX_GROUP - G
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(max(outs), BLOCK_O), G)
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(max(outs), block_o), G)
     _expand_kernel[grid](xa, *(b + [b[0]] * pad), *(y + [y[0]] * pad), *(list(scales) + [0.0] * pad),
-                         *(outs + [0] * pad), N, R, splits, BLOCK_N=BLOCK_N, BLOCK_O=BLOCK_O, BLOCK_R=_block_r(R))
+                         *(outs + [0] * pad), N, R, splits, BLOCK_N=BLOCK_N, BLOCK_O=block_o, BLOCK_R=_block_r(R),
+                         num_warps=num_warps)
 
 
 @torch.library.custom_op("ahazero::lora_shrink", mutates_args=())

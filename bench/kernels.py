@@ -1,0 +1,138 @@
+"""Decode-kernel tuning (issues 4 and 6): one decoder layer's LoRA and NF4 work at decode batch sizes,
+per kernel configuration, beside the torch path it replaces. GPU only.
+
+  lora  engine/lora_kernels.py's grouped shrink + expand for the 4 groups of a Qwen2.5-1.5B layer (q/k/v,
+        o, gate/up, down; r = 32), by (split_k, block_k, shrink warps, expand block_o); the torch row is
+        F.linear + addmm per projection (the engine's path without the kernels).
+  nf4   models/nf4_kernels.py's fused dequantise-GEMV for the layer's 7 linears, by (BLOCK_O, NUM_WARPS,
+        PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT); the bf16 row is the same matmuls on 16-bit weights.
+
+Each time is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph: GPU time, as the
+engine's graphs run it) over LAYERS distinct layers (so the weights come from memory, not from L2),
+divided by LAYERS: microseconds per layer. Every configuration is first checked against the reference.
+
+Run on a GPU machine, from the repository root:  python bench/kernels.py [--only lora|nf4]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+LAYERS = 8
+H, I, KV, R = 1536, 8960, 256, 32  # Qwen2.5-1.5B: hidden, intermediate, k/v width; LoRA rank
+GROUPS = [(H, [H, KV, KV]), (H, [H]), (H, [I, I]), (I, [H])]  # (in, outs) of q/k/v, o, gate/up, down
+LORA_CONFIGS = [  # (split_k, block_k, shrink warps, expand block_o); H100 2026-11-27 (RESULTS.md): 64/64/2/128
+    (512, 64, 4, 64), (128, 64, 2, 64), (64, 64, 2, 64), (64, 64, 2, 128), (64, 64, 1, 128), (32, 32, 1, 128),
+    (64, 64, 2, 256), (32, 32, 2, 128)]
+NF4_CONFIGS = [  # (BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT); H100 2026-11-27: fewer
+    # splits won over more (64, 4, 4, 4: 109 us per layer at N = 6, bf16 61 us; 64, 4, 16, 1: 146 us)
+    (64, 4, 4, 4), (64, 4, 2, 4), (64, 4, 4, 8), (64, 4, 2, 8), (64, 4, 1, 24), (64, 4, 1, 8), (128, 4, 4, 4),
+    (128, 4, 2, 8), (64, 8, 4, 4), (64, 8, 2, 8), (64, 2, 4, 4), (64, 2, 2, 8)]
+
+
+def bench(fn) -> float:
+    import triton.testing
+    return triton.testing.do_bench_cudagraph(fn, return_mode="median") * 1e3 / LAYERS  # us per layer
+
+
+def rel(got, want) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def lora_table(batches):
+    from ahazero.engine import lora_kernels as lk
+    dev = torch.device("cuda")
+    layers = []
+    for _ in range(LAYERS):
+        groups = []
+        for K, outs in GROUPS:
+            a = [torch.randn(R, K, device=dev) * K ** -0.5 for _ in outs]  # PEFT keeps the adapter in float32
+            b = [torch.randn(O, R, device=dev) * R ** -0.5 for O in outs]
+            groups.append((K, a, b))
+        layers.append(groups)
+    rows = []
+    for N in batches:
+        xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
+        ys = [[[torch.zeros(N, O, device=dev, dtype=torch.bfloat16) for O in outs] for _, outs in GROUPS]
+              for _ in range(LAYERS)]
+
+        def torch_path():
+            for groups, yl in zip(layers, ys):
+                for (K, a, b), yg in zip(groups, yl):
+                    for A, B, y in zip(a, b, yg):
+                        xa = torch.nn.functional.linear(xs[K].to(A.dtype), A)
+                        y.copy_(torch.addmm(y.to(B.dtype), xa, B.t(), alpha=2.0))
+
+        def kernels(cfg):
+            split_k, block_k, warps, block_o = cfg
+            for groups, yl in zip(layers, ys):
+                for (K, a, b), yg in zip(groups, yl):
+                    xa = lk._shrink(xs[K], a, split_k=split_k, block_k=block_k, num_warps=warps)
+                    lk._expand_add(xa, b, yg, [2.0] * len(a), block_o=block_o)
+
+        row = {"N": N, "torch": bench(torch_path)}
+        for cfg in LORA_CONFIGS:
+            K, a, b = layers[0][3]
+            y = torch.zeros(N, H, device=dev, dtype=torch.bfloat16)
+            lk._expand_add(lk._shrink(xs[K], a, *cfg[:3]), b, [y], [2.0], block_o=cfg[3])
+            want = 2.0 * (xs[K].float() @ a[0].t()) @ b[0].t()
+            err = rel(y, want)
+            row[cfg] = bench(lambda: kernels(cfg)) if err < 1e-2 else float("nan")
+        rows.append(row)
+    print(f"\nLoRA, us per layer (4 groups, r={R}); torch = F.linear + addmm per projection")
+    print("| N | torch | " + " | ".join("split %d bk %d w %d bo %d" % c for c in LORA_CONFIGS) + " |")
+    print("| --- " * (len(LORA_CONFIGS) + 2) + "|")
+    for row in rows:
+        print(f"| {row['N']} | {row['torch']:.1f} | " + " | ".join(f"{row[c]:.1f}" for c in LORA_CONFIGS) + " |")
+
+
+def nf4_table(batches):
+    from ahazero.models import nf4_kernels as nk
+    from ahazero.models.linear4bit import Linear4bit
+    dev = torch.device("cuda")
+    shapes = [(H, H), (KV, H), (KV, H), (H, H), (I, H), (I, H), (H, I)]  # (out, in): q k v o gate up down
+    linears = [[torch.nn.Linear(K, O, bias=False, dtype=torch.bfloat16, device=dev) for O, K in shapes]
+               for _ in range(LAYERS)]
+    quantized = [[Linear4bit.from_linear(lin) for lin in layer] for layer in linears]
+    Linear4bit.fused_kernel = True
+    rows = []
+    for N in batches:
+        xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
+        bf16 = bench(lambda: [lin(xs[lin.in_features]) for layer in linears for lin in layer])
+        row = {"N": N, "bf16": bf16}
+        for cfg in NF4_CONFIGS:
+            nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT = cfg
+            nk._splits.cache_clear()
+            q = quantized[0][6]
+            err = rel(q(xs[I]), xs[I] @ q.dequantized_weight(torch.bfloat16).t())
+            row[cfg] = bench(lambda: [q(xs[q.in_features]) for layer in quantized for q in layer]) \
+                if err < 1e-2 else float("nan")
+        rows.append(row)
+    Linear4bit.fused_kernel = None
+    print("\nNF4, us per layer (7 linears of a Qwen2.5-1.5B layer); bf16 = the same matmuls on 16-bit weights")
+    print("| N | bf16 | " + " | ".join("BO %d w %d pps %d mbs %d" % c for c in NF4_CONFIGS) + " |")
+    print("| --- " * (len(NF4_CONFIGS) + 2) + "|")
+    for row in rows:
+        print(f"| {row['N']} | {row['bf16']:.1f} | " + " | ".join(f"{row[c]:.1f}" for c in NF4_CONFIGS) + " |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("lora", "nf4"))
+    p.add_argument("--batches", default="1,6,32,128")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    print(torch.cuda.get_device_name(), torch.__version__)
+    if args.only in (None, "lora"):
+        lora_table(batches)
+    if args.only in (None, "nf4"):
+        nf4_table([b for b in batches if b <= 32])
+
+
+if __name__ == "__main__":
+    main()
