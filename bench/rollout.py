@@ -250,12 +250,15 @@ def main():
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "bench" / "rollout_results.jsonl"))
     ap.add_argument("--prompts", type=int, help="override the workload's prompt count (batch = prompts x n)")
+    ap.add_argument("--n", type=int, help="override the workload's completions per prompt")
     ap.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (issue 6)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 8 new tokens")
     args = ap.parse_args()
     wl = dict(WORKLOADS[args.workload], **(dict(new_tokens=8) if args.smoke else {}))
     if args.prompts:
         wl["prompts"] = args.prompts
+    if args.n:
+        wl["n"] = args.n
     tok = tokenizer()
     model = build_model(args.model, args.lora_rank, smoke=args.smoke, load_in_4bit=args.load_in_4bit)
     prompts = gsm8k_prompts(tok, wl["prompts"], model.config.vocab_size)

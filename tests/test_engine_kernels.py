@@ -116,10 +116,13 @@ def test_engine_with_triton_attention_matches_transformers():
 @pytest.mark.parametrize("N,K,O,dtype", [(1, 64, 64, torch.float32), (5, 320, 72, torch.float32),
                                          (3, 1152, 70, torch.bfloat16), (17, 640, 130, torch.float32),
                                          (32, 1536, 200, torch.bfloat16)])
-def test_fused_nf4_linear_matches_dequantise_then_matmul(N, K, O, dtype):
-    """Widths past one tile (256) and one split (512), a partial tile, O not a multiple of the column block."""
+@pytest.mark.parametrize("fma_rows", [0, 32], ids=["tensor-cores", "cuda-cores"])
+def test_fused_nf4_linear_matches_dequantise_then_matmul(N, K, O, dtype, fma_rows, monkeypatch):
+    """Widths past one tile (256) and one split (512), a partial tile, O not a multiple of the column block;
+    the products on the tensor cores (tl.dot) and on the CUDA cores (FMA_MAX_ROWS)."""
     from ahazero.models import nf4_kernels
     from ahazero.models.linear4bit import Linear4bit
+    monkeypatch.setattr(nf4_kernels, "FMA_MAX_ROWS", fma_rows)
     torch.manual_seed(0)
     plain = Linear4bit.from_linear(torch.nn.Linear(K, O).to(dtype)).to(DEVICE)
     fused = Linear4bit.from_linear(torch.nn.Linear(K, O).to(dtype)).to(DEVICE)
@@ -156,12 +159,15 @@ def test_fused_nf4_kernel_is_only_used_where_blocks_do_not_span_rows():
 @pytest.mark.parametrize("N,dtype,bias", [(1, torch.bfloat16, True), (8, torch.float16, False),
                                           (16, torch.bfloat16, False), (32, torch.float16, True),
                                           (48, torch.bfloat16, True)])
-def test_fused_nf4_kernel_splits_k_and_reduces_in_the_last_split(N, dtype, bias):
+@pytest.mark.parametrize("block_o,fma_rows", [(64, 0), (32, 32)], ids=["tensor-cores", "cuda-cores"])
+def test_fused_nf4_kernel_splits_k_and_reduces_in_the_last_split(N, dtype, bias, block_o, fma_rows, monkeypatch):
     """K = 18 blocks split over several programs (a short last split) whose partials the tile's last split
     adds; a partial column tile; x a misaligned view (its rows are read as 32-bit pairs: the launcher
     copies it). Two calls give the same bits: the tile counters are back to 0 after each launch."""
     from ahazero.models import nf4_kernels
     from ahazero.models.linear4bit import Linear4bit
+    monkeypatch.setattr(nf4_kernels, "BLOCK_O", block_o)
+    monkeypatch.setattr(nf4_kernels, "FMA_MAX_ROWS", fma_rows)
     torch.manual_seed(0)
     K, O = 1152, 130
     layer = Linear4bit.from_linear(torch.nn.Linear(K, O, bias=bias).to(dtype)).to(DEVICE)

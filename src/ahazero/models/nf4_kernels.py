@@ -39,8 +39,11 @@ dot runs in float32 (the interpreter's bf16 dot is wrong), as it does for float3
 To tune on an H100 (the constants below): BLOCK_O / NUM_WARPS (64 / 4; 128 / 8 has 12% fewer
 instructions per weight but 104 registers, 2 programs per SM), PROGRAMS_PER_SM (4; the splits of K),
 MIN_BLOCKS_PER_SPLIT (4; fewer splits cut the partials' traffic, which grows with N), BLOCK_N (N
-rounded up to a power of 2, at least 16; 8 would take mma.sync instead of wgmma), and MAX_ROWS (the
-crossover with dequantise + GEMM, likely above 32 now).
+rounded up to a power of 2, at least 16; 8 would take mma.sync instead of wgmma), FMA_MAX_ROWS (the rows
+up to which the products run on the CUDA cores, a [32, BO, BN] multiply summed over the block's bytes,
+instead of the dot) and MAX_ROWS (the crossover with dequantise + GEMM, likely above 32 now).
+`python bench/kernels.py --only nf4` times configurations per decoder layer; on an H100 (2026-11-27) the
+defaults below were the fastest of those tried, at 1.7-2.0x the time of the bf16 matmuls (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ BLOCK_O = 64  # output features per program: the wgmma M (64 per warpgroup)
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 4  # split K until about this many programs per SM
 MIN_BLOCKS_PER_SPLIT = 4  # at least this many 64-blocks (32 bytes of each row) per program
+FMA_MAX_ROWS = 1  # up to this many rows, multiply on the CUDA cores instead of the tensor cores. H100,
+# bench/kernels.py, one Qwen2.5-1.5B layer: 94.5 against 104.7 us at N = 1; at N = 6 152 against 108 us and at
+# N = 32 the [32, BO, BN] products spill (14 ms), so the tensor cores take every batch above 1
 COUNTERS = 1 << 14  # per-device tile counters for the split-K reduction (grown on demand)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -105,7 +111,7 @@ def _split_x(a, b, dtype: tl.constexpr, X_PAIRS: tl.constexpr):
 def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, pairs_ptr, dyn_ptr, bias_ptr,
                      partial_ptr, count_ptr, out_ptr, N, O, row_blocks, x_row_stride, blocks_per_split,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
-                     X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr):
+                     X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr):
     """Program (column tile, split s): acc [BO, BN] = W[cols, blocks of s] @ x[:, blocks of s]^T, then the
     split-K reduction and the store of out [N, O]. pairs_ptr: float32 [256, 2], (nf4[b >> 4], nf4[b & 15])
     of byte b. x_row_stride is in 32-bit pairs when X_PAIRS, else in elements."""
@@ -140,7 +146,10 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, p
         hi = (both.to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)  # the block's even columns
         lo = ((both >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)  # its odd columns
         even, odd = _split_x(cur_xa, cur_xb, dtype, X_PAIRS)  # [32, BN] each
-        if DOT_F32:
+        if FMA:  # CUDA cores: [32, BO, BN] products summed over the block's bytes, mostly within a thread
+            acc += tl.sum(hi.to(tl.float32)[:, :, None] * even.to(tl.float32)[:, None, :]
+                          + lo.to(tl.float32)[:, :, None] * odd.to(tl.float32)[:, None, :], axis=0)
+        elif DOT_F32:
             acc = tl.dot(tl.trans(hi).to(tl.float32), even.to(tl.float32), acc, input_precision="ieee")
             acc = tl.dot(tl.trans(lo).to(tl.float32), odd.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -235,6 +244,7 @@ def nf4_linear_small(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tens
     if x.stride(-1) != 1 or (pairs and (x.stride(0) % 2 or x.data_ptr() % 4)):
         x = x.clone(memory_format=torch.contiguous_format)
     row_blocks = K // QBLOCK
+    fma = N <= FMA_MAX_ROWS
     tiles = triton.cdiv(out_features, BLOCK_O)
     splits, per_split = _splits(tiles, row_blocks, _sm_count(x.device))
     counts, partial = _workspace(x.device, tiles)
@@ -245,7 +255,7 @@ def nf4_linear_small(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tens
         x, packed, absmax_q, absmax2, offset, _pair_table(code), dyn, out if bias is None else bias, partial,
         counts, out,
         N, out_features, row_blocks, x.stride(0) // 2 if pairs else x.stride(0), per_split,
-        HAS_BIAS=bias is not None, BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_O=BLOCK_O, X_PAIRS=pairs,
-        DOT_F32=INTERPRET or x.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=1,
+        HAS_BIAS=bias is not None, BLOCK_N=max(2 if fma else 16, triton.next_power_of_2(N)), BLOCK_O=BLOCK_O,
+        X_PAIRS=pairs, DOT_F32=INTERPRET or x.dtype == torch.float32, FMA=fma, num_warps=NUM_WARPS, num_stages=1,
         enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
     return out
