@@ -272,7 +272,8 @@ def run_ahazero(args, run: Run, folder: Path) -> None:
     run.loaded()
     rows, longest = prompt_rows(args)
     config = GRPOConfig(**notebook_config(args, fresh_output_dir("ahazero-out")), use_vllm=True, warmup_ratio=0.1,
-                        max_prompt_length=args.max_prompt_length, bf16=run.cuda, save_steps=args.steps)
+                        max_prompt_length=args.max_prompt_length, bf16=run.cuda, save_steps=args.steps,
+                        lora_autocast=args.lora_autocast)
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=[run.reward], args=config,
                           train_dataset=rows, callbacks=[run.clock])
     run.record.update(prompt_tokens_max=longest, **ahazero_details(model, trainer))
@@ -437,6 +438,7 @@ def worker_argv(args) -> list[str]:
             "--optim", args.optim, "--gpu-memory-utilization", str(args.gpu_memory_utilization),
             "--workdir", args.workdir]
     return (argv + (["--no-4bit"] if not args.load_in_4bit else []) + (["--smoke"] if args.smoke else [])
+            + (["--lora-autocast"] if args.lora_autocast else [])
             + (["--peer-path", str(Path(args.peer_path).resolve())] if args.peer_path else []))
 
 
@@ -540,6 +542,7 @@ def main(argv=None) -> None:
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (TRL's default 0)")
     p.add_argument("--optim", default="paged_adamw_8bit")
+    p.add_argument("--lora-autocast", action="store_true", help="GRPOConfig.lora_autocast for ahazero")
     p.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="16-bit base weights")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.6,
                    help="ahazero's from_pretrained (the notebook's 0.6): bounds its engine's KV cache")

@@ -33,8 +33,11 @@ subprocess, so three backends stay under 10 minutes):
 QLoRA (issue 6; the training step only, generation not included):
   python bench/memory.py --model qwen2.5-1.5b --generations 6 --completion-len 200 --load-in-4bit --backends ahazero,unsloth --out $OUT/memory.jsonl
   python bench/memory.py --model qwen2.5-1.5b --completion-len 1024 --load-in-4bit --optim adamw_8bit --backends ahazero,unsloth --out $OUT/memory.jsonl
+ahazero with GRPOConfig.lora_autocast (LoRA products in bf16 under torch.autocast, as Unsloth's):
+  python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --lora-autocast --backends ahazero --out $OUT/memory.jsonl
 (--backends defaults to ahazero,trl,unsloth; --micro-batch defaults to 1 row per forward/backward, 0 means
-all G rows at once.) Where a peer is not installed, point --trl-path / --unsloth-path at a folder of its
+all G rows at once. --optim, --load-in-4bit and --lora-autocast reach the workers; before 2026-11-27 the
+first two did not, so earlier 4-bit rows of this script, none of which are in RESULTS.md, were 16-bit.) Where a peer is not installed, point --trl-path / --unsloth-path at a folder of its
 unpacked wheels (`pip install --no-index --no-deps --target DIR *.whl`); Unsloth pins trl 1.15, so its
 folder must hold its own trl. The unsloth worker first writes the random weights to --workdir (3 GiB for
 Qwen2.5-1.5B, 15 GiB for Llama-3.1-8B) for its from_pretrained to load.
@@ -213,7 +216,8 @@ def run_ahazero(args, device, meter: Meter) -> dict:
                         per_device_train_batch_size=G, gradient_accumulation_steps=1,
                         micro_batch_size=args.micro_batch, max_completion_length=args.completion_len,
                         max_prompt_length=len(prompt_ids), beta=0.0, loss_type="dapo", learning_rate=1e-6,
-                        max_grad_norm=1.0, num_iterations=1, temperature=1.0, report_to=[], optim=args.optim)
+                        max_grad_norm=1.0, num_iterations=1, temperature=1.0, report_to=[], optim=args.optim,
+                        lora_autocast=args.lora_autocast)
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=fixed_reward, args=config,
                           train_dataset=_Rows([{"prompt": text}]), generator=object())
     trainer.optimizer = make_optimizer(trainer.trainable_parameters, config)
@@ -229,7 +233,7 @@ def run_ahazero(args, device, meter: Meter) -> dict:
                        batch.advantages)])
     return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup),
                 settings=f"micro_batch_size={args.micro_batch}, checkpointing={mode}, optim={args.optim}"
-                         + (", nf4" if args.load_in_4bit else ""))
+                         + (", nf4" if args.load_in_4bit else "") + (", lora_autocast" if args.lora_autocast else ""))
 
 
 class _Rows(list):
@@ -526,6 +530,7 @@ def main(argv=None) -> None:
     p.add_argument("--load-in-4bit", action="store_true",
                    help="QLoRA: NF4 base weights (ahazero's own; Unsloth's through bitsandbytes; TRL is skipped)")
     p.add_argument("--optim", default="adamw_torch", help="GRPOConfig.optim for ahazero (e.g. adamw_8bit)")
+    p.add_argument("--lora-autocast", action="store_true", help="GRPOConfig.lora_autocast for ahazero")
     p.add_argument("--out", default=None, help="JSONL file to append one line per backend to")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ahazero-bench-memory"))
     p.add_argument("--timeout", type=float, default=None, help="seconds per backend subprocess")
@@ -546,7 +551,9 @@ def main(argv=None) -> None:
     args.passthrough = ["--model", args.model, "--completion-len", str(args.completion_len), "--generations",
                         str(args.generations), "--micro-batch", str(args.micro_batch or 0), "--lora-rank",
                         str(args.lora_rank), "--ahazero-checkpointing", args.ahazero_checkpointing, "--warmup",
-                        str(args.warmup), "--workdir", args.workdir] + (["--smoke"] if args.smoke else [])
+                        str(args.warmup), "--workdir", args.workdir, "--optim", args.optim] \
+        + (["--smoke"] if args.smoke else []) + (["--load-in-4bit"] if args.load_in_4bit else []) \
+        + (["--lora-autocast"] if args.lora_autocast else [])
     parent(args)
 
 

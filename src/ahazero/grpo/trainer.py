@@ -82,6 +82,7 @@ class GRPOTrainer:
         self._warned_truncation = False
         self.micro_batch_tokens = self.args.micro_batch_tokens  # halved after an out-of-memory split
         self.split_on_oom = self.device.type == "cuda"  # out-of-memory chunks are split and retried
+        self.autocast_dtype = _autocast_dtype(model) if self.args.lora_autocast else None
         self.padding_free_reason: str | None = None  # why the padded forward is used (set at the first forward)
         self._padding_free: bool | None = None
         self.consumed_prompts = 0
@@ -271,7 +272,8 @@ class GRPOTrainer:
 
         def run(start: int, stop: int) -> None:
             chunk = b.rows(start, stop).to(self.device)
-            logps, _ = policy_logps(self.model, chunk, self.args.temperature, padding_free=self.use_padding_free())
+            logps, _ = policy_logps(self.model, chunk, self.args.temperature, padding_free=self.use_padding_free(),
+                                    autocast_dtype=self.autocast_dtype)
             out[start:stop, :logps.shape[1]] = logps.float().cpu()
 
         self._for_each_chunk(b, run)
@@ -359,7 +361,8 @@ class GRPOTrainer:
                 chunk = batch.rows(start, stop).to(self.device)
                 with offload_context(self.model):
                     logps, entropy = policy_logps(self.model, chunk, a.temperature, with_entropy=True,
-                                                  padding_free=self.use_padding_free())
+                                                  padding_free=self.use_padding_free(),
+                                                  autocast_dtype=self.autocast_dtype)
                 old = chunk.old_logps if chunk.old_logps is not None else logps.detach()
                 loss_tokens, stats = per_token_loss(logps, old, chunk.advantages, chunk.completion_mask,
                                                     epsilon_low=a.epsilon, epsilon_high=a.epsilon_high,
@@ -367,7 +370,8 @@ class GRPOTrainer:
                                                     ref_logps=chunk.ref_logps, beta=a.beta)
                 loss = aggregate_loss(loss_tokens, chunk.completion_mask, a.loss_type, normalizers[s])
                 if loss.requires_grad:  # not when a packed chunk has no counted token (all masked)
-                    loss.backward()
+                    with lora_inputs_uncast(self.model, self.autocast_dtype):
+                        loss.backward()
                 sums.add(loss, stats, entropy, logps.detach(), chunk, first_iteration)
 
             def run_packed_or_padded(start: int, stop: int, run=run) -> None:
@@ -462,28 +466,63 @@ class _StopOnSignal:
 # --- the pieces of the step, as functions ----------------------------------------------------------
 
 def policy_logps(model, batch: RolloutBatch, temperature: float, with_entropy: bool = False,
-                 padding_free: bool = False):
+                 padding_free: bool = False, autocast_dtype: torch.dtype | None = None):
     """Per-token log-probs [n, C] (float32) of the completion tokens, from the last hidden states in
     chunks (no [n, T, V] logits), and their entropy when asked.
 
     padding_free: run the rows packed into one row (grpo/packing.py) instead of padded [n, P+C]; only
     for a model where `packing_fallback_reason` is None. Then the log-probs (and entropy) are 0 at
-    completion positions outside completion_mask, which the loss masks out anyway."""
+    completion positions outside completion_mask, which the loss masks out anyway.
+    autocast_dtype: run the decoder (not the log-prob head) under torch.autocast in this dtype
+    (GRPOConfig.lora_autocast)."""
     if padding_free:
-        return _packed_policy_logps(model, batch, temperature, with_entropy)
+        return _packed_policy_logps(model, batch, temperature, with_entropy, autocast_dtype)
     decoder, head = decoder_and_head(model)
     P = batch.prompt_ids.shape[1]
     input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)  # [n, P+C]
     attention = torch.cat([batch.prompt_mask, torch.ones_like(batch.completion_ids)], dim=1)  # [n, P+C]
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # [n, P+C]
-    hidden = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                     use_cache=False).last_hidden_state  # [n, P+C, H]
+    hidden = _run_decoder(decoder, autocast_dtype, input_ids=input_ids, attention_mask=attention,
+                          position_ids=positions)  # [n, P+C, H]
     hidden = hidden[:, P - 1:-1]  # [n, C, H]: position P-1+t predicts completion token t
     return chunked_token_logprobs(hidden, head.weight, batch.completion_ids, temperature=temperature,
                                   bias=head.bias, with_entropy=with_entropy)
 
 
-def _packed_policy_logps(model, batch: RolloutBatch, temperature: float, with_entropy: bool):
+def _autocast_dtype(model) -> torch.dtype:
+    """GRPOConfig.lora_autocast: the dtype of the model's embeddings (its compute dtype), which must be 16-bit."""
+    dtype = decoder_and_head(model)[0].get_input_embeddings().weight.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"lora_autocast=True needs a bf16 or fp16 model (its LoRA products run in that dtype); "
+                         f"this one computes in {dtype}: load it with dtype=torch.bfloat16 or leave lora_autocast off")
+    return dtype
+
+
+def _run_decoder(decoder, autocast_dtype: torch.dtype | None, **inputs) -> torch.Tensor:
+    """The decoder's last hidden states; under torch.autocast in `autocast_dtype` when given (the backward's
+    recompute restores it: torch.utils.checkpoint and the offloaded checkpoint record the state)."""
+    device_type = decoder.get_input_embeddings().weight.device.type
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
+            lora_inputs_uncast(decoder, autocast_dtype):
+        return decoder(**inputs, use_cache=False).last_hidden_state
+
+
+def lora_inputs_uncast(model, autocast_dtype: torch.dtype | None):
+    """PEFT casts each LoRA layer's input to the adapter's dtype (float32), a copy that the backward keeps;
+    under autocast the products run in 16 bit all the same, so the cast is turned off (peft.helpers), in the
+    forward and around the backward (whose recompute runs the forward again). A PEFT without the helper
+    keeps the cast: the same numbers (16 -> 32 -> 16 bit is exact), a transient copy more."""
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:
+        return contextlib.nullcontext()
+    return disable_input_dtype_casting(model)
+
+
+def _packed_policy_logps(model, batch: RolloutBatch, temperature: float, with_entropy: bool,
+                         autocast_dtype: torch.dtype | None = None):
     """policy_logps on one packed row [1, S]: no attention mask, position_ids restarting per sequence,
     and only the M rows of hidden states that predict a counted completion token reach the lm_head."""
     decoder, head = decoder_and_head(model)
@@ -493,8 +532,8 @@ def _packed_policy_logps(model, batch: RolloutBatch, temperature: float, with_en
         zeros = torch.zeros(shape, dtype=torch.float32, device=batch.completion_ids.device)  # [n, C]
         return zeros, (zeros.clone() if with_entropy else None)
     with varlen_context(decoder):
-        hidden = decoder(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None],
-                         use_cache=False).last_hidden_state  # [1, S, H]
+        hidden = _run_decoder(decoder, autocast_dtype, input_ids=packed.input_ids[None],
+                              position_ids=packed.position_ids[None])  # [1, S, H]
     hidden = hidden[:, packed.predict_at]  # [1, M, H]
     logps, entropy = chunked_token_logprobs(hidden, head.weight, packed.targets[None], temperature=temperature,
                                             bias=head.bias, with_entropy=with_entropy)  # [1, M]

@@ -9,8 +9,8 @@ through it. While layer i recomputes, layer i-1's input is already coming back o
 
 This is transformers' checkpoint hook (`GradientCheckpointingLayer` calls
 `_gradient_checkpointing_func(layer_forward, *args)`), so only which function does the checkpointing
-changes. The RNG state is restored for the recompute (dropout masks match), as torch.utils.checkpoint
-does. On the CPU there is nothing to offload to: the input is kept as is (the math is the same).
+changes. The RNG and autocast states are restored for the recompute (dropout masks match, autocast
+regions compute alike), as torch.utils.checkpoint does. On the CPU there is nothing to offload to: the input is kept as is (the math is the same).
 Simplified against torch.utils.checkpoint: one tensor input (the hidden states) may require a gradient;
 other positional inputs are passed through as constants.
 """
@@ -75,6 +75,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.function, ctx.args, ctx.n_args = function, args, len(args)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.autocast = _autocast_state(hidden.device.type)
         ctx.saved = _Offloaded(hidden)
         with torch.no_grad():
             return function(hidden, *args)
@@ -83,7 +84,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, *grads):
         hidden = ctx.saved.get().detach().requires_grad_(True)
         devices = [hidden.device] if hidden.is_cuda else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(**ctx.autocast):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
@@ -94,6 +95,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.function = ctx.args = ctx.saved = None
         return (None, hidden.grad) + (None,) * ctx.n_args
+
+
+def _autocast_state(device_type: str) -> dict:
+    """torch.autocast's arguments that reproduce the current state (the recompute runs under the forward's)."""
+    return dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
+                dtype=torch.get_autocast_dtype(device_type))
 
 
 def offloaded_checkpoint(function, *args):
