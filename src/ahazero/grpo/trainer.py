@@ -510,15 +510,9 @@ def _run_decoder(decoder, autocast_dtype: torch.dtype | None, **inputs) -> torch
 def lora_inputs_uncast(model, autocast_dtype: torch.dtype | None):
     """PEFT casts each LoRA layer's input to the adapter's dtype (float32), a copy that the backward keeps;
     under autocast the products run in 16 bit all the same, so the cast is turned off (peft.helpers), in the
-    forward and around the backward (whose recompute runs the forward again). A PEFT without the helper
-    keeps the cast: the same numbers (16 -> 32 -> 16 bit is exact), a transient copy more."""
-    if autocast_dtype is None:
-        return contextlib.nullcontext()
-    try:
-        from peft.helpers import disable_input_dtype_casting
-    except ImportError:
-        return contextlib.nullcontext()
-    return disable_input_dtype_casting(model)
+    forward and around the backward (whose recompute runs the forward again)."""
+    from peft.helpers import disable_input_dtype_casting
+    return disable_input_dtype_casting(model, active=autocast_dtype is not None)
 
 
 def _packed_policy_logps(model, batch: RolloutBatch, temperature: float, with_entropy: bool,
