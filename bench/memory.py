@@ -35,6 +35,8 @@ QLoRA (issue 6; the training step only, generation not included):
   python bench/memory.py --model qwen2.5-1.5b --completion-len 1024 --load-in-4bit --optim adamw_8bit --backends ahazero,unsloth --out $OUT/memory.jsonl
 ahazero with GRPOConfig.lora_autocast (LoRA products in bf16 under torch.autocast, as Unsloth's):
   python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --lora-autocast --backends ahazero --out $OUT/memory.jsonl
+Which tensors make each peak (allocation histories for pytorch.org/memory_viz; the step times are then slower):
+  python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --backends ahazero,unsloth --snapshot $OUT/snapshots
 (--backends defaults to ahazero,trl,unsloth; --micro-batch defaults to 1 row per forward/backward, 0 means
 all G rows at once. --optim, --load-in-4bit and --lora-autocast reach the workers; before 2026-11-27 the
 first two did not, so earlier 4-bit rows of this script, none of which are in RESULTS.md, were 16-bit.) Where a peer is not installed, point --trl-path / --unsloth-path at a folder of its
@@ -177,20 +179,38 @@ def _proc_status(key: str) -> float | None:
     return None
 
 
-def measure(step, meter: Meter, warmup: int) -> dict:
-    """Runs `step` warmup times, then once measured."""
+def measure(step, meter: Meter, warmup: int, snapshot: str | None = None) -> dict:
+    """Runs `step` warmup times, then once measured. `snapshot` (CUDA): a file for the measured step's
+    allocation history (torch.cuda.memory._dump_snapshot; open it in pytorch.org/memory_viz): which tensors
+    make the peak, with their stacks. Recording slows the step: its time is then not comparable."""
+    import torch
     for _ in range(warmup):
         step()
     meter.reset()
     start = meter.current()
+    recording = snapshot is not None and meter.cuda
+    if recording:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
     t0 = time.perf_counter()
     loss = step()
     meter.sync()
     seconds = time.perf_counter() - t0
-    return dict(step_s=seconds, peak_gib=meter.peak(), start_gib=start, loss=loss)
+    if recording:
+        torch.cuda.memory._dump_snapshot(snapshot)
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return dict(step_s=seconds, peak_gib=meter.peak(), start_gib=start, loss=loss,
+                **({"snapshot": snapshot} if recording else {}))
 
 
 # --- ahazero ----------------------------------------------------------------------------------
+
+def snapshot_path(args) -> str | None:
+    """--snapshot DIR: this worker's allocation history goes to DIR/<backend>-<completion_len>.pickle."""
+    if not args.snapshot:
+        return None
+    Path(args.snapshot).mkdir(parents=True, exist_ok=True)
+    return str(Path(args.snapshot) / f"{args.worker}-{args.completion_len}.pickle")
+
 
 def run_ahazero(args, device, meter: Meter) -> dict:
     import torch
@@ -231,7 +251,7 @@ def run_ahazero(args, device, meter: Meter) -> dict:
 
     check = checksum([(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                        batch.advantages)])
-    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup),
+    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args)),
                 settings=f"micro_batch_size={args.micro_batch}, checkpointing={mode}, optim={args.optim}"
                          + (", nf4" if args.load_in_4bit else "") + (", lora_autocast" if args.lora_autocast else ""))
 
@@ -339,7 +359,7 @@ def run_trl(args, device, meter: Meter) -> dict:
     tok, text, prompt_ids, completions, rewards = workload(args, model.config.vocab_size)
     step, check, settings = trl_step_runner(trl.GRPOTrainer, trl.GRPOConfig, model, tok, args, device, text,
                                            prompt_ids, completions, rewards, {})
-    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup), settings=settings,
+    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args)), settings=settings,
                 version=f"trl {trl.__version__}")
 
 
@@ -387,7 +407,7 @@ def run_unsloth(args, device, meter: Meter) -> dict:
     _, text, prompt_ids, completions, rewards = workload(args, model.config.vocab_size)
     step, check, settings = trl_step_runner(GRPOTrainer, GRPOConfig, model, tok, args, device, text,
                                            prompt_ids, completions, rewards, {})
-    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup),
+    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args)),
                 settings=settings.replace("gradient_checkpointing=True", 'use_gradient_checkpointing="unsloth"'),
                 version=f"unsloth {getattr(unsloth, '__version__', '?')}")
 
@@ -531,6 +551,8 @@ def main(argv=None) -> None:
                    help="QLoRA: NF4 base weights (ahazero's own; Unsloth's through bitsandbytes; TRL is skipped)")
     p.add_argument("--optim", default="adamw_torch", help="GRPOConfig.optim for ahazero (e.g. adamw_8bit)")
     p.add_argument("--lora-autocast", action="store_true", help="GRPOConfig.lora_autocast for ahazero")
+    p.add_argument("--snapshot", default=None, help="folder for each worker's CUDA allocation history of the "
+                                                    "measured step (slows that step)")
     p.add_argument("--out", default=None, help="JSONL file to append one line per backend to")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ahazero-bench-memory"))
     p.add_argument("--timeout", type=float, default=None, help="seconds per backend subprocess")
@@ -553,7 +575,8 @@ def main(argv=None) -> None:
                         str(args.lora_rank), "--ahazero-checkpointing", args.ahazero_checkpointing, "--warmup",
                         str(args.warmup), "--workdir", args.workdir, "--optim", args.optim] \
         + (["--smoke"] if args.smoke else []) + (["--load-in-4bit"] if args.load_in_4bit else []) \
-        + (["--lora-autocast"] if args.lora_autocast else [])
+        + (["--lora-autocast"] if args.lora_autocast else []) \
+        + (["--snapshot", str(Path(args.snapshot).resolve())] if args.snapshot else [])
     parent(args)
 
 
