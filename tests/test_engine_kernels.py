@@ -23,10 +23,17 @@ def reference(x, a, b, y, scales):
             for ai, bi, yi, s in zip(a, b, y, scales)]
 
 
+def test_lora_partial_sums_stay_small_in_a_prefill():
+    """Decode splits K finely (latency); a long prefill coarsely, so its [S, G, N, R] partials stay bounded."""
+    assert lora_kernels.num_splits(8960, 6) == 140
+    assert lora_kernels.num_splits(8960, 16384) * 16384 * 32 * 4 < 40 * 2 ** 20
+
+
 @pytest.mark.parametrize("N,K,outs,R,dtype", [(5, 100, [64, 16, 16], 8, torch.float32),
                                               (37, 1100, [70, 33], 4, torch.bfloat16),
                                               (1, 64, [64], 32, torch.float32),
-                                              (19, 600, [17, 130, 9], 16, torch.bfloat16)])
+                                              (19, 600, [17, 130, 9], 16, torch.bfloat16),
+                                              (300, 1100, [40, 24], 8, torch.bfloat16)])  # a prefill: coarse K splits
 def test_grouped_lora_matches_reference(N, K, outs, R, dtype):
     torch.manual_seed(0)
     x = torch.randn(N, K, dtype=dtype, device=DEVICE)  # [N, K]
@@ -36,7 +43,7 @@ def test_grouped_lora_matches_reference(N, K, outs, R, dtype):
     scales = [0.5, 2.0, 1.5][:len(outs)]
     want = reference(x, a, b, y, scales)
     xa = lora_kernels.lora_shrink(x, a)  # [S, G, N, R]
-    assert xa.shape == (lora_kernels.num_splits(K), len(outs), N, R)
+    assert xa.shape == (lora_kernels.num_splits(K, N), len(outs), N, R)
     torch.testing.assert_close(xa.sum(0), torch.stack([x.float() @ ai.t() for ai in a]), atol=1e-4, rtol=1e-4)
     lora_kernels.lora_expand_add(xa, b, y, scales)
     for got, ref in zip(y, want):

@@ -21,7 +21,11 @@ BLOCK_N = 16  # rows per program: small batches are the point, and a row block r
 # the serial K loop of one program, so K is split finely and each program does one tile. H100, 2026-11-27,
 # bench/kernels.py, one Qwen2.5-1.5B layer's 4 groups at N = 6: 99.7 us with SPLIT_K 512 and 4 warps
 # (then 44% of a W2 decode step), 42.1 us as below; torch's F.linear + addmm: 149.3 us.
-SPLIT_K = 64  # the shrink's K per program (a multiple of SHRINK_BLOCK_K)
+SPLIT_K = 64  # the shrink's K per program at decode sizes (a multiple of SHRINK_BLOCK_K)
+# Above DECODE_ROWS rows (a prefill) the row blocks fill the GPU and the partial sums [S, G, N, R] grow with N
+# (16,384 prompt tokens at K = 8960: 293 MiB with SPLIT_K, 38 MiB with PREFILL_SPLIT_K), so K splits coarsely.
+DECODE_ROWS = 256
+PREFILL_SPLIT_K = 512
 SHRINK_BLOCK_K = 64
 SHRINK_WARPS = 2
 EXPAND_BLOCK_O = 128
@@ -88,18 +92,23 @@ def _block_r(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
 
-def num_splits(K: int, split_k: int = SPLIT_K) -> int:
-    return triton.cdiv(K, split_k)
+def split_k_for(N: int) -> int:
+    return SPLIT_K if N <= DECODE_ROWS else PREFILL_SPLIT_K
 
 
-def _shrink(x: torch.Tensor, a: list[torch.Tensor], split_k: int = SPLIT_K, block_k: int = SHRINK_BLOCK_K,
+def num_splits(K: int, N: int) -> int:
+    return triton.cdiv(K, split_k_for(N))
+
+
+def _shrink(x: torch.Tensor, a: list[torch.Tensor], split_k: int | None = None, block_k: int = SHRINK_BLOCK_K,
             num_warps: int = SHRINK_WARPS) -> torch.Tensor:
     """x [N, K], a: G tensors [R, K] -> partial sums [S, G, N, R] float32 (sum over S is x @ A_g^T)."""
+    N, K = x.shape
+    split_k = split_k or split_k_for(N)
     if split_k % block_k:
         raise ValueError(f"split_k ({split_k}) must be a multiple of block_k ({block_k})")
-    N, K = x.shape
     G, R = len(a), a[0].shape[0]
-    splits = num_splits(K, split_k)
+    splits = triton.cdiv(K, split_k)
     out = torch.empty(splits, G, N, R, device=x.device, dtype=torch.float32)  # [S, G, N, R]
     a = a + [a[0]] * (MAX_GROUP - G)
     grid = (triton.cdiv(N, BLOCK_N), G, splits)
@@ -128,7 +137,7 @@ def lora_shrink(x: torch.Tensor, a: list[torch.Tensor]) -> torch.Tensor:
 @lora_shrink.register_fake
 def _(x, a):
     N, K = x.shape
-    return x.new_empty((num_splits(K), len(a), N, a[0].shape[0]), dtype=torch.float32)
+    return x.new_empty((num_splits(K, N), len(a), N, a[0].shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("ahazero::lora_expand_add", mutates_args=("y",))
