@@ -10,7 +10,8 @@ through it. While layer i recomputes, layer i-1's input is already coming back o
 This is transformers' checkpoint hook (`GradientCheckpointingLayer` calls
 `_gradient_checkpointing_func(layer_forward, *args)`), so only which function does the checkpointing
 changes. The RNG and autocast states are restored for the recompute (dropout masks match, autocast
-regions compute alike), as torch.utils.checkpoint does. On the CPU there is nothing to offload to: the input is kept as is (the math is the same).
+regions compute alike), as torch.utils.checkpoint does. On the CPU there is nothing to offload to: the
+input is kept as is (the math is the same).
 Simplified against torch.utils.checkpoint: one tensor input (the hidden states) may require a gradient;
 other positional inputs are passed through as constants.
 """
