@@ -37,6 +37,8 @@ ahazero with GRPOConfig.lora_autocast (LoRA products in bf16 under torch.autocas
   python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --lora-autocast --backends ahazero --out $OUT/memory.jsonl
 Which tensors make each peak (allocation histories for pytorch.org/memory_viz; the step times are then slower):
   python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --backends ahazero,unsloth --snapshot $OUT/snapshots
+Where each step's time goes (torch.profiler's operator table of one more step, after the measured one):
+  python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --backends ahazero,unsloth --profile $OUT/profiles
 (--backends defaults to ahazero,trl,unsloth; --micro-batch defaults to 1 row per forward/backward, 0 means
 all G rows at once. --optim, --load-in-4bit and --lora-autocast reach the workers; before 2026-11-27 the
 first two did not, so earlier 4-bit rows of this script, none of which are in RESULTS.md, were 16-bit.) Where a peer is not installed, point --trl-path / --unsloth-path at a folder of its
@@ -179,10 +181,12 @@ def _proc_status(key: str) -> float | None:
     return None
 
 
-def measure(step, meter: Meter, warmup: int, snapshot: str | None = None) -> dict:
+def measure(step, meter: Meter, warmup: int, snapshot: str | None = None, profile: str | None = None) -> dict:
     """Runs `step` warmup times, then once measured. `snapshot` (CUDA): a file for the measured step's
     allocation history (torch.cuda.memory._dump_snapshot; open it in pytorch.org/memory_viz): which tensors
-    make the peak, with their stacks. Recording slows the step: its time is then not comparable."""
+    make the peak, with their stacks. Recording slows the step: its time is then not comparable.
+    `profile`: a file for torch.profiler's table of one more step (after the measured one, which it
+    does not slow), operators by their own GPU time (CPU time off CUDA): where the step's time goes."""
     import torch
     for _ in range(warmup):
         step()
@@ -198,18 +202,43 @@ def measure(step, meter: Meter, warmup: int, snapshot: str | None = None) -> dic
     if recording:
         torch.cuda.memory._dump_snapshot(snapshot)
         torch.cuda.memory._record_memory_history(enabled=None)
+    if profile is not None:
+        profile_step(step, meter, profile)
     return dict(step_s=seconds, peak_gib=meter.peak(), start_gib=start, loss=loss,
-                **({"snapshot": snapshot} if recording else {}))
+                **({"snapshot": snapshot} if recording else {}), **({"profile": profile} if profile else {}))
+
+
+def profile_step(step, meter: Meter, path: str, rows: int = 40) -> None:
+    """One step under torch.profiler; its operator table (sorted by own GPU time) goes to `path`, and the
+    first rows to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if meter.cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        meter.sync()
+    key = "self_device_time_total" if meter.cuda else "self_cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    Path(path).write_text(text)
+    print("\n".join(text.splitlines()[:22]), file=sys.stderr, flush=True)
 
 
 # --- ahazero ----------------------------------------------------------------------------------
 
 def snapshot_path(args) -> str | None:
     """--snapshot DIR: this worker's allocation history goes to DIR/<backend>-<completion_len>.pickle."""
-    if not args.snapshot:
+    return _worker_file(args.snapshot, args, "pickle")
+
+
+def profile_path(args) -> str | None:
+    """--profile DIR: this worker's operator table goes to DIR/<backend>-<completion_len>.txt."""
+    return _worker_file(args.profile, args, "txt")
+
+
+def _worker_file(folder: str | None, args, suffix: str) -> str | None:
+    if not folder:
         return None
-    Path(args.snapshot).mkdir(parents=True, exist_ok=True)
-    return str(Path(args.snapshot) / f"{args.worker}-{args.completion_len}.pickle")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return str(Path(folder) / f"{args.worker}-{args.completion_len}.{suffix}")
 
 
 def run_ahazero(args, device, meter: Meter) -> dict:
@@ -251,7 +280,7 @@ def run_ahazero(args, device, meter: Meter) -> dict:
 
     check = checksum([(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                        batch.advantages)])
-    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args)),
+    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args), profile_path(args)),
                 settings=f"micro_batch_size={args.micro_batch}, checkpointing={mode}, optim={args.optim}"
                          + (", nf4" if args.load_in_4bit else "") + (", lora_autocast" if args.lora_autocast else ""))
 
@@ -359,7 +388,7 @@ def run_trl(args, device, meter: Meter) -> dict:
     tok, text, prompt_ids, completions, rewards = workload(args, model.config.vocab_size)
     step, check, settings = trl_step_runner(trl.GRPOTrainer, trl.GRPOConfig, model, tok, args, device, text,
                                            prompt_ids, completions, rewards, {})
-    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args)), settings=settings,
+    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args), profile_path(args)), settings=settings,
                 version=f"trl {trl.__version__}")
 
 
@@ -407,7 +436,7 @@ def run_unsloth(args, device, meter: Meter) -> dict:
     _, text, prompt_ids, completions, rewards = workload(args, model.config.vocab_size)
     step, check, settings = trl_step_runner(GRPOTrainer, GRPOConfig, model, tok, args, device, text,
                                            prompt_ids, completions, rewards, {})
-    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args)),
+    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args), profile_path(args)),
                 settings=settings.replace("gradient_checkpointing=True", 'use_gradient_checkpointing="unsloth"'),
                 version=f"unsloth {getattr(unsloth, '__version__', '?')}")
 
@@ -553,6 +582,8 @@ def main(argv=None) -> None:
     p.add_argument("--lora-autocast", action="store_true", help="GRPOConfig.lora_autocast for ahazero")
     p.add_argument("--snapshot", default=None, help="folder for each worker's CUDA allocation history of the "
                                                     "measured step (slows that step)")
+    p.add_argument("--profile", default=None, help="folder for each worker's torch.profiler table of one more "
+                                                   "step (operators by own GPU time)")
     p.add_argument("--out", default=None, help="JSONL file to append one line per backend to")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ahazero-bench-memory"))
     p.add_argument("--timeout", type=float, default=None, help="seconds per backend subprocess")
@@ -576,7 +607,8 @@ def main(argv=None) -> None:
                         str(args.warmup), "--workdir", args.workdir, "--optim", args.optim] \
         + (["--smoke"] if args.smoke else []) + (["--load-in-4bit"] if args.load_in_4bit else []) \
         + (["--lora-autocast"] if args.lora_autocast else []) \
-        + (["--snapshot", str(Path(args.snapshot).resolve())] if args.snapshot else [])
+        + (["--snapshot", str(Path(args.snapshot).resolve())] if args.snapshot else [])\
+        + (["--profile", str(Path(args.profile).resolve())] if args.profile else [])
     parent(args)
 
 

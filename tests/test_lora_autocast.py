@@ -4,6 +4,7 @@ bf16 rounding, LoRA gradients as close to a float32 model's, the float32 input c
 backward keeps, a recompute (offloaded checkpointing) under the forward's autocast state, and the trainer."""
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 import tiny
@@ -15,8 +16,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def bf16_lora_model(checkpointing=False):
-    model = attach_lora(tiny.tiny_model("qwen2", dtype=torch.bfloat16, initializer_range=0.2), r=4, lora_alpha=8,
-                        target_modules=TARGETS, random_state=0, init_lora_weights=False)
+    """PEFT's own LoRA forward (attach_lora would give the fused one, which makes no float32 copies itself)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny.tiny_model("qwen2", dtype=torch.bfloat16, initializer_range=0.2),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
     enable_gradient_checkpointing(model, checkpointing)
     return model.train()
 

@@ -32,7 +32,7 @@ from transformers import TrainerControl, TrainerState, get_scheduler
 from ..data.prompts import is_conversational, tokenize_prompts
 from ..engine.select import make_generator
 from ..engine.types import SamplingParams
-from ..models.lora import base_model_context, decoder_and_head, is_peft_model
+from ..models.lora import base_model_context, decoder_and_head, fuse_lora_forwards, is_peft_model
 from ..models.loader import offload_context
 from ..rewards import check_columns, resolve_reward_func, reward_func_name, run_reward_funcs
 from . import checkpoint as ckpt
@@ -74,6 +74,8 @@ class GRPOTrainer:
         self.callbacks = list(callbacks or [])
         self.generator = generator or _default_generator(model, self.tokenizer)
         self.adapter = "default" if is_peft_model(model) else None
+        if self.adapter is not None:
+            fuse_lora_forwards(model)  # LoRA products in the model's dtype, scale and add in one addmm
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.device = next(model.parameters()).device
         self.state = TrainerState()

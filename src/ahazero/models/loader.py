@@ -164,7 +164,10 @@ def attach_lora(model, *, r: int, lora_alpha: float, target_modules, lora_dropou
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules) if target_modules else None,
                         lora_dropout=lora_dropout, bias=bias, use_rslora=use_rslora, task_type="CAUSAL_LM",
                         modules_to_save=modules_to_save, init_lora_weights=init_lora_weights)
-    return get_peft_model(model, config)
+    from .lora import fuse_lora_forwards
+    peft_model = get_peft_model(model, config)
+    fuse_lora_forwards(peft_model)
+    return peft_model
 
 
 def enable_gradient_checkpointing(model, mode) -> None:
@@ -181,7 +184,9 @@ def enable_gradient_checkpointing(model, mode) -> None:
     model.ahazero_offload_activations = False
     if offload and hasattr(base, "_set_gradient_checkpointing"):
         from .offload import offloaded_checkpoint
+        from .tiled_mlp import tile_mlps
         base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded_checkpoint)
+        tile_mlps(base)  # the MLP's intermediates by token tiles, at no extra compute inside this recompute
     elif offload:  # a transformers without the per-layer hook: offload every saved tensor instead
         model.ahazero_offload_activations = True
 

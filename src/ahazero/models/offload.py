@@ -21,6 +21,8 @@ import weakref
 
 import torch
 
+from .tiled_mlp import graph_only_recompute
+
 
 class _Offloaded:
     """One layer input in CPU memory (or as is, off CUDA), with a copy back that can start early."""
@@ -89,7 +91,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-            out = ctx.function(hidden, *ctx.args)
+            with graph_only_recompute():  # only the graph is used: a tiled MLP runs its forward in its backward
+                out = ctx.function(hidden, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
         if pairs:

@@ -1,0 +1,98 @@
+"""The fused LoRA forward (models/lora.py `fuse_lora_forwards`) against PEFT's own forward: the same
+outputs and gradients in float32, bf16 products without PEFT's float32 input copies, and PEFT's forward
+wherever the case is not plain single-adapter LoRA."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import tiny
+from ahazero.models.lora import fuse_lora_forwards
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_model(dtype=torch.float32, dropout=0.0, use_dora=False, seed=0):
+    model = tiny.tiny_model("qwen2", initializer_range=0.2, seed=seed).to(dtype)
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS, lora_dropout=dropout, use_dora=use_dora,
+                        init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def unfused_and_fused(**kwargs):
+    """Two identical PEFT models; the second with the fused forward."""
+    unfused, fused = peft_model(**kwargs), peft_model(**kwargs)
+    assert fuse_lora_forwards(fused) == 2 * len(TARGETS)
+    return unfused, fused
+
+
+def run(model, ids, seed=7):
+    torch.manual_seed(seed)  # the same dropout masks for both
+    model.train()
+    logits = model(ids).logits.float()  # [B, T, V]
+    loss = logits.logsumexp(-1).mean() - logits[..., 0].mean()
+    loss.backward()
+    return logits.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def random_ids(seed, shape=(2, 11)):
+    return torch.randint(0, 151000, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_float32_outputs_and_gradients_equal_pefts(dropout):
+    unfused, fused = unfused_and_fused(dropout=dropout)
+    ids = random_ids(1)
+    ref_logits, ref = run(unfused, ids)
+    logits, got = run(fused, ids)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert set(got) == set(ref) and len(ref) == 2 * 2 * len(TARGETS)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-4)
+
+
+def float32_down_proj_inputs_kept(model, ids) -> int:
+    """Float32 [.., T, intermediate] tensors the backward keeps: only a LoRA input copy has that shape (the
+    RMSNorms' float32 copies are hidden-sized)."""
+    intermediate, kept = tiny.tiny_config("qwen2").intermediate_size, []
+
+    def pack(t):
+        kept.append(t.dtype == torch.float32 and t.shape[-1] == intermediate and t.numel() == ids.numel() * intermediate)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids)
+    return sum(kept)
+
+
+def test_bf16_products_stay_close_to_the_float32_ones_and_keep_no_float32_input_copy():
+    ids = random_ids(2)
+    reference, _ = run(peft_model(torch.float32), ids)
+    unfused, fused = unfused_and_fused(dtype=torch.bfloat16)
+    for model in (unfused, fused):  # adapters in float32 on a 16-bit model, as get_peft_model leaves them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    logits, grads = run(fused, ids)
+    pefts_logits, _ = run(unfused, ids)
+    error = (logits - reference).norm() / reference.norm()  # ~2%: the bf16 weights' rounding
+    assert error < 1.25 * (pefts_logits - reference).norm() / reference.norm()  # as close as PEFT's bf16 path
+    assert len(grads) == 2 * 2 * len(TARGETS)
+    assert all(p.grad.dtype == torch.float32 for p in fused.parameters() if p.requires_grad)
+    assert float32_down_proj_inputs_kept(unfused, ids) == 2  # PEFT's float32 copy, in each layer
+    assert float32_down_proj_inputs_kept(fused, ids) == 0
+
+
+def test_adapters_off_merged_and_dora_take_pefts_forward():
+    unfused, fused = unfused_and_fused()
+    ids = random_ids(3)
+    with torch.no_grad():
+        base = tiny.tiny_model("qwen2", initializer_range=0.2)(ids).logits
+        with fused.disable_adapter():
+            torch.testing.assert_close(fused(ids).logits, base)
+        assert not torch.allclose(fused(ids).logits, base)  # the adapters are back on
+    dora_unfused, dora_fused = unfused_and_fused(use_dora=True)
+    with torch.no_grad():
+        torch.testing.assert_close(dora_fused(ids).logits, dora_unfused(ids).logits)
+    fused.merge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, unfused(ids).logits, atol=1e-4, rtol=1e-4)

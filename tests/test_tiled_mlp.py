@@ -1,0 +1,125 @@
+"""The MLP by token tiles (models/tiled_mlp.py) under offloaded checkpointing: the gradients of no
+checkpointing at all, no MLP intermediate larger than a tile kept by the backward, and the layers that
+must not be tiled left alone (float32 CPU, tiny models of real architectures)."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import tiny
+from ahazero.models import tiled_mlp
+from ahazero.models.loader import attach_lora, enable_gradient_checkpointing
+
+MLP_AND_ATTENTION = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_model(arch, mode, dropout=0.0):
+    model = attach_lora(tiny.tiny_model(arch, initializer_range=0.2), r=4, lora_alpha=8,
+                        target_modules=MLP_AND_ATTENTION, random_state=0, lora_dropout=dropout,
+                        init_lora_weights=False)
+    enable_gradient_checkpointing(model, mode)
+    return model.train()
+
+
+def loss_of(model, ids):
+    logits = model(ids).logits  # [B, T, V]
+    return torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+
+
+def grads(model, ids, saved_hook=None):
+    loss = loss_of(model, ids)
+    if saved_hook is None:
+        loss.backward()
+    else:  # on the CPU the backward (and the recompute inside it) runs on this thread
+        with torch.autograd.graph.saved_tensors_hooks(saved_hook, lambda t: t):
+            loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def random_ids(batch, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 151000, (batch, length), generator=g)
+
+
+def test_tile_bounds_cover_the_tokens_in_near_equal_tiles():
+    for n in [1, 5, 1023, 1024, 1025, 4170, 9000]:
+        for size in [1, 3, 1024]:
+            bounds = tiled_mlp.tile_bounds(n, size)
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, no overlap
+            lengths = [stop - start for start, stop in bounds]
+            assert len(bounds) == -(-n // size) and max(lengths) <= size and max(lengths) - min(lengths) <= 1 + n // 100
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
+def test_tiled_offloaded_gradients_equal_no_checkpointing(arch, monkeypatch):
+    monkeypatch.setattr(tiled_mlp, "TILE_TOKENS", 7)  # 23 tokens a row, 2 rows: 7 tiles of <= 7 tokens
+    calls = []
+    original = tiled_mlp._TiledMLP.backward
+    monkeypatch.setattr(tiled_mlp._TiledMLP, "backward",
+                        staticmethod(lambda ctx, g: calls.append(g.shape) or original(ctx, g)))
+    ids = random_ids(2, 23, seed=1)
+    ref_loss, ref = grads(lora_model(arch, False), ids)
+    model, tokens_through_mlp = lora_model(arch, "offload"), []
+    for layer in model.get_base_model().model.layers:
+        layer.mlp.gate_proj.register_forward_hook(lambda m, args, out: tokens_through_mlp.append(out.shape[-2]))
+    loss, got = grads(model, ids)
+    assert len(calls) == 2  # one tiled MLP per decoder layer ran its backward
+    assert sum(tokens_through_mlp) == 2 * 2 * 46  # each layer's MLP ran twice, as with plain recompute
+    assert set(got) == set(ref) and len(ref) == 2 * 2 * len(MLP_AND_ATTENTION)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5)
+
+
+def test_the_backward_keeps_no_mlp_intermediate_larger_than_a_tile(monkeypatch):
+    monkeypatch.setattr(tiled_mlp, "TILE_TOKENS", 8)
+    ids = random_ids(1, 40, seed=2)
+    intermediate = tiny.tiny_config("qwen2").intermediate_size
+
+    def largest_intermediate():
+        model, sizes = lora_model("qwen2", "offload"), []
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t):
+            if t.shape[-1] == intermediate and t.untyped_storage().data_ptr() not in weights:
+                sizes.append(t.numel() // intermediate)  # tokens of a saved [..., I] activation
+            return t
+
+        grads(model, ids, saved_hook=pack)
+        return max(sizes)
+
+    assert largest_intermediate() <= 8
+    monkeypatch.setattr(tiled_mlp, "TILED_MODEL_TYPES", frozenset())  # the offloaded recompute, untiled
+    assert largest_intermediate() == 40
+
+
+def test_no_grad_forward_by_tiles_equals_the_untiled_forward(monkeypatch):
+    ids = random_ids(2, 19, seed=3)
+    plain = lora_model("llama", False).eval()
+    with torch.no_grad():
+        ref = plain(ids).logits
+    tiled = lora_model("llama", "offload").eval()
+    monkeypatch.setattr(tiled_mlp, "TILE_TOKENS", 5)
+    with torch.no_grad():
+        got = tiled(ids).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mlps_with_dropout_and_other_architectures_are_not_tiled():
+    assert tiled_mlp.tile_mlps(lora_model("qwen2", False).get_base_model()) == 2
+    assert tiled_mlp.tile_mlps(lora_model("qwen2", False, dropout=0.1).get_base_model()) == 0
+    config = AutoConfig.for_model("gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=128)
+    gemma2 = AutoModelForCausalLM.from_config(config)  # a post-MLP norm reads the MLP's output
+    assert tiled_mlp.tile_mlps(gemma2) == 0
+    assert all("_ahazero_untiled_forward" not in layer.mlp.__dict__ for layer in gemma2.model.layers)
+
+
+def test_dropout_in_the_mlp_keeps_the_gradients_of_no_checkpointing():
+    ids = random_ids(1, 17, seed=4)
+    torch.manual_seed(5)
+    _, ref = grads(lora_model("qwen2", False, dropout=0.3), ids)
+    torch.manual_seed(5)
+    _, got = grads(lora_model("qwen2", "offload", dropout=0.3), ids)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5)
