@@ -33,6 +33,7 @@ from ..data.prompts import is_conversational, tokenize_prompts
 from ..engine.select import make_generator
 from ..engine.types import SamplingParams
 from ..models.lora import base_model_context, decoder_and_head, fuse_lora_forwards, is_peft_model
+from ..models.lean_norm import lean_rms_norms
 from ..models.loader import offload_context
 from ..rewards import check_columns, resolve_reward_func, reward_func_name, run_reward_funcs
 from . import checkpoint as ckpt
@@ -76,6 +77,7 @@ class GRPOTrainer:
         self.adapter = "default" if is_peft_model(model) else None
         if self.adapter is not None:
             fuse_lora_forwards(model)  # LoRA products in the model's dtype, scale and add in one addmm
+        lean_rms_norms(decoder_and_head(model)[0])  # norms keep their 16-bit input, not a float32 copy
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.device = next(model.parameters()).device
         self.state = TrainerState()
