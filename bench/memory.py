@@ -209,15 +209,16 @@ def measure(step, meter: Meter, warmup: int, snapshot: str | None = None, profil
 
 
 def profile_step(step, meter: Meter, path: str, rows: int = 40) -> None:
-    """One step under torch.profiler; its operator table (sorted by own GPU time) goes to `path`, and the
-    first rows to stderr."""
+    """One step under torch.profiler; its operator tables (sorted by own GPU time, then by own CPU time) go
+    to `path`, and the first rows to stderr."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if meter.cuda else [])
     with profile(activities=activities) as prof:
         step()
         meter.sync()
-    key = "self_device_time_total" if meter.cuda else "self_cpu_time_total"
-    text = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    keys = (["self_device_time_total"] if meter.cuda else []) + ["self_cpu_time_total"]
+    text = "\n\n".join(f"sorted by {key}:\n" + prof.key_averages().table(sort_by=key, row_limit=rows,
+                                                                        max_name_column_width=60) for key in keys)
     Path(path).write_text(text)
     print("\n".join(text.splitlines()[:22]), file=sys.stderr, flush=True)
 
@@ -250,7 +251,11 @@ def run_ahazero(args, device, meter: Meter) -> dict:
     from ahazero.grpo.trainer import make_optimizer
     from ahazero.models.loader import enable_gradient_checkpointing
 
+    switch_off(args.without)
     model = build_peft_model(args, device)
+    if args.tile_tokens:
+        from ahazero.models import tiled_mlp
+        tiled_mlp.TILE_TOKENS = args.tile_tokens
     mode = {"offload": "offload", "true": True, "false": False}[args.ahazero_checkpointing]
     enable_gradient_checkpointing(model, mode)
     weights = meter.current()
@@ -282,7 +287,28 @@ def run_ahazero(args, device, meter: Meter) -> dict:
                        batch.advantages)])
     return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args), profile_path(args)),
                 settings=f"micro_batch_size={args.micro_batch}, checkpointing={mode}, optim={args.optim}"
+                         + (f", tile_tokens={args.tile_tokens}" if args.tile_tokens else "")
+                         + (f", without {args.without}" if args.without else "")
                          + (", nf4" if args.load_in_4bit else "") + (", lora_autocast" if args.lora_autocast else ""))
+
+
+WITHOUT = ("fused-lora", "lean-norm", "tiled-mlp")
+
+
+def switch_off(parts: str) -> None:
+    """--without: turn off some of ahazero's training-step pieces, to measure what each brings."""
+    import ahazero.grpo.trainer as trainer
+    import ahazero.models.lora as lora
+    import ahazero.models.tiled_mlp as tiled_mlp
+    for part in filter(None, parts.split(",")):
+        if part not in WITHOUT:
+            raise SystemExit(f"--without {part!r}: choose from {', '.join(WITHOUT)}")
+        if part == "fused-lora":
+            trainer.fuse_lora_forwards = lora.fuse_lora_forwards = lambda model: 0
+        elif part == "lean-norm":
+            trainer.lean_rms_norms = lambda model: 0
+        else:
+            tiled_mlp.TILED_MODEL_TYPES = frozenset()
 
 
 class _Rows(list):
@@ -580,6 +606,9 @@ def main(argv=None) -> None:
                    help="QLoRA: NF4 base weights (ahazero's own; Unsloth's through bitsandbytes; TRL is skipped)")
     p.add_argument("--optim", default="adamw_torch", help="GRPOConfig.optim for ahazero (e.g. adamw_8bit)")
     p.add_argument("--lora-autocast", action="store_true", help="GRPOConfig.lora_autocast for ahazero")
+    p.add_argument("--without", default="", help=f"ahazero without some of {', '.join(WITHOUT)} (comma-separated)")
+    p.add_argument("--tile-tokens", type=int, default=0, help="ahazero's MLP token tile (models/tiled_mlp.py "
+                                                             "TILE_TOKENS; 0: its default)")
     p.add_argument("--snapshot", default=None, help="folder for each worker's CUDA allocation history of the "
                                                     "measured step (slows that step)")
     p.add_argument("--profile", default=None, help="folder for each worker's torch.profiler table of one more "
@@ -607,6 +636,8 @@ def main(argv=None) -> None:
                         str(args.warmup), "--workdir", args.workdir, "--optim", args.optim] \
         + (["--smoke"] if args.smoke else []) + (["--load-in-4bit"] if args.load_in_4bit else []) \
         + (["--lora-autocast"] if args.lora_autocast else []) \
+        + (["--tile-tokens", str(args.tile_tokens)] if args.tile_tokens else []) \
+        + (["--without", args.without] if args.without else []) \
         + (["--snapshot", str(Path(args.snapshot).resolve())] if args.snapshot else [])\
         + (["--profile", str(Path(args.profile).resolve())] if args.profile else [])
     parent(args)
