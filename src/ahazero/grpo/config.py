@@ -21,13 +21,11 @@ notebooks pass), so a notebook runs after changing its imports. Differences from
   the padded forward is used with a warning that says why.
 - `ddp_timeout` (transformers' name) defaults to 300 s, not 1800: under torchrun, how long a rank waits for
   the others at a collective before raising, so one failed or stuck rank stops the run in bounded time.
-- `lora_autocast` is ours (off by default until measured on a GPU): the training forwards of a bf16/fp16
-  model run under `torch.autocast` in that dtype with PEFT's input cast off, so its float32 adapters multiply
-  in 16 bit (float32 master weights, gradients and optimizer state stay), instead of PEFT's default: a
-  float32 copy of every LoRA layer's input, kept for the backward, and a float32 `result + lora` of every
-  output. Mixed precision as TRL's `bf16=True` and Unsloth run LoRA. Measured on a CPU (Qwen2.5-1.5B's
-  widths with 2 layers, one row of 4,170 tokens, offloaded checkpointing): the memory one training step adds
-  fell from 1,032 to 697 MiB. `bf16` and `fp16` are accepted and ignored, as before.
+- `lora_autocast` is ours (off by default): the training forwards of a bf16/fp16 model run under
+  `torch.autocast` in that dtype with PEFT's input cast off. Plain LoRA layers already compute in the model's
+  dtype without it (models/lora.py `fuse_lora_forwards`, which the trainer installs): it changes only the
+  layers that keep PEFT's own forward (DoRA, several active adapters), which otherwise keep a float32 copy
+  of their input for the backward. `bf16` and `fp16` are accepted and ignored, as before.
 - `optim="adamw_8bit"` is our own blockwise 8-bit AdamW (grpo/optimizers.py, no bitsandbytes);
   `paged_adamw_8bit` is the same optimizer and `paged_adamw_32bit` is torch's AdamW (no paging).
 """

@@ -73,7 +73,7 @@ def fuse_lora_forwards(model) -> int:
 
 
 def _fused_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """y = base(x) + s * (x A^T) B^T in the base output's dtype, the add and the scale in one addmm.
+    """y = base(x) + s * (x A^T) B^T in the base output's dtype (`_LoraAdd`).
 
     PEFT's forward casts x to the adapters' dtype (float32), keeps that copy for the backward, and adds the
     scaled float32 product in separate kernels; on a 16-bit model that is most of a training step's LoRA
@@ -88,9 +88,37 @@ def _fused_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
             or module.lora_B[name].bias is not None):
         return type(module).forward(module, x, *args, **kwargs)
     result = module.base_layer(x)  # [..., out]
-    dtype = result.dtype
-    a, b = module.lora_A[name].weight, module.lora_B[name].weight  # [r, in], [out, r]
-    shrunk = F.linear(module.lora_dropout[name](x).to(dtype), a.to(dtype))  # [..., r]
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), shrunk.reshape(-1, shrunk.shape[-1]), b.to(dtype).t(),
-                      alpha=module.scaling[name])  # [N, out]
-    return out.view(result.shape)
+    return _LoraAdd.apply(result, module.lora_dropout[name](x), module.lora_A[name].weight,
+                          module.lora_B[name].weight, module.scaling[name])
+
+
+class _LoraAdd(torch.autograd.Function):
+    """result + s (x A^T) B^T as one autograd node: the adapters [r, in] and [out, r] (float32 parameters)
+    are cast to result's dtype inside, the product s x A^T [N, r] is kept with x for the backward, and the
+    add is addmm's. Its backward, with g the output's gradient [N, out] and S = s x A^T:
+        dS = g B,   dx = s dS A,   dA = s dS^T x,   dB = g^T S,   d(result) = g."""
+
+    @staticmethod
+    def forward(ctx, result, x, a, b, scaling: float):
+        dtype = result.dtype
+        x_2d = x.reshape(-1, x.shape[-1]).to(dtype)  # [N, in]
+        a_cast, b_cast = a.to(dtype), b.to(dtype)  # [r, in], [out, r]
+        shrunk = torch.mm(x_2d, a_cast.t()).mul_(scaling)  # [N, r]
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), shrunk, b_cast.t())  # [N, out]
+        ctx.save_for_backward(x_2d, shrunk, a_cast, b_cast)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, x.shape, x.dtype, a.dtype, b.dtype
+        return out.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_2d, shrunk, a_cast, b_cast = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # [N, out]
+        grad_shrunk = torch.mm(g, b_cast).mul_(ctx.scaling)  # [N, r]: s dS
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.mm(grad_shrunk, a_cast).view(ctx.x_shape).to(ctx.x_dtype)  # [..., in]
+        if ctx.needs_input_grad[2]:
+            grad_a = torch.mm(grad_shrunk.t(), x_2d).to(ctx.a_dtype)  # [r, in]
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.mm(g.t(), shrunk).to(ctx.b_dtype)  # [out, r]
+        return grad, grad_x, grad_a, grad_b, None
