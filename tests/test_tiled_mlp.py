@@ -51,20 +51,30 @@ def test_tile_bounds_cover_the_tokens_in_near_equal_tiles():
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
-def test_tiled_offloaded_gradients_equal_no_checkpointing(arch, monkeypatch):
+@pytest.mark.parametrize("path", ["written-out", "autograd"])
+def test_tiled_offloaded_gradients_equal_no_checkpointing(arch, path, monkeypatch):
+    """Both backwards: the written-out one of plain-LoRA SwiGLU MLPs, and autograd per tile (any other MLP)."""
     monkeypatch.setattr(tiled_mlp, "TILE_TOKENS", 7)  # 23 tokens a row, 2 rows: 7 tiles of <= 7 tokens
-    calls = []
-    original = tiled_mlp._TiledMLP.backward
-    monkeypatch.setattr(tiled_mlp._TiledMLP, "backward",
-                        staticmethod(lambda ctx, g: calls.append(g.shape) or original(ctx, g)))
+    if path == "autograd":
+        monkeypatch.setattr(tiled_mlp, "swiglu_lora_parts", lambda mlp: None)
+    function = tiled_mlp._TiledLoraSwiGLU if path == "written-out" else tiled_mlp._TiledMLP
+    calls, original = [], function.backward
+    monkeypatch.setattr(function, "backward", staticmethod(lambda ctx, g: calls.append(g.shape) or original(ctx, g)))
     ids = random_ids(2, 23, seed=1)
     ref_loss, ref = grads(lora_model(arch, False), ids)
-    model, tokens_through_mlp = lora_model(arch, "offload"), []
+    model, tokens_through_mlp, written_out_tiles = lora_model(arch, "offload"), [], []
     for layer in model.get_base_model().model.layers:
         layer.mlp.gate_proj.register_forward_hook(lambda m, args, out: tokens_through_mlp.append(out.shape[-2]))
+    tile_forward = tiled_mlp._gated_hidden  # once per tile in the forward, once in the backward
+    monkeypatch.setattr(tiled_mlp, "_gated_hidden", lambda *a: written_out_tiles.append(1) or tile_forward(*a))
     loss, got = grads(model, ids)
     assert len(calls) == 2  # one tiled MLP per decoder layer ran its backward
-    assert sum(tokens_through_mlp) == 2 * 2 * 46  # each layer's MLP ran twice, as with plain recompute
+    # each layer's MLP ran twice, as with plain recompute: the forward, then the tiles in the backward (through
+    # the modules, or written out); the recompute skipped it
+    if path == "autograd":
+        assert sum(tokens_through_mlp) == 2 * 2 * 46 and not written_out_tiles
+    else:
+        assert not tokens_through_mlp and len(written_out_tiles) == 2 * 2 * len(tiled_mlp.tile_bounds(46, 7))
     assert set(got) == set(ref) and len(ref) == 2 * 2 * len(MLP_AND_ATTENTION)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for name in ref:
@@ -86,11 +96,42 @@ def test_the_backward_keeps_no_mlp_intermediate_larger_than_a_tile(monkeypatch):
             return t
 
         grads(model, ids, saved_hook=pack)
-        return max(sizes)
+        return max(sizes, default=0)  # the written-out backward keeps nothing through autograd
 
     assert largest_intermediate() <= 8
     monkeypatch.setattr(tiled_mlp, "TILED_MODEL_TYPES", frozenset())  # the offloaded recompute, untiled
     assert largest_intermediate() == 40
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_written_out_backward_equals_autograd_on_one_mlp(dtype, monkeypatch):
+    """One layer's MLP (16-bit weights, float32 adapters as PEFT keeps them) on fresh random inputs: the tiled
+    written-out forward and backward against autograd through the untiled MLP."""
+    monkeypatch.setattr(tiled_mlp, "TILE_TOKENS", 6)
+    model = lora_model("llama", "offload")
+    model.get_base_model().to(dtype)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    mlp = model.get_base_model().model.layers[1].mlp
+    assert tiled_mlp.swiglu_lora_parts(mlp) is not None
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 17, mlp.gate_proj.in_features, generator=g).to(dtype).requires_grad_(True)
+    grad = torch.randn(2, 17, mlp.down_proj.out_features, generator=g).to(dtype)
+    adapters = [p for p in mlp.parameters() if p.requires_grad]
+    results = []
+    for forward in (mlp._ahazero_untiled_forward, mlp.forward):
+        x.grad = None
+        for p in adapters:
+            p.grad = None
+        y = forward(x)
+        y.backward(grad)
+        results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in adapters]))
+    (ref_y, ref_gx, ref_ga), (y, gx, ga) = results
+    bound = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: products of other row counts round apart by an ulp
+    assert len(ga) == 6 and all(a.dtype == torch.float32 for a in ga)
+    for got, ref in [(y, ref_y), (gx, ref_gx)] + list(zip(ga, ref_ga)):
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < bound
 
 
 def test_no_grad_forward_by_tiles_equals_the_untiled_forward(monkeypatch):

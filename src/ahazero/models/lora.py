@@ -81,44 +81,66 @@ def _fused_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
     as TRL's bf16=True and Unsloth run LoRA; gradients still reach the float32 weights), and autograd keeps
     only x and the [.., r] product. Anything but plain LoRA with one active adapter (adapters off or
     merged, several adapters, mixed batches, DoRA and other variants, a LoRA bias) takes PEFT's forward."""
-    adapters = module.active_adapters
-    name = adapters[0] if len(adapters) == 1 else None
-    if (args or kwargs or module.disable_adapters or module.merged or name not in module.lora_A
-            or name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False)
-            or module.lora_B[name].bias is not None):
+    name = plain_lora_adapter(module)
+    if args or kwargs or name is None:
         return type(module).forward(module, x, *args, **kwargs)
     result = module.base_layer(x)  # [..., out]
     return _LoraAdd.apply(result, module.lora_dropout[name](x), module.lora_A[name].weight,
                           module.lora_B[name].weight, module.scaling[name])
 
 
+def has_fused_forward(module) -> bool:
+    """Whether `fuse_lora_forwards` gave this LoRA layer `_fused_lora_forward`."""
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _fused_lora_forward
+
+
+def plain_lora_adapter(module) -> str | None:
+    """The active adapter of a PEFT LoRA Linear when it computes plain LoRA, `base(x) + s * (x A^T) B^T` with
+    one active adapter, no DoRA or other variant and no LoRA bias (adapters on, not merged); else None."""
+    adapters = module.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if (module.disable_adapters or module.merged or name not in module.lora_A
+            or name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False)
+            or module.lora_B[name].bias is not None):
+        return None
+    return name
+
+
 class _LoraAdd(torch.autograd.Function):
-    """result + s (x A^T) B^T as one autograd node: the adapters [r, in] and [out, r] (float32 parameters)
-    are cast to result's dtype inside, the product s x A^T [N, r] is kept with x for the backward, and the
-    add is addmm's. Its backward, with g the output's gradient [N, out] and S = s x A^T:
-        dS = g B,   dx = s dS A,   dA = s dS^T x,   dB = g^T S,   d(result) = g."""
+    """result + (x (sA)^T) B^T as one autograd node. The adapters [r, in] and [out, r] (float32 parameters) are
+    cast to result's dtype inside, the scale s folded into A's cast (`scaled_cast`), the product
+    S = x (sA)^T [N, r] kept with x for the backward, and the add is addmm's. Its backward, with g the
+    output's gradient [N, out]:
+        dS = g B,   dx = dS (sA),   dA = s dS^T x,   dB = g^T S,   d(result) = g
+    (s is applied in dA's cast back to float32, so no operation is spent on it)."""
 
     @staticmethod
     def forward(ctx, result, x, a, b, scaling: float):
         dtype = result.dtype
         x_2d = x.reshape(-1, x.shape[-1]).to(dtype)  # [N, in]
-        a_cast, b_cast = a.to(dtype), b.to(dtype)  # [r, in], [out, r]
-        shrunk = torch.mm(x_2d, a_cast.t()).mul_(scaling)  # [N, r]
+        a_scaled, b_cast = scaled_cast(a, scaling, dtype), b.to(dtype)  # [r, in], [out, r]
+        shrunk = torch.mm(x_2d, a_scaled.t())  # [N, r]
         out = torch.addmm(result.reshape(-1, result.shape[-1]), shrunk, b_cast.t())  # [N, out]
-        ctx.save_for_backward(x_2d, shrunk, a_cast, b_cast)
+        ctx.save_for_backward(x_2d, shrunk, a_scaled, b_cast)
         ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, x.shape, x.dtype, a.dtype, b.dtype
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x_2d, shrunk, a_cast, b_cast = ctx.saved_tensors
+        x_2d, shrunk, a_scaled, b_cast = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # [N, out]
-        grad_shrunk = torch.mm(g, b_cast).mul_(ctx.scaling)  # [N, r]: s dS
+        grad_shrunk = torch.mm(g, b_cast)  # [N, r]
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_x = torch.mm(grad_shrunk, a_cast).view(ctx.x_shape).to(ctx.x_dtype)  # [..., in]
+            grad_x = torch.mm(grad_shrunk, a_scaled).view(ctx.x_shape).to(ctx.x_dtype)  # [..., in]
         if ctx.needs_input_grad[2]:
-            grad_a = torch.mm(grad_shrunk.t(), x_2d).to(ctx.a_dtype)  # [r, in]
+            grad_a = scaled_cast(torch.mm(grad_shrunk.t(), x_2d), ctx.scaling, ctx.a_dtype)  # [r, in]
         if ctx.needs_input_grad[3]:
             grad_b = torch.mm(g.t(), shrunk).to(ctx.b_dtype)  # [out, r]
         return grad, grad_x, grad_a, grad_b, None
+
+
+def scaled_cast(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """t * scale in `dtype`, one kernel (the multiply writes the cast result)."""
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))

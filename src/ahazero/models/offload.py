@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from .tiled_mlp import graph_only_recompute
+from .tiled_mlp import autocast_state, graph_only_recompute
 
 
 class _Offloaded:
@@ -78,7 +78,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.function, ctx.args, ctx.n_args = function, args, len(args)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        ctx.autocast = _autocast_state(hidden.device.type)
+        ctx.autocast = autocast_state(hidden.device.type)
         ctx.saved = _Offloaded(hidden)
         with torch.no_grad():
             return function(hidden, *args)
@@ -99,12 +99,6 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.function = ctx.args = ctx.saved = None
         return (None, hidden.grad) + (None,) * ctx.n_args
-
-
-def _autocast_state(device_type: str) -> dict:
-    """torch.autocast's arguments that reproduce the current state (the recompute runs under the forward's)."""
-    return dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
-                dtype=torch.get_autocast_dtype(device_type))
 
 
 def offloaded_checkpoint(function, *args):

@@ -14,6 +14,13 @@ uninitialised tensor of the output's shape and does its one forward per tile in 
 MLP's forward still runs twice per step, as with plain recompute. That holds only for architectures whose
 layer adds the MLP's output to the residual and returns it (`TILED_MODEL_TYPES`); Gemma's post-MLP norm,
 for one, would read it. MLPs with dropout are not tiled (their masks would be drawn in another order).
+
+Tiles multiply the operations the host launches (measured on an H100 at 4,096-token rows: the step became
+bound by the CPU, at ~40 us an operation). So the common case, a SwiGLU MLP with the fused plain-LoRA
+forward on gate, up and down over frozen 16-bit weights (`swiglu_lora_parts`), has its tile forward and
+backward written out (`_TiledLoraSwiGLU`): the same products as autograd's without an autograd graph and
+nested backward per tile, and the backward's recompute stops at the down projection's input (its output
+is not needed). Any other MLP takes autograd per tile (`_TiledMLP`).
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ import threading
 from contextlib import contextmanager
 
 import torch
+
+from .lora import scaled_cast
 
 TILE_TOKENS = 2048  # at most this many tokens per tile: [2048, 8960] bf16 intermediates are 35 MiB each
 TILED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # layer output = residual + mlp(norm(h))
@@ -52,7 +61,8 @@ def tile_bounds(n_tokens: int, tile_tokens: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n_tokens)) for start in range(0, n_tokens, size)] or [(0, 0)]
 
 
-def _autocast_state(device_type: str) -> dict:
+def autocast_state(device_type: str) -> dict:
+    """torch.autocast's arguments that reproduce the current state (a recompute runs under the forward's)."""
     return dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
                 dtype=torch.get_autocast_dtype(device_type))
 
@@ -65,10 +75,13 @@ def _by_tiles(mlp_forward, x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
 
 
 class _TiledMLP(torch.autograd.Function):
+    """Any MLP by tiles: the backward recomputes one tile through the MLP's own forward with autograd (under
+    the forward's autocast state) and back-propagates it, then the next; gradients reach .grad per tile."""
+
     @staticmethod
     def forward(ctx, x, mlp_forward, tile_tokens):
         ctx.mlp_forward, ctx.tile_tokens = mlp_forward, tile_tokens
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = autocast_state(x.device.type)
         ctx.save_for_backward(x)
         if in_graph_only_recompute():  # nothing reads the value: the tiles' forwards run in the backward
             return torch.empty_like(x)  # [..., H]: an MLP maps the hidden size back to itself
@@ -92,10 +105,146 @@ class _TiledMLP(torch.autograd.Function):
         return (grad_x.view_as(x) if grad_x is not None else None), None, None
 
 
-def _tiled_forward(mlp_forward, x: torch.Tensor) -> torch.Tensor:
-    if not torch.is_grad_enabled():
-        return _by_tiles(mlp_forward, x, TILE_TOKENS)
-    return _TiledMLP.apply(x, mlp_forward, TILE_TOKENS)
+class _TiledLoraSwiGLU(torch.autograd.Function):
+    """`_TiledMLP` for down(silu(gate(x)) * up(x)) with plain LoRA on all three projections over frozen 16-bit
+    weights (`swiglu_lora_parts`), its backward written out: no autograd graph per tile, no down projection in
+    the backward's recompute, and the adapters' gradients summed over the tiles (in float32) and returned
+    at once.
+    Inputs: x [..., H], then W [out, in], A [r, in], B [out, r] of gate, up and down (A and B float32)."""
+
+    @staticmethod
+    def forward(ctx, x, tile_tokens, scalings, *weights):
+        ctx.tile_tokens, ctx.scalings = tile_tokens, scalings
+        ctx.save_for_backward(x, *weights)
+        if in_graph_only_recompute():
+            return torch.empty_like(x)  # [..., H]
+        return _swiglu_lora_by_tiles(x, _cast_parts(_parts_of(weights, scalings), x.dtype), tile_tokens)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        parts = _cast_parts(_parts_of(weights, ctx.scalings), x.dtype)
+        flat, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]).to(x.dtype)  # [N, H]
+        grad_x = torch.empty_like(flat)  # [N, H]
+        totals = None  # float32 sums over the tiles of the six adapter gradients (A's not yet scaled)
+        for start, stop in tile_bounds(flat.shape[0], ctx.tile_tokens):
+            grad_x[start:stop], adapter_grads = _swiglu_lora_tile_backward(flat[start:stop], flat_grad[start:stop],
+                                                                           parts)
+            if totals is None:
+                totals = [g.to(torch.float32) for g in adapter_grads]
+            else:
+                for total, g in zip(totals, adapter_grads):
+                    total.add_(g)
+        grads = [None] * len(weights)  # the frozen W (0, 3, 6) get none
+        for k in range(3):  # gate, up, down
+            a, b = weights[3 * k + 1], weights[3 * k + 2]
+            grads[3 * k + 1] = scaled_cast(totals[2 * k], ctx.scalings[k], a.dtype)  # dA = s dS^T x
+            grads[3 * k + 2] = totals[2 * k + 1].to(b.dtype)
+        return (grad_x.view_as(x) if ctx.needs_input_grad[0] else None), None, None, *grads
+
+
+def _swiglu_lora_by_tiles(x: torch.Tensor, parts, tile_tokens: int) -> torch.Tensor:
+    """The written-out MLP forward over the tokens of x [..., H], tile by tile."""
+    flat = x.reshape(-1, x.shape[-1])  # [N, H]
+    out = torch.empty_like(flat)  # [N, H]
+    for start, stop in tile_bounds(flat.shape[0], tile_tokens):
+        out[start:stop] = _swiglu_lora_tile(flat[start:stop], parts)
+    return out.view_as(x)
+
+
+def _parts_of(weights, scalings) -> list[tuple]:
+    """[(W, A, B, s)] of gate, up, down from the Function's inputs (W, A, B of each in turn) and scalings."""
+    return [(*weights[3 * i:3 * i + 3], scalings[i]) for i in range(3)]
+
+
+def _cast_parts(parts, dtype) -> list[tuple]:
+    """[(W, sA, B)] in the compute dtype, as `_LoraAdd` casts them (s folded into A's cast)."""
+    return [(w, scaled_cast(a, s, dtype), b.to(dtype)) for w, a, b, s in parts]
+
+
+def _lora_linear(x, part):
+    """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r])."""
+    w, a_scaled, b = part
+    shrunk = torch.mm(x, a_scaled.t())  # [t, r]
+    return torch.addmm(torch.mm(x, w.t()), shrunk, b.t()), shrunk
+
+
+def _lora_linear_backward(x, shrunk, grad, part):
+    """dL/dx [t, in], dL/dA / s [r, in] and dL/dB [out, r] of `_lora_linear` from dL/dy [t, out]."""
+    w, a_scaled, b = part
+    grad_shrunk = torch.mm(grad, b)  # [t, r]
+    return torch.mm(grad, w).add_(torch.mm(grad_shrunk, a_scaled)), torch.mm(grad_shrunk.t(), x), \
+        torch.mm(grad.t(), shrunk)
+
+
+def _gated_hidden(x, parts):
+    """A tile's silu(gate) * up [t, I], with silu(gate), up and the gate and up LoRA products."""
+    gate, gate_shrunk = _lora_linear(x, parts[0])  # [t, I], [t, r]
+    up, up_shrunk = _lora_linear(x, parts[1])  # [t, I], [t, r]
+    activated = torch.nn.functional.silu(gate)  # [t, I]
+    return activated * up, (gate, activated, gate_shrunk, up, up_shrunk)
+
+
+def _swiglu_lora_tile(x, parts):
+    """One tile's output [t, H]."""
+    return _lora_linear(_gated_hidden(x, parts)[0], parts[2])[0]
+
+
+def _swiglu_lora_tile_backward(x, grad, parts):
+    """One tile's dL/dx [t, H] and the six adapter gradients (A / s, B of gate, up, down). It recomputes the
+    tile's forward up to the down projection's input (not the output, which nothing needs); the SiLU and
+    product backward are autograd's own kernels (silu_backward, two muls)."""
+    hidden, (gate, activated, gate_shrunk, up, up_shrunk) = _gated_hidden(x, parts)
+    down_shrunk = torch.mm(hidden, parts[2][1].t())  # [t, r], as `_lora_linear` makes it
+    grad_hidden, grad_a_down, grad_b_down = _lora_linear_backward(hidden, down_shrunk, grad, parts[2])  # [t, I]
+    del hidden  # each [t, I] tensor is let go as soon as it is used up: they set the tile's peak
+    grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)  # [t, I]
+    del up, gate
+    grad_up = grad_hidden * activated  # [t, I]
+    del grad_hidden, activated
+    grad_x, grad_a_gate, grad_b_gate = _lora_linear_backward(x, gate_shrunk, grad_gate, parts[0])
+    del grad_gate
+    grad_x_up, grad_a_up, grad_b_up = _lora_linear_backward(x, up_shrunk, grad_up, parts[1])
+    return grad_x.add_(grad_x_up), (grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down)
+
+
+def swiglu_lora_parts(mlp) -> list | None:
+    """[(W, A, B, scaling)] of gate, up and down when `mlp` computes down(silu(gate(x)) * up(x)) with each
+    projection plain LoRA in the fused forward's precision (models/lora.py: `has_fused_forward`,
+    `plain_lora_adapter`, no dropout) over a frozen, bias-free torch.nn.Linear; else None (the MLP then
+    takes autograd through `_TiledMLP`, whatever its layers compute)."""
+    from .lora import has_fused_forward, plain_lora_adapter
+    if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+        return None
+    parts = []
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        proj = getattr(mlp, name, None)
+        adapter = plain_lora_adapter(proj) if hasattr(proj, "lora_A") and has_fused_forward(proj) else None
+        base = getattr(proj, "base_layer", None)
+        if (adapter is None or type(base) is not torch.nn.Linear or base.bias is not None or base.weight.requires_grad
+                or isinstance(proj.lora_dropout[adapter], torch.nn.Dropout)):
+            return None
+        parts.append((base.weight, proj.lora_A[adapter].weight, proj.lora_B[adapter].weight, proj.scaling[adapter]))
+    return parts
+
+
+def _tiled_forward(mlp, x: torch.Tensor) -> torch.Tensor:
+    """The installed forward: the written-out MLP where `swiglu_lora_parts` allows it (and x and any autocast
+    are in the weights' dtype), else the MLP's own forward tile by tile; through autograd Functions when
+    gradients are on."""
+    parts = swiglu_lora_parts(mlp)
+    autocast = autocast_state(x.device.type)
+    if parts is not None and (parts[0][0].dtype != x.dtype or autocast["enabled"] and autocast["dtype"] != x.dtype):
+        parts = None
+    grad = torch.is_grad_enabled()
+    if parts is not None and not grad:
+        return _swiglu_lora_by_tiles(x, _cast_parts(parts, x.dtype), TILE_TOKENS)
+    if parts is not None:
+        weights = [t for w, a, b, _ in parts for t in (w, a, b)]
+        return _TiledLoraSwiGLU.apply(x, TILE_TOKENS, tuple(p[3] for p in parts), *weights)
+    if not grad:
+        return _by_tiles(mlp._ahazero_untiled_forward, x, TILE_TOKENS)
+    return _TiledMLP.apply(x, mlp._ahazero_untiled_forward, TILE_TOKENS)
 
 
 def tile_mlps(model) -> int:
@@ -111,7 +260,7 @@ def tile_mlps(model) -> int:
             continue
         if "_ahazero_untiled_forward" not in mlp.__dict__:
             mlp._ahazero_untiled_forward = mlp.forward
-            mlp.forward = functools.partial(_tiled_forward, mlp._ahazero_untiled_forward)
+            mlp.forward = functools.partial(_tiled_forward, mlp)
         tiled += 1
     return tiled
 
