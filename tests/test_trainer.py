@@ -265,3 +265,30 @@ def test_reward_timeouts_reach_the_metrics(model_dir, gsm8k, tmp_path):
     row = state.log_history[-1]
     assert row["rewards/slow_reward/timeouts"] == 8  # every completion of the step: scored NaN, not 1.0
     assert row["rewards/odd_token_reward/mean"] > 0
+
+
+def test_step_statistics_summed_on_the_device_equal_the_per_chunk_sums():
+    """_StatSums keeps the chunks' sums as tensors and reads them back once: the same metrics as adding
+    each chunk's numbers on the host."""
+    from ahazero.grpo.batch import build_batch
+    from ahazero.grpo.trainer import _StatSums
+    g = torch.Generator().manual_seed(4)
+    batch = build_batch([[5, 6, 7], [8, 9]], [[11, 12, 13, 14], [15, 16]], [[-0.5, -1.0, -0.2, -2.0], [-0.1, -0.3]],
+                        [False, True], torch.tensor([1.0, -1.0]), pad_id=0)
+    sums, expected, maximum = _StatSums(), {}, 0.0
+    for chunk, loss in ((batch.rows(0, 1), 0.25), (batch.rows(1, 2), -0.75)):
+        logps = -torch.rand(chunk.completion_ids.shape, generator=g)  # [n, C]
+        entropy = torch.rand(chunk.completion_ids.shape, generator=g)
+        stats = {"tokens": chunk.completion_mask.sum(), "clip_low": torch.tensor(1.0), "clip_total": torch.tensor(3.0)}
+        sums.add(torch.tensor(loss), stats, entropy, logps, chunk, first_iteration=True)
+        diff = (logps - chunk.sampling_logps).abs() * chunk.completion_mask
+        for k, v in {"loss": loss, **stats, "entropy": (entropy * chunk.completion_mask).sum(),
+                     "logp_diff": diff.sum(), "logp_diff_tokens": chunk.completion_mask.sum()}.items():
+            expected[k] = expected.get(k, 0.0) + float(v)
+        maximum = max(maximum, diff.max().item())
+    m = sums.metrics(with_kl=False)
+    assert sums.loss == pytest.approx(expected["loss"]) and m["loss"] == pytest.approx(-0.5)
+    assert m["entropy"] == pytest.approx(expected["entropy"] / expected["tokens"])
+    assert m["clip_ratio/low_mean"] == pytest.approx(2.0 / 6.0)
+    assert m["sampling/logp_diff/mean"] == pytest.approx(expected["logp_diff"] / expected["logp_diff_tokens"])
+    assert m["sampling/logp_diff/max"] == pytest.approx(maximum)

@@ -555,31 +555,58 @@ def rollout_metrics(rewards, rewards_per_func, group_std, reward_names, lengths,
 
 
 class _StatSums:
-    """Adds the loss statistics over chunks; masked means come out at the end."""
+    """Adds the loss statistics over chunks; masked means come out at the end. The sums stay tensors on the
+    training device until the step ends, then come back to the host in one copy (`loss`, `sums` and
+    `logp_diff_max` read them): no wait for the GPU after each chunk."""
 
     def __init__(self):
-        self.loss = 0.0
-        self.sums: dict[str, float] = {}
-        self.logp_diff_max = 0.0
+        self._pending: dict[str, list[torch.Tensor]] = {}  # key -> one 0-dim tensor per chunk
+        self._maxima: list[torch.Tensor] = []  # the largest |logp - sampling logp| of each chunk
+        self._values: tuple[float, dict[str, float], float] | None = None
 
     def add(self, loss, stats, entropy, logps, chunk: RolloutBatch, first_iteration: bool):
-        self.loss += loss.item()
         mask = chunk.completion_mask
-        extra = {"entropy": (entropy * mask).sum()}
+        parts = {"loss": loss.detach(), **stats, "entropy": (entropy * mask).sum()}
         if first_iteration:
             diff = (logps - chunk.sampling_logps).abs() * mask  # [n, C]
-            extra["logp_diff"] = diff.sum()
-            extra["logp_diff_tokens"] = mask.sum()
-            self.logp_diff_max = max(self.logp_diff_max, diff.max().item() if diff.numel() else 0.0)
-        for k, v in {**stats, **extra}.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            parts["logp_diff"], parts["logp_diff_tokens"] = diff.sum(), mask.sum()
+            if diff.numel():
+                self._maxima.append(diff.max())
+        for k, v in parts.items():
+            self._pending.setdefault(k, []).append(torch.as_tensor(v).detach().to(torch.float64).reshape(()))
+        self._values = None
+
+    def _read(self) -> tuple[float, dict[str, float], float]:
+        if self._values is None:
+            keys = sorted(self._pending)
+            columns = [torch.stack(self._pending[k]).sum() for k in keys]
+            if self._maxima:
+                columns.append(torch.stack(self._maxima).max().to(torch.float64))
+            values = torch.stack([c.to(columns[0].device) for c in columns]).tolist() if columns else []  # one wait
+            sums = dict(zip(keys, values))
+            maximum = values[len(keys)] if self._maxima else 0.0
+            self._values = (sums.pop("loss", 0.0), sums, maximum)
+        return self._values
+
+    @property
+    def loss(self) -> float:
+        return self._read()[0]
+
+    @property
+    def sums(self) -> dict[str, float]:
+        return self._read()[1]
+
+    @property
+    def logp_diff_max(self) -> float:
+        return self._read()[2]
 
     def reduce_over_ranks(self) -> None:
         """Sums over every rank's chunks (each rank's loss is its share of the global loss)."""
-        keys = sorted(self.sums)
-        summed = dist.all_reduce_sum(torch.tensor([self.loss] + [self.sums[k] for k in keys], dtype=torch.float64))
-        self.loss, self.sums = summed[0].item(), dict(zip(keys, summed[1:].tolist()))
-        self.logp_diff_max = dist.all_reduce_max(torch.tensor([self.logp_diff_max], dtype=torch.float64)).item()
+        loss, sums, maximum = self._read()
+        keys = sorted(sums)
+        summed = dist.all_reduce_sum(torch.tensor([loss] + [sums[k] for k in keys], dtype=torch.float64))
+        maximum = dist.all_reduce_max(torch.tensor([maximum], dtype=torch.float64)).item()
+        self._values = (summed[0].item(), dict(zip(keys, summed[1:].tolist())), maximum)
 
     def metrics(self, with_kl: bool) -> dict:
         tokens = max(self.sums.get("tokens", 0.0), 1.0)
