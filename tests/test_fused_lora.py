@@ -56,7 +56,8 @@ def float32_down_proj_inputs_kept(model, ids) -> int:
     intermediate, kept = tiny.tiny_config("qwen2").intermediate_size, []
 
     def pack(t):
-        kept.append(t.dtype == torch.float32 and t.shape[-1] == intermediate and t.numel() == ids.numel() * intermediate)
+        kept.append(t.dtype == torch.float32 and t.shape[-1] == intermediate
+                    and t.numel() == ids.numel() * intermediate)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
