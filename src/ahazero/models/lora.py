@@ -108,20 +108,17 @@ def plain_lora_adapter(module) -> str | None:
 
 
 class _LoraAdd(torch.autograd.Function):
-    """result + (x (sA)^T) B^T as one autograd node. The adapters [r, in] and [out, r] (float32 parameters) are
-    cast to result's dtype inside, the scale s folded into A's cast (`scaled_cast`), the product
-    S = x (sA)^T [N, r] kept with x for the backward, and the add is addmm's. Its backward, with g the
-    output's gradient [N, out]:
-        dS = g B,   dx = dS (sA),   dA = s dS^T x,   dB = g^T S,   d(result) = g
-    (s is applied in dA's cast back to float32, so no operation is spent on it)."""
+    """result + (x (sA)^T) B^T as one autograd node (`lora_add` forward, `lora_backward` backward). The
+    adapters [r, in] and [out, r] (float32 parameters) are cast to result's dtype inside (`cast_adapters`,
+    the scale s folded into A's cast), the product S = x (sA)^T [N, r] is kept with x for the backward, and
+    the add is addmm's; s is applied to dA in its cast back to float32, so no operation is spent on it."""
 
     @staticmethod
     def forward(ctx, result, x, a, b, scaling: float):
         dtype = result.dtype
         x_2d = x.reshape(-1, x.shape[-1]).to(dtype)  # [N, in]
-        a_scaled, b_cast = scaled_cast(a, scaling, dtype), b.to(dtype)  # [r, in], [out, r]
-        shrunk = torch.mm(x_2d, a_scaled.t())  # [N, r]
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), shrunk, b_cast.t())  # [N, out]
+        a_scaled, b_cast = cast_adapters(a, b, scaling, dtype)  # [r, in], [out, r]
+        out, shrunk = lora_add(result.reshape(-1, result.shape[-1]), x_2d, a_scaled, b_cast)  # [N, out], [N, r]
         ctx.save_for_backward(x_2d, shrunk, a_scaled, b_cast)
         ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, x.shape, x.dtype, a.dtype, b.dtype
         return out.view(result.shape)
@@ -129,16 +126,35 @@ class _LoraAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x_2d, shrunk, a_scaled, b_cast = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # [N, out]
-        grad_shrunk = torch.mm(g, b_cast)  # [N, r]
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[1]:
-            grad_x = torch.mm(grad_shrunk, a_scaled).view(ctx.x_shape).to(ctx.x_dtype)  # [..., in]
-        if ctx.needs_input_grad[2]:
-            grad_a = scaled_cast(torch.mm(grad_shrunk.t(), x_2d), ctx.scaling, ctx.a_dtype)  # [r, in]
-        if ctx.needs_input_grad[3]:
-            grad_b = torch.mm(g.t(), shrunk).to(ctx.b_dtype)  # [out, r]
+        grad_x, grad_a, grad_b = lora_backward(grad.reshape(-1, grad.shape[-1]), x_2d, shrunk, a_scaled, b_cast,
+                                               *ctx.needs_input_grad[1:4])
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)  # [..., in]
+        if grad_a is not None:
+            grad_a = scaled_cast(grad_a, ctx.scaling, ctx.a_dtype)  # [r, in]
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.b_dtype)  # [out, r]
         return grad, grad_x, grad_a, grad_b, None
+
+
+def cast_adapters(a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype):
+    """(sA [r, in], B [out, r]) in the compute dtype: the adapters as the LoRA products use them."""
+    return scaled_cast(a, scaling, dtype), b.to(dtype)
+
+
+def lora_add(result: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor, b: torch.Tensor):
+    """(result + (x (sA)^T) B^T [N, out], the product S = x (sA)^T [N, r]) for result [N, out], x [N, in]."""
+    shrunk = torch.mm(x, a_scaled.t())  # [N, r]
+    return torch.addmm(result, shrunk, b.t()), shrunk
+
+
+def lora_backward(grad: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, a_scaled: torch.Tensor,
+                  b: torch.Tensor, want_x: bool = True, want_a: bool = True, want_b: bool = True):
+    """`lora_add`'s gradients from dL/d(out) [N, out], in the compute dtype, None where not wanted:
+    dS = g B,  dL/dx = dS (sA) [N, in] (the LoRA part only),  dL/dA / s = dS^T x [r, in],  dL/dB = g^T S [out, r]."""
+    grad_shrunk = torch.mm(grad, b) if want_x or want_a else None  # [N, r]
+    return (torch.mm(grad_shrunk, a_scaled) if want_x else None, torch.mm(grad_shrunk.t(), x) if want_a else None,
+            torch.mm(grad.t(), shrunk) if want_b else None)
 
 
 def scaled_cast(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .lora import scaled_cast
+from .lora import cast_adapters, lora_add, lora_backward, scaled_cast
 
 TILE_TOKENS = 2048  # at most this many tokens per tile: [2048, 8960] bf16 intermediates are 35 MiB each
 TILED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # layer output = residual + mlp(norm(h))
@@ -158,23 +158,21 @@ def _parts_of(weights, scalings) -> list[tuple]:
 
 
 def _cast_parts(parts, dtype) -> list[tuple]:
-    """[(W, sA, B)] in the compute dtype, as `_LoraAdd` casts them (s folded into A's cast)."""
-    return [(w, scaled_cast(a, s, dtype), b.to(dtype)) for w, a, b, s in parts]
+    """[(W, sA, B)] in the compute dtype, as `_LoraAdd` casts them (models/lora.py `cast_adapters`)."""
+    return [(w, *cast_adapters(a, b, s, dtype)) for w, a, b, s in parts]
 
 
 def _lora_linear(x, part):
     """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r])."""
     w, a_scaled, b = part
-    shrunk = torch.mm(x, a_scaled.t())  # [t, r]
-    return torch.addmm(torch.mm(x, w.t()), shrunk, b.t()), shrunk
+    return lora_add(torch.mm(x, w.t()), x, a_scaled, b)
 
 
 def _lora_linear_backward(x, shrunk, grad, part):
     """dL/dx [t, in], dL/dA / s [r, in] and dL/dB [out, r] of `_lora_linear` from dL/dy [t, out]."""
     w, a_scaled, b = part
-    grad_shrunk = torch.mm(grad, b)  # [t, r]
-    return torch.mm(grad, w).add_(torch.mm(grad_shrunk, a_scaled)), torch.mm(grad_shrunk.t(), x), \
-        torch.mm(grad.t(), shrunk)
+    grad_x, grad_a, grad_b = lora_backward(grad, x, shrunk, a_scaled, b)
+    return torch.mm(grad, w).add_(grad_x), grad_a, grad_b
 
 
 def _gated_hidden(x, parts):
