@@ -50,6 +50,7 @@ def main(argv=None) -> None:
                    help="hidden 32 / intermediate 64, or Qwen2.5-1.5B's 1536 / 8960 (12 heads, 2 KV heads)")
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--rank", type=int, default=8, help="LoRA r (= alpha)")
+    p.add_argument("--table", type=int, default=0, help="also print the N most frequent aten ops")
     args = p.parse_args(argv)
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench"), str(ROOT / "tests")]
     _mmap_large_allocations()
@@ -100,6 +101,8 @@ def main(argv=None) -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.optimizer_step([batch])
     counts = count_ops(prof.key_averages())
+    if args.table:
+        print(prof.key_averages().table(sort_by="count", row_limit=args.table))
     print(f"| {args.without or '-'} | {tiled_mlp.TILE_TOKENS} | " + " | ".join(f"{v:,}" for v in counts.values())
           + f" | {rss_added:.0f} | {seconds:.2f} |")
     print("(columns: without | TILE_TOKENS | " + " | ".join(counts) + " | peak RSS added MiB | CPU step s)")

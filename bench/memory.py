@@ -162,13 +162,22 @@ class Meter:
                 pass
 
     def peak(self) -> float | None:
+        """CUDA: the peak allocated plus what CUDA graphs' private pools hold (allocated at capture, not
+        counted again while a graph replays), so a graphed step is not measured below what it uses."""
         if self.cuda:
-            return self.torch.cuda.max_memory_allocated() / GIB
+            return (self.torch.cuda.max_memory_allocated() + graph_pool_bytes()) / GIB
         return _proc_status("VmHWM")
 
     def sync(self) -> None:
         if self.cuda:
             self.torch.cuda.synchronize()
+
+
+def graph_pool_bytes() -> int:
+    """Bytes of the CUDA caching allocator's segments that belong to private pools (CUDA graphs')."""
+    import torch
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 def _proc_status(key: str) -> float | None:
@@ -201,11 +210,54 @@ def measure(step, meter: Meter, warmup: int, snapshot: str | None = None, profil
     seconds = time.perf_counter() - t0
     if recording:
         torch.cuda.memory._dump_snapshot(snapshot)
+        Path(snapshot).with_suffix(".peak.txt").write_text(peak_composition(torch.cuda.memory._snapshot()))
         torch.cuda.memory._record_memory_history(enabled=None)
     if profile is not None:
         profile_step(step, meter, profile)
-    return dict(step_s=seconds, peak_gib=meter.peak(), start_gib=start, loss=loss,
+    pool = graph_pool_bytes() / GIB if meter.cuda else 0.0
+    return dict(step_s=seconds, peak_gib=meter.peak(), start_gib=start, loss=loss, graph_pool_gib=pool,
                 **({"snapshot": snapshot} if recording else {}), **({"profile": profile} if profile else {}))
+
+
+def peak_composition(snapshot: dict, rows: int = 25) -> str:
+    """What is allocated at the recorded history's peak: the live blocks at that moment, summed by the
+    innermost frame of ahazero, transformers or peft code (else the innermost Python frame), largest first.
+    `snapshot`: torch.cuda.memory._snapshot() (events: alloc / free_completed, with sizes and frames)."""
+    events = [e for trace in snapshot.get("device_traces", []) for e in trace
+              if e["action"] in ("alloc", "free_completed")]
+    live, total, peak, peak_at = {}, 0, 0, -1
+    for i, e in enumerate(events):  # pass 1: when the peak is
+        total += e["size"] if e["action"] == "alloc" else -e["size"]
+        if total > peak:
+            peak, peak_at = total, i
+    for e in events[:peak_at + 1]:  # pass 2: what is live then
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+    sites: dict[str, list[int]] = {}
+    for e in live.values():
+        site = _site(e.get("frames", []))
+        sites.setdefault(site, [0, 0])
+        sites[site][0] += e["size"]
+        sites[site][1] += 1
+    lines = [f"peak of the recorded history: {peak / 2**20:.1f} MiB more than at its start, "
+             f"{len(live)} blocks allocated during it live then (event {peak_at} of {len(events)})",
+             "| MiB | blocks | where allocated |", "| --- | --- | --- |"]
+    for site, (size, count) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"| {size / 2**20:.1f} | {count} | {site} |")
+    return "\n".join(lines) + "\n"
+
+
+def _site(frames: list[dict]) -> str:
+    """The innermost frame in ahazero, transformers or peft (file:line function), else the innermost one."""
+    def name(f):
+        return f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
+    for f in frames:
+        if any(k in f["filename"] for k in ("ahazero", "transformers", "peft")):
+            return name(f)
+    python = [f for f in frames if f["filename"].endswith(".py")]
+    return name(python[0]) if python else "?"
 
 
 def profile_step(step, meter: Meter, path: str, rows: int = 40) -> None:
@@ -292,12 +344,13 @@ def run_ahazero(args, device, meter: Meter) -> dict:
                          + (", nf4" if args.load_in_4bit else "") + (", lora_autocast" if args.lora_autocast else ""))
 
 
-WITHOUT = ("fused-lora", "lean-norm", "tiled-mlp")
+WITHOUT = ("fused-lora", "lean-norm", "tiled-mlp", "layer-graphs")
 
 
 def switch_off(parts: str) -> None:
     """--without: turn off some of ahazero's training-step pieces, to measure what each brings."""
     import ahazero.grpo.trainer as trainer
+    import ahazero.models.layer_graphs as layer_graphs
     import ahazero.models.lora as lora
     import ahazero.models.tiled_mlp as tiled_mlp
     for part in filter(None, parts.split(",")):
@@ -307,6 +360,8 @@ def switch_off(parts: str) -> None:
             trainer.fuse_lora_forwards = lora.fuse_lora_forwards = lambda model: 0
         elif part == "lean-norm":
             trainer.lean_rms_norms = lambda model: 0
+        elif part == "layer-graphs":
+            layer_graphs.LAYER_GRAPHS = False
         else:
             tiled_mlp.TILED_MODEL_TYPES = frozenset()
 

@@ -7,12 +7,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 import tiny
+from ahazero.models import lean_norm
 from ahazero.models.lean_norm import _RMSNorm, lean_rms_norms
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("trained_weight", [False, True])
-def test_output_and_gradients_equal_transformers_rmsnorm(dtype, trained_weight):
+@pytest.mark.parametrize("backward_rows", [1024, 5])
+def test_output_and_gradients_equal_transformers_rmsnorm(dtype, trained_weight, backward_rows, monkeypatch):
+    """backward_rows 5: the 18 tokens' backward in 4 slices (the last one short)."""
+    monkeypatch.setattr(lean_norm, "BACKWARD_ROWS", backward_rows)
     g = torch.Generator().manual_seed(11)
     norm = Qwen2RMSNorm(48, eps=1e-6).to(dtype)
     norm.weight.data = torch.randn(48, generator=g).to(dtype)
@@ -29,8 +33,10 @@ def test_output_and_gradients_equal_transformers_rmsnorm(dtype, trained_weight):
     assert y.dtype == ref_y.dtype and torch.equal(y, ref_y)
     exact = dtype == torch.bfloat16
     torch.testing.assert_close(gx, ref_gx, atol=0 if exact else 1e-6, rtol=0 if exact else 1e-5)
-    if trained_weight:
-        torch.testing.assert_close(gw, ref_gw, atol=0 if exact else 1e-5, rtol=0 if exact else 1e-5)
+    if trained_weight:  # summed over the tokens in float32, rounded once (by slices: in another order)
+        exact_weight = exact and backward_rows >= 18
+        torch.testing.assert_close(gw, ref_gw, atol=0 if exact_weight else 1e-5,
+                                   rtol=0 if exact_weight else (1e-5 if dtype == torch.float32 else 8e-3))
     else:
         assert gw is None
 

@@ -41,8 +41,10 @@ def test_attention_function_matches_dense_masked_attention(lengths):
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)
 def test_packed_forward_runs_varlen_and_equals_each_sequence_alone(arch, monkeypatch):
-    calls = []
+    calls, found = [], []
     monkeypatch.setattr(varlen, "batched_attention", lambda *a: calls.append(1) or batched_attention(*a))
+    monkeypatch.setattr(varlen, "cu_seqlens_from_positions",
+                        lambda p, f=cu_seqlens_from_positions: found.append(1) or f(p))
     model = tiny.tiny_model(arch, initializer_range=0.3)
     a, b = torch.tensor([[17, 901, 523, 777, 42, 12]]), torch.tensor([[314, 592, 658]])
     with torch.no_grad():
@@ -51,6 +53,7 @@ def test_packed_forward_runs_varlen_and_equals_each_sequence_alone(arch, monkeyp
             packed = model.model(input_ids=torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2]]),
                                  use_cache=False).last_hidden_state
     assert len(calls) == model.config.num_hidden_layers  # our attention ran in every layer
+    assert len(found) == 1  # the sequences were found once for the forward, not per layer
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(packed[:, :6], alone[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, 6:], alone[1], atol=1e-5, rtol=1e-5)

@@ -8,6 +8,8 @@ input's gradient in float32 in its backward:
     y = w * round(x * r),  r = 1 / sqrt(mean(x^2) + eps)
     dL/dx = r * (g_n - n * mean(g_n * n)),  n = x * r,  g_n = float(dL/dy * w)
 (the rounding to the input dtype passes gradients through unchanged, as autograd's cast does).
+The backward runs by slices of BACKWARD_ROWS tokens, so its float32 temporaries stay small at long
+sequences (at 4,096 tokens and H = 1,536 a whole float32 [T, H] is 24 MiB, and it needs several).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import functools
 
 import torch
 
+BACKWARD_ROWS = 1024  # tokens per slice of the backward (its float32 temporaries are [rows, H])
 LEAN_NORM_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # the RMSNorm written above
 
 
@@ -24,18 +27,25 @@ class _RMSNorm(torch.autograd.Function):
         x32 = x.to(torch.float32)  # [..., H]
         inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
         ctx.save_for_backward(x, weight, inv_rms)
+        ctx.shape = x.shape
         return weight * (x32 * inv_rms).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, inv_rms = ctx.saved_tensors
-        normed = x.to(torch.float32) * inv_rms  # [..., H]
-        grad_normed = (grad * weight).to(torch.float32)  # [..., H]
-        grad_x = inv_rms * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed.to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x.to(x.dtype), grad_weight, None
+        H = x.shape[-1]
+        x, grad, inv_rms = x.reshape(-1, H), grad.reshape(-1, H), inv_rms.reshape(-1, 1)  # [N, H], [N, 1]
+        grad_x = torch.empty_like(x)  # [N, H]
+        grad_weight = torch.zeros(H, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, x.shape[0], BACKWARD_ROWS):  # float32 temporaries of BACKWARD_ROWS rows at most
+            rows = slice(start, start + BACKWARD_ROWS)
+            normed = x[rows].to(torch.float32) * inv_rms[rows]  # [n, H]
+            grad_normed = (grad[rows] * weight).to(torch.float32)  # [n, H]
+            grad_x[rows] = inv_rms[rows] * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+            if grad_weight is not None:
+                grad_weight += (grad[rows] * normed.to(x.dtype)).to(torch.float32).sum(0)  # rounded once, at the end
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_x.view(ctx.shape), grad_weight, None
 
 
 def _lean_forward(norm, hidden_states: torch.Tensor) -> torch.Tensor:

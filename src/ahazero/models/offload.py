@@ -5,7 +5,8 @@ per layer on the GPU, the layer's input [B, T, H]; at long completions those inp
 (28 layers x 8 x 4096 x 1536 x 2 bytes = 2.6 GiB for Qwen2.5-1.5B). Here the forward of each layer runs
 without autograd, its input is copied to pinned CPU memory on a side CUDA stream (overlapping the next
 layers' compute), and the backward copies it back, recomputes the layer with autograd and back-propagates
-through it. While layer i recomputes, layer i-1's input is already coming back on the side stream.
+through it. While layer i recomputes, layer i-1's input is already coming back on the side stream. On CUDA
+both passes of a layer are replayed from CUDA graphs once their shapes have been met (layer_graphs.py).
 
 This is transformers' checkpoint hook (`GradientCheckpointingLayer` calls
 `_gradient_checkpointing_func(layer_forward, *args)`), so only which function does the checkpointing
@@ -21,6 +22,7 @@ import weakref
 
 import torch
 
+from . import layer_graphs
 from .tiled_mlp import autocast_state, graph_only_recompute
 
 
@@ -80,12 +82,21 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.autocast = autocast_state(hidden.device.type)
         ctx.saved = _Offloaded(hidden)
+        out = layer_graphs.graphed_forward(function, hidden, args, ctx.autocast)  # None: run it eagerly
+        if out is not None:
+            return out
         with torch.no_grad():
             return function(hidden, *args)
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden = ctx.saved.get().detach().requires_grad_(True)
+        hidden = ctx.saved.get().detach()
+        grad_hidden = layer_graphs.graphed_backward(ctx.function, hidden, grads[0], ctx.args, ctx.autocast,
+                                                    graph_only_recompute) if len(grads) == 1 else None
+        if grad_hidden is not None:  # the recompute and back-propagation replayed from a CUDA graph
+            ctx.function = ctx.args = ctx.saved = None
+            return (None, grad_hidden) + (None,) * ctx.n_args
+        hidden.requires_grad_(True)
         devices = [hidden.device] if hidden.is_cuda else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(**ctx.autocast):
             torch.set_rng_state(ctx.cpu_rng)

@@ -11,6 +11,12 @@ packed that way against 100 s padded). This attention, registered with transform
            causal), with its autograd; no flash-attn package;
   elsewhere: one SDPA call over the sequences laid out as a padded batch (`batched_attention`).
 
+The sequences are found once per packed forward, not once per layer: `packed_attention` keeps them
+for the position_ids tensor every layer (and the backward's recompute) receives, so the host waits
+for the GPU once per forward, not three times per layer (`torch.nonzero`, the first-position check and
+the longest length each read a device value). Grouped-query K/V heads go to the kernel as they are where
+it takes them (`enable_gqa`), not repeated to the query heads' count.
+
 Its mask function returns None (no [S, S] mask is ever built). Simplified against transformers' flash
 path: no dropout, no sliding window, no softcap, no attention sinks (the Llama / Qwen2 / Qwen3 / Mistral
 configs we support use none of them in training); a model that needs one gets a clear error.
@@ -37,6 +43,29 @@ def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor,
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
+_known: list[dict[int, tuple[torch.Tensor, torch.Tensor, int]]] = []  # per open packed_attention:
+# id(position_ids) -> (position_ids, cu_seqlens, longest); the tensor is kept so that its id stays its own
+
+
+def packed_sequences(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`cu_seqlens_from_positions`, computed once per position_ids tensor inside `packed_attention`."""
+    if not _known:
+        return cu_seqlens_from_positions(position_ids)
+    entry = _known[-1].get(id(position_ids))
+    if entry is None or entry[0] is not position_ids:
+        entry = (position_ids, *cu_seqlens_from_positions(position_ids))
+        _known[-1][id(position_ids)] = entry
+    return entry[1], entry[2]
+
+
+def bind_sequences(position_ids: torch.Tensor, cu: torch.Tensor, longest: int) -> None:
+    """Inside `packed_attention`: `position_ids` (e.g. a CUDA graph's static copy) has these sequences;
+    the caller keeps `cu` holding them (a graph reads it from its address)."""
+    if not _known:
+        raise RuntimeError("bind_sequences runs inside packed_attention")
+    _known[-1][id(position_ids)] = (position_ids, cu, longest)
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              sliding_window=None, softcap=None, s_aux=None, position_ids=None, **kwargs):
     """transformers' attention-function signature. query [1, Hq, S, D], key/value [1, Hkv, S, D] ->
@@ -45,14 +74,16 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         raise ValueError("ahazero_varlen attention runs packed rows only: batch 1 with position_ids")
     if dropout or softcap or s_aux is not None:
         raise NotImplementedError("ahazero_varlen attention: dropout, softcap and attention sinks are not supported")
-    cu, longest = cu_seqlens_from_positions(position_ids)
+    cu, longest = packed_sequences(position_ids)
     if sliding_window is not None and longest > sliding_window:
         raise NotImplementedError(f"a packed sequence of {longest} tokens is longer than the sliding window "
                                   f"({sliding_window}); train with padding_free=False")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [S, H, D]
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each KV head serves H_q / H_kv query heads
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [S, H, D] (K/V: H_kv heads)
+    flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256  # its range
+    if k.shape[1] != q.shape[1] and not (flash and "enable_gqa" in _varlen_params()):
+        # grouped-query attention: each KV head serves H_q / H_kv query heads
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:  # FlashAttention's range
+    if flash:
         out = _cuda_varlen(q, k, v, cu, longest, scaling)
     else:
         out = batched_attention(q, k, v, cu, longest, scaling)
@@ -68,7 +99,7 @@ def batched_attention(q, k, v, cu: torch.Tensor, longest: int, scaling: float | 
     S, H, D = q.shape
     n = cu.numel() - 1
     lengths = (cu[1:] - cu[:-1]).long()  # [N]
-    seq = torch.repeat_interleave(torch.arange(n, device=q.device), lengths)  # [S] sequence of each token
+    seq = torch.repeat_interleave(torch.arange(n, device=q.device), lengths, output_size=S)  # [S] its sequence
     offset = torch.arange(S, device=q.device) - cu[:-1].long()[seq]  # [S] position within it
     slot = seq * longest + offset  # [S] row in the padded layout
 
@@ -90,7 +121,7 @@ def _cuda_varlen(q, k, v, cu, longest: int, scaling):
     window_size=(-1, 0) for causal later): called with what this PyTorch has."""
     from torch.nn.attention.varlen import varlen_attn
     params = _varlen_params()
-    kw = {}
+    kw = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}  # (only where params has it: the caller)
     if "is_causal" in params:
         kw["is_causal"] = True
     elif "window_size" in params:
@@ -131,11 +162,13 @@ def packed_attention(decoder):
     register()
     configs = {id(c): c for c in _configs(decoder)}.values()
     previous = [(c, c._attn_implementation) for c in configs]
+    _known.append({})
     try:
         for c in configs:
             c._attn_implementation = NAME
         yield decoder
     finally:
+        _known.pop()
         for c, impl in previous:
             c._attn_implementation = impl
 

@@ -1,0 +1,348 @@
+"""CUDA graphs for a decoder layer's two passes under offloaded checkpointing.
+
+At long completions, one row per micro-batch, a GRPO step on a GPU is bound by the host: each layer pass
+launches some 400 kernels (the LoRA products, norms, RoPE, the MLP's tiles and the backward of each) at
+~8 us of launch plus the Python and dispatch around each, while the GPU runs them in less (bench/RESULTS.md,
+2026-11-27 fourth session: 5.3 s of host time under the profiler for 1.7 s of GPU time). Under offloaded
+checkpointing (offload.py) a layer runs two programs per micro-batch that are fixed for given input shapes:
+  forward:  its forward without autograd (the output goes on to the next layer);
+  backward: its recompute with autograd and the back-propagation to its input and its trainable weights.
+Each is captured once per (layer, pass, shapes) as a CUDA graph and then replayed with one launch.
+
+- The first time a key is met the pass runs eagerly (which also warms up cuBLAS, FlashAttention and any
+  Triton autotuning); the second time it runs once more eagerly on the capture stream, is captured, and is
+  replayed; after that it is replayed.
+- A graph reads its inputs from static tensors shared by the layers of one shape (the hidden states, the
+  incoming gradient, the layer's tensor keyword arguments such as RoPE's cos/sin and the position ids, and
+  the packed sequences' cu_seqlens), into which each replay's inputs are copied (a keyword argument only
+  when it is not the tensor copied last time: the layers of one forward share them).
+- It writes its results into static tensors shared likewise: the layer output (forward) or the input's
+  gradient (backward), copied out after the replay, and the trainable weights' gradients, added into
+  their `.grad` with one foreach add (as autograd's accumulation would).
+- All graphs share one memory pool. What a graph allocates is dead when it ends (its results are in the
+  static tensors), so the pool holds one layer pass's working memory, as eager execution would; that
+  memory is reserved by the pool rather than allocated per replay (bench/memory.py counts it).
+
+Eager, as without graphs, where a graph could not be right or is not worth it: off CUDA; a layer with an
+active dropout (a replay would repeat its mask); FSDP2's sharded parameters; keyword arguments that are
+not tensors or plain values (a KV cache); a layer output that is not one tensor; `LAYER_GRAPHS = False`
+(env `AHAZERO_LAYER_GRAPHS=0`). A capture that fails switches graphs off for the process, with a warning.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+import weakref
+from collections import OrderedDict
+
+import torch
+
+LAYER_GRAPHS = os.environ.get("AHAZERO_LAYER_GRAPHS", "1") != "0"
+MAX_SHAPES = 4  # static inputs/outputs kept for this many shapes (least recently used dropped with their graphs)
+
+_failed = False
+_pool = None
+_capture_stream: torch.cuda.Stream | None = None
+_statics: OrderedDict = OrderedDict()  # shape key -> _Statics, least recently used first
+_per_layer: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its graphs (they go with it)
+_graphable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> whether it may be graphed
+
+
+def layer_of(function):
+    """The module whose forward `function` is: transformers' checkpoint hook passes
+    `partial(forward, layer, **kwargs)` (or `partial(layer.__call__, **kwargs)`); None otherwise."""
+    if not isinstance(function, functools.partial):
+        return None
+    if function.args and isinstance(function.args[0], torch.nn.Module):
+        return function.args[0]
+    owner = getattr(function.func, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
+
+
+def signature(value):
+    """A hashable description of a keyword argument's structure: tensors by shape, dtype and device, plain
+    values as they are; raises TypeError for anything else (a cache object: no graph)."""
+    if torch.is_tensor(value):
+        return ("T", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__,) + tuple(signature(v) for v in value)
+    if _plain(value):
+        return value
+    raise TypeError(type(value).__name__)
+
+
+def tensors_of(value) -> list[torch.Tensor]:
+    """The tensors in a keyword argument, in `signature`'s order."""
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_of(v)]
+    return []
+
+
+def with_tensors(value, tensors):
+    """`value` with its tensors (in `tensors_of` order) replaced by the next ones of the iterator `tensors`."""
+    if torch.is_tensor(value):
+        return next(tensors)
+    if isinstance(value, (tuple, list)):
+        return type(value)(with_tensors(v, tensors) for v in value)
+    return value
+
+
+def eligible(layer: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """Whether this layer's passes may be graphed (see the module docstring)."""
+    if _failed or not LAYER_GRAPHS or not hidden.is_cuda or torch.cuda.is_current_stream_capturing():
+        return False
+    graphable = _graphable.get(layer)
+    if graphable is None:
+        dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in layer.modules()) or any(
+            getattr(m, "attention_dropout", 0.0) for m in layer.modules())
+        sharded = any(hasattr(p, "placements") for p in layer.parameters())
+        graphable = _graphable[layer] = not dropout and not sharded
+    return graphable and layer.training
+
+
+class _Statics:
+    """The static inputs and outputs that the graphs of one shape key share."""
+
+    def __init__(self, hidden: torch.Tensor, kw_tensors: list[torch.Tensor]):
+        self.hidden = torch.empty_like(hidden).requires_grad_(True)  # a leaf: the backward's input
+        self.result = torch.empty_like(hidden)  # the forward's output or the backward's input gradient
+        self.grad = torch.empty_like(hidden)  # the backward's incoming gradient
+        self.kw = [torch.empty_like(t) for t in kw_tensors]
+        self.kw_sources: list = [None] * len(kw_tensors)  # (tensor, version) copied last into each
+        self.cu: torch.Tensor | None = None  # the packed sequences' cu_seqlens (varlen attention)
+        self.cu_source = None
+        self.param_grads: dict = {}  # (shape, dtype) of the weights -> their static gradients
+
+    def load_kwargs(self, kw_tensors: list[torch.Tensor]) -> None:
+        for i, (static, t) in enumerate(zip(self.kw, kw_tensors)):
+            last = self.kw_sources[i]
+            if last is None or last[0] is not t or last[1] != t._version:
+                static.copy_(t)
+                self.kw_sources[i] = (t, t._version)
+
+    def load_cu(self, cu: torch.Tensor) -> None:
+        if self.cu_source is None or self.cu_source is not cu:
+            self.cu.copy_(cu)
+            self.cu_source = cu
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, used: list[bool]):
+        self.graph, self.used = graph, used  # used[i]: the i-th trainable weight gets a gradient
+
+
+def _graphs_of(layer) -> dict:
+    """(pass, shape key) -> _Graph, or None for a key met once (it ran eagerly)."""
+    return _per_layer.setdefault(layer, {})
+
+
+def _shape_key(hidden, kw_sig, sequences):
+    return (tuple(hidden.shape), hidden.dtype, hidden.device, kw_sig, sequences)
+
+
+def _get_statics(shape_key, hidden, kw_tensors, sequences) -> _Statics:
+    statics = _statics.get(shape_key)
+    if statics is None:
+        while len(_statics) >= MAX_SHAPES:  # forget the oldest shape and every graph that reads its statics
+            old, _ = _statics.popitem(last=False)
+            for graphs in list(_per_layer.values()):
+                for key in [k for k in graphs if k[1] == old]:
+                    del graphs[key]
+        statics = _statics[shape_key] = _Statics(hidden, kw_tensors)
+        if sequences is not None:
+            statics.cu = torch.empty(sequences[0] + 1, dtype=torch.int32, device=hidden.device)
+    _statics.move_to_end(shape_key)
+    return statics
+
+
+def _streams():
+    global _pool, _capture_stream
+    if _capture_stream is None:
+        _capture_stream = torch.cuda.Stream()
+        _pool = torch.cuda.graph_pool_handle()
+    return _capture_stream
+
+
+def _packed(function) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(position_ids, cu_seqlens, longest) when the layer runs on the packed varlen attention."""
+    from . import varlen
+    position_ids = function.keywords.get("position_ids")
+    if not varlen._known or not torch.is_tensor(position_ids):
+        return None
+    cu, longest = varlen.packed_sequences(position_ids)
+    return position_ids, cu, longest
+
+
+class _Pass:
+    """One pass (forward or backward) of one layer call, graphed or not."""
+
+    def __init__(self, phase: str, function, hidden: torch.Tensor):
+        self.function, self.layer = function, layer_of(function)
+        self.ok = self.layer is not None and eligible(self.layer, hidden)
+        if not self.ok:
+            return
+        try:
+            kw_sig = tuple((k, signature(v)) for k, v in sorted(function.keywords.items()))
+        except TypeError:
+            self.ok = False
+            return
+        self.names = [k for k, _ in sorted(function.keywords.items())]
+        self.kw_tensors = [t for k in self.names for t in tensors_of(function.keywords[k])]
+        self.packed = _packed(function)
+        sequences = None if self.packed is None else (self.packed[1].numel() - 1, self.packed[2])
+        self.shape_key = _shape_key(hidden, kw_sig, sequences)
+        self.key = (phase, self.shape_key)
+        self.graphs = _graphs_of(self.layer)
+
+    def first_time(self) -> bool:
+        """True the first time this key is met (it runs eagerly then)."""
+        if self.key in self.graphs:
+            return False
+        self.graphs[self.key] = None
+        return True
+
+    def static_function(self, statics: _Statics):
+        """The layer's function reading the static keyword tensors (and, packed, the static cu_seqlens)."""
+        from . import varlen
+        tensors = iter(statics.kw)
+        keywords = {k: with_tensors(self.function.keywords[k], tensors) for k in self.names}
+        if self.packed is not None:
+            varlen.bind_sequences(keywords["position_ids"], statics.cu, self.packed[2])
+        return functools.partial(self.function.func, *self.function.args, **keywords)
+
+    def statics(self, hidden: torch.Tensor) -> _Statics:
+        statics = _get_statics(self.shape_key, hidden, self.kw_tensors,
+                               None if self.packed is None else (self.packed[1].numel() - 1,))
+        statics.load_kwargs(self.kw_tensors)
+        if self.packed is not None:
+            statics.load_cu(self.packed[1])
+        return statics
+
+
+def _trainable(layer) -> list[torch.nn.Parameter]:
+    return [p for p in layer.parameters() if p.requires_grad]
+
+
+def _capture(build, statics: _Statics) -> torch.cuda.CUDAGraph | None:
+    """Warms `build` up once on the capture stream, then captures it; None (graphs off) if that fails."""
+    global _failed
+    stream = _streams()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            build()  # warm-up: first use of this stream by cuBLAS and the attention kernels
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=_pool, stream=stream):
+            build()
+    except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly from now on
+        reset()
+        _failed = True
+        warnings.warn(f"ahazero: CUDA graphs for the decoder layers are off ({type(e).__name__}: {e}); "
+                      "the layers run eagerly", stacklevel=3)
+        return None
+    finally:
+        torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
+def graphed_forward(function, hidden: torch.Tensor, args: tuple, autocast: dict):
+    """The layer's forward without autograd, from a graph; None where it runs eagerly (the caller's job)."""
+    p = _Pass("forward", function, hidden)
+    if not p.ok or args or p.first_time():
+        return None
+    graph = p.graphs[p.key]
+    if graph is None:
+        statics = p.statics(hidden)
+        static_function = p.static_function(statics)
+
+        def build():
+            with torch.no_grad(), torch.autocast(**{**autocast, "cache_enabled": False}):
+                out = static_function(statics.hidden)
+            if not torch.is_tensor(out):
+                raise TypeError(f"the layer returned {type(out).__name__}, not a tensor")
+            statics.result.copy_(out)
+
+        statics.hidden.detach().copy_(hidden)
+        captured = _capture(build, statics)
+        if captured is None:
+            return None
+        graph = p.graphs[p.key] = _Graph(captured, [])
+    else:
+        statics = p.statics(hidden)
+        statics.hidden.detach().copy_(hidden)
+    graph.graph.replay()
+    return statics.result.clone()
+
+
+def graphed_backward(function, hidden: torch.Tensor, grad_out: torch.Tensor, args: tuple, autocast: dict,
+                     recompute_context):
+    """The layer's recompute and back-propagation from a graph: adds the trainable weights' gradients into
+    their `.grad` and returns the input's gradient; None where it runs eagerly (the caller's job)."""
+    p = _Pass("backward", function, hidden)
+    if not p.ok or args or grad_out is None or p.first_time():
+        return None
+    params = _trainable(p.layer)
+    graph = p.graphs[p.key]
+    statics = None
+    if graph is None:
+        statics = p.statics(hidden)
+        static_function = p.static_function(statics)
+        shapes = tuple((tuple(q.shape), q.dtype) for q in params)
+        if shapes not in statics.param_grads:
+            statics.param_grads[shapes] = [torch.empty_like(q) for q in params]
+        grad_buffers = statics.param_grads[shapes]
+        used: list[bool] = []
+
+        def build():
+            with torch.enable_grad(), torch.autocast(**{**autocast, "cache_enabled": False}), recompute_context():
+                out = static_function(statics.hidden)
+            if not torch.is_tensor(out) or not out.requires_grad:
+                raise TypeError("the layer's recompute gave no tensor with a graph")
+            grads = torch.autograd.grad(out, [statics.hidden] + params, statics.grad, allow_unused=True)
+            statics.result.copy_(grads[0])
+            used[:] = [g is not None for g in grads[1:]]
+            for buffer, g in zip(grad_buffers, grads[1:]):
+                if g is not None:
+                    buffer.copy_(g)
+
+        statics.hidden.detach().copy_(hidden)
+        statics.grad.copy_(grad_out)
+        captured = _capture(build, statics)
+        if captured is None:
+            return None
+        graph = p.graphs[p.key] = _Graph(captured, used)
+    if statics is None:
+        statics = p.statics(hidden)
+        statics.hidden.detach().copy_(hidden)
+        statics.grad.copy_(grad_out)
+    graph.graph.replay()
+    shapes = tuple((tuple(q.shape), q.dtype) for q in params)
+    accumulate_grads([q for q, u in zip(params, graph.used) if u],
+                     [b for b, u in zip(statics.param_grads[shapes], graph.used) if u])
+    return statics.result.clone()
+
+
+def accumulate_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """`.grad += grad` for each (a copy where `.grad` is None), as autograd's accumulation does."""
+    have = [(p.grad, g) for p, g in zip(params, grads) if p.grad is not None]
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g.clone()
+    if have:
+        torch._foreach_add_([a for a, _ in have], [g for _, g in have])
+
+
+def reset() -> None:
+    """Forget every graph and static tensor (tests; a model replaced in the same process)."""
+    global _failed
+    _failed = False
+    _per_layer.clear()
+    _graphable.clear()
+    _statics.clear()

@@ -1,0 +1,94 @@
+"""CUDA graphs of the offloaded layers' passes (models/layer_graphs.py).
+
+On the CPU: the pieces that decide what a graph reads (which module a checkpointed function is, the keyword
+arguments' structure) and when graphs stay off. On CUDA (the GPU machine): a packed training step replayed
+from graphs gives the loss and LoRA gradients of the eager step, for new inputs of the same shapes.
+"""
+import functools
+
+import pytest
+import torch
+
+import tiny
+from ahazero.models import layer_graphs
+from ahazero.models.loader import attach_lora, enable_gradient_checkpointing
+
+
+def test_layer_of_finds_the_module_of_transformers_checkpoint_hook():
+    layer = torch.nn.Linear(2, 2)
+    assert layer_graphs.layer_of(functools.partial(torch.nn.Linear.forward, layer, x=1)) is layer
+    assert layer_graphs.layer_of(functools.partial(layer.__call__)) is layer
+    assert layer_graphs.layer_of(lambda x: x) is None
+
+
+def test_keyword_tensors_swap_in_signature_order():
+    cos, sin, pos = torch.zeros(1, 5, 4), torch.ones(1, 5, 4), torch.arange(5)[None]
+    kwargs = {"position_embeddings": (cos, sin), "position_ids": pos, "use_cache": False, "mask": None}
+    sig = {k: layer_graphs.signature(v) for k, v in kwargs.items()}
+    assert sig["position_embeddings"] == ("tuple", ("T", (1, 5, 4), torch.float32, cos.device, False),
+                                          ("T", (1, 5, 4), torch.float32, cos.device, False))
+    assert sig["use_cache"] is False and sig["mask"] is None
+    flat = [t for v in kwargs.values() for t in layer_graphs.tensors_of(v)]
+    assert [t is u for t, u in zip(flat, [cos, sin, pos])] == [True] * 3
+    copies = [t.clone() for t in flat]
+    it = iter(copies)
+    swapped = {k: layer_graphs.with_tensors(v, it) for k, v in kwargs.items()}
+    assert swapped["position_embeddings"][0] is copies[0] and swapped["position_ids"] is copies[2]
+    assert swapped["use_cache"] is False
+    with pytest.raises(TypeError):
+        layer_graphs.signature(object())  # e.g. a KV cache: no graph
+
+
+def test_graphs_stay_off_for_dropout_and_off_cuda():
+    plain = attach_lora(tiny.tiny_model("qwen2"), r=4, lora_alpha=8, target_modules=["q_proj"], random_state=0)
+    dropped = attach_lora(tiny.tiny_model("qwen2"), r=4, lora_alpha=8, target_modules=["q_proj"], random_state=0,
+                          lora_dropout=0.1)
+    cpu = torch.zeros(1, 3, plain.config.hidden_size)
+    for model in (plain, dropped):
+        model.train()
+    assert not layer_graphs.eligible(plain.get_base_model().model.layers[0], cpu)  # not CUDA
+    if torch.cuda.is_available():
+        cuda = cpu.cuda()
+        assert layer_graphs.eligible(plain.get_base_model().model.layers[0].cuda(), cuda)
+        assert not layer_graphs.eligible(dropped.get_base_model().model.layers[0].cuda(), cuda)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arch,dtype", [("qwen2", torch.float32), ("llama", torch.float32), ("qwen2", torch.bfloat16)])
+def test_replayed_layers_give_the_eager_gradients(arch, dtype, monkeypatch):
+    """float32 runs the varlen attention's SDPA path, bf16 PyTorch's varlen FlashAttention."""
+    from ahazero.grpo.packing import varlen_context
+
+    def step(model, ids, positions):
+        with varlen_context(model.get_base_model().model):
+            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits  # [1, S, V]
+            loss = torch.log_softmax(logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None]).mean()
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    model = attach_lora(tiny.tiny_model(arch, dtype=dtype, initializer_range=0.2), r=4, lora_alpha=8,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        random_state=0, init_lora_weights=False).cuda()
+    enable_gradient_checkpointing(model, "offload")
+    model.train()
+    layer_graphs.reset()
+    captures = []
+    original = layer_graphs._capture
+    monkeypatch.setattr(layer_graphs, "_capture", lambda *a: captures.append(1) or original(*a))
+    g = torch.Generator().manual_seed(0)
+    positions = torch.cat([torch.arange(n) for n in (7, 12, 5)])[None].cuda()  # 3 packed sequences
+    for i in range(4):  # eager, capture, replay, replay: each with new tokens
+        ids = torch.randint(3, 1000, (1, positions.shape[1]), generator=g).cuda()
+        loss, got = step(model, ids, positions)
+        monkeypatch.setattr(layer_graphs, "LAYER_GRAPHS", False)
+        want_loss, want = step(model, ids, positions)
+        monkeypatch.setattr(layer_graphs, "LAYER_GRAPHS", True)
+        assert set(got) == set(want) and len(want) == 2 * 7 * model.config.num_hidden_layers
+        tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-2)
+        torch.testing.assert_close(loss, want_loss, **tol)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **tol, msg=f"step {i}: {name}")
+    assert not layer_graphs._failed
+    assert len(captures) == 2 * model.config.num_hidden_layers  # forward and backward of each layer, once
