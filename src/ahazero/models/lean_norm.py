@@ -10,12 +10,15 @@ input's gradient in float32 in its backward:
 (the rounding to the input dtype passes gradients through unchanged, as autograd's cast does).
 The backward runs by slices of BACKWARD_ROWS tokens, so its float32 temporaries stay small at long
 sequences (at 4,096 tokens and H = 1,536 a whole float32 [T, H] is 24 MiB, and it needs several).
+On CUDA the forward and backward math each run as one compiled kernel (fused_math.py).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+
+from .fused_math import rms_norm_backward, rms_norm_forward
 
 BACKWARD_ROWS = 1024  # tokens per slice of the backward (its float32 temporaries are [rows, H])
 LEAN_NORM_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # the RMSNorm written above
@@ -24,11 +27,10 @@ LEAN_NORM_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # the
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        x32 = x.to(torch.float32)  # [..., H]
-        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        y, inv_rms = rms_norm_forward(x, weight, eps)  # [..., H], [..., 1]
         ctx.save_for_backward(x, weight, inv_rms)
         ctx.shape = x.shape
-        return weight * (x32 * inv_rms).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
@@ -39,18 +41,16 @@ class _RMSNorm(torch.autograd.Function):
         grad_weight = torch.zeros(H, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
         for start in range(0, x.shape[0], BACKWARD_ROWS):  # float32 temporaries of BACKWARD_ROWS rows at most
             rows = slice(start, start + BACKWARD_ROWS)
-            normed = x[rows].to(torch.float32) * inv_rms[rows]  # [n, H]
-            grad_normed = (grad[rows] * weight).to(torch.float32)  # [n, H]
-            grad_x[rows] = inv_rms[rows] * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+            grad_x[rows], grad_weight_rows = rms_norm_backward(x[rows], weight, inv_rms[rows], grad[rows])
             if grad_weight is not None:
-                grad_weight += (grad[rows] * normed.to(x.dtype)).to(torch.float32).sum(0)  # rounded once, at the end
+                grad_weight += grad_weight_rows  # float32, rounded once, at the end
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_x.view(ctx.shape), grad_weight, None
 
 
 def _lean_forward(norm, hidden_states: torch.Tensor) -> torch.Tensor:
-    if not torch.is_grad_enabled():  # nothing kept: transformers' own forward
-        return type(norm).forward(norm, hidden_states)
+    if not torch.is_grad_enabled():  # nothing kept: the same forward, without a graph
+        return rms_norm_forward(hidden_states, norm.weight, norm.variance_epsilon)[0]
     return _RMSNorm.apply(hidden_states, norm.weight, norm.variance_epsilon)
 
 

@@ -18,6 +18,7 @@ other positional inputs are passed through as constants.
 """
 from __future__ import annotations
 
+import collections
 import weakref
 
 import torch
@@ -44,6 +45,7 @@ class _Offloaded:
         with torch.cuda.stream(stream):
             self.cpu.copy_(hidden.detach(), non_blocking=True)
         hidden.record_stream(stream)  # its GPU memory is not reused before the copy is done
+        _keep_host_near(stream)
 
     def prefetch(self) -> None:
         """Start the copy back to the GPU on the side stream (after the copy out, which is on it too)."""
@@ -58,6 +60,7 @@ class _Offloaded:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).wait_stream(_side_stream(self.device))
             self.back.record_stream(torch.cuda.current_stream(self.device))
+            _keep_host_near(torch.cuda.current_stream(self.device))
         back, self.back, self.cpu = self.back, None, None
         previous = self.previous() if self.previous is not None else None
         if previous is not None and previous.cpu is not None:
@@ -66,6 +69,22 @@ class _Offloaded:
 
 
 _streams: dict[torch.device, torch.cuda.Stream] = {}
+MAX_LAYERS_AHEAD = 2  # how many layers the host may enqueue beyond what the GPU has reached
+_marks: collections.deque = collections.deque()
+
+
+def _keep_host_near(stream: torch.cuda.Stream) -> None:
+    """Keeps the host at most MAX_LAYERS_AHEAD layers ahead of the GPU. A layer input's GPU memory is free
+    only once the GPU has run its copy out (forward) or the layer's backward (the copy back in): until then
+    the caching allocator cannot reuse it. When the host runs far ahead of the GPU, as with the layers
+    replayed from CUDA graphs, each such input enqueued and not yet run stays allocated: 25 of 28 layers'
+    inputs (305 MiB at 4,170 tokens, Qwen2.5-1.5B) at the step's peak, measured on an H100. Marks each
+    layer on `stream` and waits for the mark MAX_LAYERS_AHEAD layers back."""
+    mark = torch.cuda.Event()
+    mark.record(stream)
+    _marks.append(mark)
+    while len(_marks) > MAX_LAYERS_AHEAD:
+        _marks.popleft().synchronize()
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .fused_math import swiglu, swiglu_backward
 from .lora import cast_adapters, lora_add, lora_backward, scaled_cast
 
 TILE_TOKENS = 2048  # at most this many tokens per tile: [2048, 8960] bf16 intermediates are 35 MiB each
@@ -176,11 +177,10 @@ def _lora_linear_backward(x, shrunk, grad, part):
 
 
 def _gated_hidden(x, parts):
-    """A tile's silu(gate) * up [t, I], with silu(gate), up and the gate and up LoRA products."""
+    """A tile's silu(gate) * up [t, I], with gate, up and the gate and up LoRA products."""
     gate, gate_shrunk = _lora_linear(x, parts[0])  # [t, I], [t, r]
     up, up_shrunk = _lora_linear(x, parts[1])  # [t, I], [t, r]
-    activated = torch.nn.functional.silu(gate)  # [t, I]
-    return activated * up, (gate, activated, gate_shrunk, up, up_shrunk)
+    return swiglu(gate, up), (gate, gate_shrunk, up, up_shrunk)
 
 
 def _swiglu_lora_tile(x, parts):
@@ -191,15 +191,13 @@ def _swiglu_lora_tile(x, parts):
 def _swiglu_lora_tile_backward(x, grad, parts):
     """One tile's dL/dx [t, H] and the six adapter gradients (A / s, B of gate, up, down). It recomputes the
     tile's forward up to the down projection's input (not the output, which nothing needs); the SiLU and
-    product backward are autograd's own kernels (silu_backward, two muls)."""
-    hidden, (gate, activated, gate_shrunk, up, up_shrunk) = _gated_hidden(x, parts)
+    product backward are fused_math's (autograd's silu_backward and products, one kernel on CUDA)."""
+    hidden, (gate, gate_shrunk, up, up_shrunk) = _gated_hidden(x, parts)
     down_shrunk = torch.mm(hidden, parts[2][1].t())  # [t, r], as `_lora_linear` makes it
     grad_hidden, grad_a_down, grad_b_down = _lora_linear_backward(hidden, down_shrunk, grad, parts[2])  # [t, I]
     del hidden  # each [t, I] tensor is let go as soon as it is used up: they set the tile's peak
-    grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)  # [t, I]
-    del up, gate
-    grad_up = grad_hidden * activated  # [t, I]
-    del grad_hidden, activated
+    grad_gate, grad_up = swiglu_backward(grad_hidden, gate, up)  # [t, I] each
+    del grad_hidden, up, gate
     grad_x, grad_a_gate, grad_b_gate = _lora_linear_backward(x, gate_shrunk, grad_gate, parts[0])
     del grad_gate
     grad_x_up, grad_a_up, grad_b_up = _lora_linear_backward(x, up_shrunk, grad_up, parts[1])

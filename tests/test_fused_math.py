@@ -1,0 +1,50 @@
+"""models/fused_math.py: the written-out backwards against autograd on fresh random inputs (CPU), and on
+CUDA the compiled kernels against the same functions run op by op."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ahazero.models import fused_math
+
+
+def test_swiglu_backward_is_autograds():
+    g = torch.Generator().manual_seed(3)
+    gate, up, grad = (torch.randn(7, 33, generator=g, dtype=torch.float64) for _ in range(3))
+    gate.requires_grad_(True), up.requires_grad_(True)
+    (F.silu(gate) * up).backward(grad)
+    got_gate, got_up = fused_math.swiglu_backward(grad, gate.detach(), up.detach())
+    torch.testing.assert_close(got_gate, gate.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got_up, up.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fused_math.swiglu(gate, up), F.silu(gate) * up)
+
+
+def test_rms_norm_backward_is_autograds():
+    g = torch.Generator().manual_seed(4)
+    x, grad = torch.randn(6, 40, generator=g).mul(3), torch.randn(6, 40, generator=g)  # float32: the norm's
+    w = torch.randn(40, generator=g)  # own precision
+    x.requires_grad_(True), w.requires_grad_(True)
+    y, inv_rms = fused_math.rms_norm_forward(x, w, 1e-6)
+    y.backward(grad)  # autograd through the forward's ops
+    got_x, got_w = fused_math.rms_norm_backward(x.detach(), w.detach(), inv_rms.detach(), grad)
+    torch.testing.assert_close(got_x, x.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_w, w.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA")
+def test_compiled_kernels_match_the_functions_op_by_op(monkeypatch):
+    g = torch.Generator(device="cuda").manual_seed(5)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(torch.bfloat16)
+
+    x, grad, w = randn(1000, 256).mul(3), randn(1000, 256), randn(256)
+    gate, up, grad_h = randn(700, 512), randn(700, 512), randn(700, 512)
+    calls = [lambda: fused_math.rms_norm_forward(x, w, 1e-6),
+             lambda: fused_math.rms_norm_backward(x, w, fused_math.rms_norm_forward(x, w, 1e-6)[1], grad),
+             lambda: (fused_math.swiglu(gate, up),), lambda: fused_math.swiglu_backward(grad_h, gate, up)]
+    compiled = [call() for call in calls]
+    monkeypatch.setattr(fused_math, "COMPILE", False)
+    for call, got in zip(calls, compiled):
+        for a, b in zip(got, call()):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=1e-2)  # a bf16 ulp at most
