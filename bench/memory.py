@@ -221,23 +221,31 @@ def measure(step, meter: Meter, warmup: int, snapshot: str | None = None, profil
 
 def peak_composition(snapshot: dict, rows: int = 25) -> str:
     """What is allocated at the recorded history's peak: the live blocks at that moment, summed by the
-    innermost frame of ahazero, transformers or peft code (else the innermost Python frame), largest first.
-    `snapshot`: torch.cuda.memory._snapshot() (events: alloc / free_completed, with sizes and frames)."""
+    innermost frame of ahazero, transformers or peft code (else the innermost Python frame), largest first;
+    blocks already freed by Python but waiting for another stream to reach the free (record_stream) are
+    counted apart. `snapshot`: torch.cuda.memory._snapshot() (events alloc / free_requested /
+    free_completed, with sizes and frames)."""
     events = [e for trace in snapshot.get("device_traces", []) for e in trace
-              if e["action"] in ("alloc", "free_completed")]
-    live, total, peak, peak_at = {}, 0, 0, -1
+              if e["action"] in ("alloc", "free_requested", "free_completed")]
+    total, peak, peak_at = 0, 0, -1
     for i, e in enumerate(events):  # pass 1: when the peak is
-        total += e["size"] if e["action"] == "alloc" else -e["size"]
+        if e["action"] != "free_requested":
+            total += e["size"] if e["action"] == "alloc" else -e["size"]
         if total > peak:
             peak, peak_at = total, i
+    live, waiting = {}, set()
     for e in events[:peak_at + 1]:  # pass 2: what is live then
         if e["action"] == "alloc":
             live[e["addr"]] = e
+            waiting.discard(e["addr"])
+        elif e["action"] == "free_requested":
+            waiting.add(e["addr"])
         else:
             live.pop(e["addr"], None)
+            waiting.discard(e["addr"])
     sites: dict[str, list[int]] = {}
-    for e in live.values():
-        site = _site(e.get("frames", []))
+    for addr, e in live.items():
+        site = _site(e.get("frames", [])) + (" (freed, waiting for a stream)" if addr in waiting else "")
         sites.setdefault(site, [0, 0])
         sites[site][0] += e["size"]
         sites[site][1] += 1

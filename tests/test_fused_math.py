@@ -31,7 +31,10 @@ def test_rms_norm_backward_is_autograds():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA")
-def test_compiled_kernels_match_the_functions_op_by_op(monkeypatch):
+def test_compiled_kernels_are_as_accurate_as_the_functions_op_by_op(monkeypatch):
+    """Against the same math in float64 from the same bf16 inputs, the compiled kernels' error is at most
+    twice that of the functions run op by op (Inductor keeps products in float32 that eager rounds to bf16:
+    the weight gradient, a sum over 1,000 rows, is more accurate compiled)."""
     g = torch.Generator(device="cuda").manual_seed(5)
 
     def randn(*shape):
@@ -39,12 +42,23 @@ def test_compiled_kernels_match_the_functions_op_by_op(monkeypatch):
 
     x, grad, w = randn(1000, 256).mul(3), randn(1000, 256), randn(256)
     gate, up, grad_h = randn(700, 512), randn(700, 512), randn(700, 512)
+    inv_rms = fused_math.rms_norm_forward(x, w, 1e-6)[1]
     calls = [lambda: fused_math.rms_norm_forward(x, w, 1e-6),
-             lambda: fused_math.rms_norm_backward(x, w, fused_math.rms_norm_forward(x, w, 1e-6)[1], grad),
+             lambda: fused_math.rms_norm_backward(x, w, inv_rms, grad),
              lambda: (fused_math.swiglu(gate, up),), lambda: fused_math.swiglu_backward(grad_h, gate, up)]
+    x64, grad64, w64, inv64 = x.double(), grad.double(), w.double(), inv_rms.double()
+    normed = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    sig = torch.sigmoid(gate.double())
+    grad_normed = grad64 * w64
+    exact = [(w64 * normed, torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)),
+             (inv64 * (grad_normed - x64 * inv64 * (grad_normed * x64 * inv64).mean(-1, keepdim=True)),
+              (grad64 * x64 * inv64).sum(0)),
+             (gate.double() * sig * up.double(),),
+             (grad_h.double() * up.double() * sig * (1 + gate.double() * (1 - sig)), grad_h.double() * gate.double() * sig)]
     compiled = [call() for call in calls]
     monkeypatch.setattr(fused_math, "COMPILE", False)
-    for call, got in zip(calls, compiled):
-        for a, b in zip(got, call()):
+    for call, got, want in zip(calls, compiled, exact):
+        for a, b, ref in zip(got, call(), want):
             assert a.dtype == b.dtype and a.shape == b.shape
-            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=1e-2)  # a bf16 ulp at most
+            error_compiled, error_eager = ((t.double() - ref).abs().max().item() for t in (a, b))
+            assert error_compiled <= 2 * error_eager + 1e-6 * ref.abs().max().item(), (error_compiled, error_eager)

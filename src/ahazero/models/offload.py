@@ -44,8 +44,7 @@ class _Offloaded:
         self.cpu = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)  # like hidden, on the host
         with torch.cuda.stream(stream):
             self.cpu.copy_(hidden.detach(), non_blocking=True)
-        hidden.record_stream(stream)  # its GPU memory is not reused before the copy is done
-        _keep_host_near(stream)
+        _keep_host_near(stream, hidden)  # holds hidden until its copy is done (rather than record_stream)
 
     def prefetch(self) -> None:
         """Start the copy back to the GPU on the side stream (after the copy out, which is on it too)."""
@@ -70,27 +69,26 @@ class _Offloaded:
 
 _streams: dict[torch.device, torch.cuda.Stream] = {}
 MAX_LAYERS_AHEAD = 2  # how many layers the host may enqueue beyond what the GPU has reached
-_marks: collections.deque = collections.deque()
+_marks: collections.deque = collections.deque()  # (event, tensor held until the event has happened)
 
 
-def _keep_host_near(stream: torch.cuda.Stream) -> None:
-    """Keeps the host at most MAX_LAYERS_AHEAD layers ahead of the GPU. A layer input's GPU memory is free
-    only once the GPU has run its copy out (forward) or the layer's backward (the copy back in): until then
-    the caching allocator cannot reuse it. When the host runs far ahead of the GPU, as with the layers
-    replayed from CUDA graphs, each such input enqueued and not yet run stays allocated: 25 of 28 layers'
-    inputs (305 MiB at 4,170 tokens, Qwen2.5-1.5B) at the step's peak, measured on an H100. Marks each
-    layer on `stream` and waits for the mark MAX_LAYERS_AHEAD layers back."""
+def _keep_host_near(stream: torch.cuda.Stream, hold: torch.Tensor | None = None) -> None:
+    """Keeps the host at most MAX_LAYERS_AHEAD layers ahead of the GPU, and `hold` (a layer input being
+    copied out on `stream`) alive until its copy has run. Marks the layer on `stream` and waits for the
+    mark MAX_LAYERS_AHEAD layers back, then lets go of what that mark held.
+
+    A layer input's GPU memory must not be reused before the GPU has copied it out (forward) or run the
+    layer's backward (the copy back in). With `record_stream` for that, the caching allocator keeps an
+    input freed by the host until the GPU reaches the free; when the host runs far ahead of the GPU, as with
+    the layers replayed from CUDA graphs, 25 of 28 layers' inputs (305 MiB at 4,170 tokens, Qwen2.5-1.5B)
+    were allocated at the step's peak on an H100. Holding them here, at most MAX_LAYERS_AHEAD at a time,
+    bounds that."""
     mark = torch.cuda.Event()
     mark.record(stream)
-    _marks.append(mark)
+    _marks.append((mark, hold))
     while len(_marks) > MAX_LAYERS_AHEAD:
-        _marks.popleft().synchronize()
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _streams:
-        _streams[device] = torch.cuda.Stream(device)
-    return _streams[device]
+        mark, _ = _marks.popleft()
+        mark.synchronize()
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
