@@ -91,6 +91,12 @@ def _keep_host_near(stream: torch.cuda.Stream, hold: torch.Tensor | None = None)
         mark.synchronize()
 
 
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, function, hidden, *args):
