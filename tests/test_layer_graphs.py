@@ -53,6 +53,20 @@ def test_graphs_stay_off_for_dropout_and_off_cuda():
         assert not layer_graphs.eligible(dropped.get_base_model().model.layers[0].cuda(), cuda)
 
 
+def test_grpo_config_layer_graphs_false_keeps_the_layers_eager(monkeypatch):
+    from ahazero import GRPOConfig, GRPOTrainer
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # as if on a GPU: only the switch decides
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for enabled in (True, False):
+        model = attach_lora(tiny.tiny_model("qwen2"), r=4, lora_alpha=8, target_modules=["q_proj"], random_state=0)
+        GRPOTrainer(model=model, processing_class=tiny.tokenizer(), generator=object(),
+                    args=GRPOConfig(output_dir="unused", num_generations=2, layer_graphs=enabled, report_to=[]),
+                    reward_funcs=lambda completions, **kw: [0.0] * len(completions), train_dataset=[{"prompt": "x"}])
+        model.train()
+        layer = model.get_base_model().model.layers[0]
+        assert layer_graphs.eligible(layer, torch.zeros(1)) == enabled
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("arch,dtype", [("qwen2", torch.float32), ("llama", torch.float32), ("qwen2", torch.bfloat16)])
 def test_replayed_layers_give_the_eager_gradients(arch, dtype, monkeypatch):

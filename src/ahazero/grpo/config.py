@@ -26,6 +26,11 @@ notebooks pass), so a notebook runs after changing its imports. Differences from
   dtype without it (models/lora.py `fuse_lora_forwards`, which the trainer installs): it changes only the
   layers that keep PEFT's own forward (DoRA, several active adapters), which otherwise keep a float32 copy
   of their input for the backward. `bf16` and `fp16` are accepted and ignored, as before.
+- `layer_graphs` is ours (on by default; CUDA with offloaded checkpointing): each decoder layer's forward
+  and its recompute-and-backward are replayed from CUDA graphs (models/layer_graphs.py), which frees the
+  step from the host's launch cost (8 x 4,096 tokens on Qwen2.5-1.5B: 1.5 s a step instead of 2.5 s on an
+  H200). The graphs' memory pool holds one layer pass's working memory (0.3 GiB there) beside the rest;
+  `False` trades that speed for the least memory.
 - `optim="adamw_8bit"` is our own blockwise 8-bit AdamW (grpo/optimizers.py, no bitsandbytes);
   `paged_adamw_8bit` is the same optimizer and `paged_adamw_32bit` is torch's AdamW (no paging).
 """
@@ -74,6 +79,7 @@ class GRPOConfig:
     micro_batch_tokens: int = 4096  # ours: token positions per forward/backward chunk when micro_batch_size is None
     padding_free: bool = True  # ours: pack each micro-batch's sequences into one row (no padding), where exact
     lora_autocast: bool = False  # ours: the training forwards of a 16-bit model under torch.autocast (see above)
+    layer_graphs: bool = True  # ours: offloaded layers' training passes replayed from CUDA graphs (see above)
     shuffle_dataset: bool = True
     max_nonfinite_steps: int = 3  # ours: consecutive NaN/inf losses or gradients (each skipped) before stopping
     ddp_timeout: int = 300  # seconds a rank waits in a collective for the others (transformers' default: 1800)

@@ -32,6 +32,7 @@ from transformers import TrainerControl, TrainerState, get_scheduler
 from ..data.prompts import is_conversational, tokenize_prompts
 from ..engine.select import make_generator
 from ..engine.types import SamplingParams
+from ..models import layer_graphs
 from ..models.lora import base_model_context, decoder_and_head, fuse_lora_forwards, is_peft_model
 from ..models.lean_norm import lean_rms_norms
 from ..models.loader import offload_context
@@ -78,6 +79,7 @@ class GRPOTrainer:
         if self.adapter is not None:
             fuse_lora_forwards(model)  # LoRA products in the model's dtype, scale and add in one addmm
         lean_rms_norms(decoder_and_head(model)[0])  # norms keep their 16-bit input, not a float32 copy
+        layer_graphs.allow(model, self.args.layer_graphs)  # offloaded layers replayed from CUDA graphs
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.device = next(model.parameters()).device
         self.state = TrainerState()

@@ -26,7 +26,8 @@ Each is captured once per (layer, pass, shapes) as a CUDA graph and then replaye
 Eager, as without graphs, where a graph could not be right or is not worth it: off CUDA; a layer with an
 active dropout (a replay would repeat its mask); FSDP2's sharded parameters; keyword arguments that are
 not tensors or plain values (a KV cache); a layer output that is not one tensor; `LAYER_GRAPHS = False`
-(env `AHAZERO_LAYER_GRAPHS=0`). A capture that fails switches graphs off for the process, with a warning.
+(env `AHAZERO_LAYER_GRAPHS=0`), or `allow(model, False)` (GRPOConfig(layer_graphs=False)). A capture
+that fails (an out-of-memory error included) switches graphs off for the process, with a warning.
 """
 from __future__ import annotations
 
@@ -92,6 +93,16 @@ def with_tensors(value, tensors):
     if isinstance(value, (tuple, list)):
         return type(value)(with_tensors(v, tensors) for v in value)
     return value
+
+
+def allow(model: torch.nn.Module, enabled: bool) -> None:
+    """Lets the layers of `model` be graphed (the default) or not (GRPOConfig.layer_graphs)."""
+    for module in model.modules():
+        if enabled:
+            _graphable.pop(module, None)  # decided again at the next use
+        else:
+            _graphable[module] = False
+            _per_layer.pop(module, None)
 
 
 def eligible(layer: torch.nn.Module, hidden: torch.Tensor) -> bool:
