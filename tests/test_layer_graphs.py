@@ -106,3 +106,54 @@ def test_replayed_layers_give_the_eager_gradients(arch, dtype, monkeypatch):
             torch.testing.assert_close(got[name], want[name], **tol, msg=f"step {i}: {name}")
     assert not layer_graphs._failed
     assert len(captures) == 2 * model.config.num_hidden_layers  # forward and backward of each layer, once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_rows_of_different_lengths_in_one_bucket_share_the_graphs(monkeypatch):
+    """With BUCKET_TOKENS > 1 the trainer's packed forward pads each row to a bucket: batches of other lengths
+    replay the graphs captured for the first ones, with the eager (unpadded) log-probs and LoRA gradients."""
+    from test_packing import logps_and_lora_grads, rollout_batch
+    model = attach_lora(tiny.tiny_model("qwen2", initializer_range=0.2), r=4, lora_alpha=8,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        random_state=0, init_lora_weights=False).cuda()
+    enable_gradient_checkpointing(model, "offload")
+    model.train()
+    layer_graphs.reset()
+    captures = []
+    original = layer_graphs._capture
+    monkeypatch.setattr(layer_graphs, "_capture", lambda *a: captures.append(1) or original(*a))
+    monkeypatch.setattr(layer_graphs, "BUCKET_TOKENS", 256)
+    assert layer_graphs.bucket_tokens(model.get_base_model().model) == 256
+    for i, (prompts, completions) in enumerate([([5, 9], [40, 33]), ([7, 3], [50, 21]), ([4, 4], [30, 44]),
+                                                ([8, 1], [25, 47])]):  # 87, 81, 82 and 81 tokens
+        batch = rollout_batch(prompts, completions, seed=i).to("cuda")
+        got = logps_and_lora_grads(model, batch, padding_free=True)
+        monkeypatch.setattr(layer_graphs, "LAYER_GRAPHS", False)
+        want = logps_and_lora_grads(model, batch, padding_free=True)
+        monkeypatch.setattr(layer_graphs, "LAYER_GRAPHS", True)
+        mask = batch.completion_mask > 0
+        torch.testing.assert_close(got[0][mask], want[0][mask], atol=1e-5, rtol=1e-5)
+        for name, g in got[2].items():
+            torch.testing.assert_close(g, want[2][name], atol=1e-5, rtol=1e-4, msg=f"batch {i}: {name}")
+    assert not layer_graphs._failed
+    assert len(captures) == 2 * model.config.num_hidden_layers  # captured at the second batch only
+
+
+def test_a_key_is_captured_at_its_second_meeting_unless_shapes_churn(monkeypatch):
+    layer_graphs.reset()
+
+    def meeting(key, graphs):
+        p = object.__new__(layer_graphs._Pass)
+        p.graphs, p.key, p.shape_key = graphs, ("forward", key), key
+        return p.first_time()
+
+    graphs = {}
+    assert meeting("a", graphs) is True and meeting("a", graphs) is False  # eager, then captured
+    monkeypatch.setattr(layer_graphs, "_evictions", layer_graphs.MAX_EVICTIONS)  # shapes came and went
+    assert meeting("b", graphs) is True and meeting("b", graphs) is True  # no new capture: eager
+    layer_graphs._statics["c"] = object()  # a shape whose statics are kept may still get its graphs
+    assert meeting("c", graphs) is True and meeting("c", graphs) is False
+    layer_graphs._statics.clear()
+    for i in range(10 * layer_graphs.MAX_SHAPES):  # keys met once are forgotten, not kept forever
+        meeting(i, graphs)
+    assert len(graphs) <= 8 * layer_graphs.MAX_SHAPES + 1

@@ -16,6 +16,8 @@ from ahazero.grpo.batch import build_batch
 from ahazero.grpo.loss import aggregate_loss, per_token_loss
 from ahazero.grpo.packing import (measure_packing, pack_rollouts, packing_fallback_reason, processed_tokens,
                                   unpack_to_rows)
+from ahazero.grpo import trainer as trainer_module
+from ahazero.grpo.trainer import _run_decoder as run_decoder
 from ahazero.grpo.trainer import policy_logps
 from ahazero.models.lora import decoder_and_head
 
@@ -371,3 +373,32 @@ def test_under_fsdp2_an_out_of_memory_chunk_is_not_split(model_dir, tmp_path, mo
     with pytest.raises(torch.OutOfMemoryError, match="Under FSDP2 a chunk that runs out of memory is not split"):
         trainer.train()
     assert attempts == [4]
+
+
+def test_padded_to_multiple_appends_one_sequence_of_its_own():
+    from ahazero.grpo.packing import padded_to_multiple
+    ids, pos = torch.tensor([5, 6, 7, 8, 9]), torch.tensor([0, 1, 2, 0, 1])
+    got_ids, got_pos = padded_to_multiple(ids, pos, 4)
+    assert got_ids.tolist() == [5, 6, 7, 8, 9, 5, 5, 5] and got_pos.tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert padded_to_multiple(ids, pos, 5)[0] is ids and padded_to_multiple(ids, pos, 1)[1] is pos
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_a_row_padded_for_the_graphs_gives_the_same_logps_and_grads(arch, monkeypatch):
+    """Where the layers are graphed the packed row is padded to a bucket with a sequence of its own: the
+    log-probs, entropy and LoRA gradients are those of the unpadded row."""
+    from ahazero.models import layer_graphs
+    model = lora_model(arch, "sdpa")
+    batch = rollout_batch(PROMPT_LENS, COMPLETION_LENS, seed=2)
+    want = logps_and_lora_grads(model, batch, padding_free=True)
+    lengths = []
+    original = layer_graphs.bucket_tokens
+    monkeypatch.setattr(layer_graphs, "bucket_tokens", lambda decoder: 64)
+    monkeypatch.setattr(trainer_module, "_run_decoder", lambda decoder, dtype, **inputs: lengths.append(
+        inputs["input_ids"].shape[1]) or run_decoder(decoder, dtype, **inputs))
+    got = logps_and_lora_grads(model, batch, padding_free=True)
+    assert lengths and all(n % 64 == 0 for n in lengths) and original(model.get_base_model().model) == 1
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    for name, g in got[2].items():
+        torch.testing.assert_close(g, want[2][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -27,10 +27,11 @@ notebooks pass), so a notebook runs after changing its imports. Differences from
   layers that keep PEFT's own forward (DoRA, several active adapters), which otherwise keep a float32 copy
   of their input for the backward. `bf16` and `fp16` are accepted and ignored, as before.
 - `layer_graphs` is ours (on by default; CUDA with offloaded checkpointing): each decoder layer's forward
-  and its recompute-and-backward are replayed from CUDA graphs (models/layer_graphs.py), which frees the
-  step from the host's launch cost (8 x 4,096 tokens on Qwen2.5-1.5B: 1.5 s a step instead of 2.5 s on an
-  H200). The graphs' memory pool holds one layer pass's working memory (0.3 GiB there) beside the rest;
-  `False` trades that speed for the least memory.
+  and its recompute-and-backward are replayed from CUDA graphs (models/layer_graphs.py) where a
+  micro-batch's shape repeats (completions at max_completion_length), which frees the step from the
+  host's launch cost (8 x 4,096 tokens on Qwen2.5-1.5B: 1.5 s a step instead of 2.5 s on an H200). The
+  graphs' memory pool holds one layer pass's working memory (0.3 GiB there) beside the rest; `False`
+  trades that speed for the least memory.
 - `optim="adamw_8bit"` is our own blockwise 8-bit AdamW (grpo/optimizers.py, no bitsandbytes);
   `paged_adamw_8bit` is the same optimizer and `paged_adamw_32bit` is torch's AdamW (no paging).
 """

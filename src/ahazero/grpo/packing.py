@@ -76,6 +76,20 @@ def pack_rollouts(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tenso
                           rows=rows, cols=cols)
 
 
+def padded_to_multiple(input_ids: Tensor, position_ids: Tensor, multiple: int) -> tuple[Tensor, Tensor]:
+    """A packed row [S] with one more sequence appended (positions 0, 1, ..., the row's first token
+    repeated) so that its length is a multiple of `multiple`; the row as it is when it already is one (or
+    multiple <= 1). The appended tokens attend among themselves only and predict nothing: `predict_at`
+    indexes the row's own positions. Rows of different lengths then meet the same CUDA graphs
+    (models/layer_graphs.py)."""
+    S = input_ids.shape[0]
+    pad = -S % max(multiple, 1)
+    if pad == 0:
+        return input_ids, position_ids
+    return (torch.cat([input_ids, input_ids[:1].expand(pad)]),                     # [S + pad]
+            torch.cat([position_ids, torch.arange(pad, device=position_ids.device, dtype=position_ids.dtype)]))
+
+
 def unpack_to_rows(values: Tensor, packed: PackedRollouts, shape: tuple[int, int]) -> Tensor:
     """values [M] (one per packed completion token) -> [n, C], zeros where no token was packed.
     Differentiable (an index_put into zeros)."""

@@ -45,8 +45,8 @@ from .batch import RolloutBatch, build_batch
 from .config import GRPOConfig
 from .logprobs import chunked_token_logprobs
 from .loss import aggregate_loss, loss_normalizers, normalizers_from_counts, per_token_loss
-from .packing import (pack_rollouts, packing_fallback_reason, split_chunks_to_count, token_budget_chunks,
-                      unpack_to_rows, varlen_context)
+from .packing import (pack_rollouts, packing_fallback_reason, padded_to_multiple, split_chunks_to_count,
+                      token_budget_chunks, unpack_to_rows, varlen_context)
 from .optimizers import AdamW8bit
 from .progress import MetricsLogger, NullLogger
 
@@ -531,9 +531,11 @@ def _packed_policy_logps(model, batch: RolloutBatch, temperature: float, with_en
     if packed.targets.numel() == 0:  # every row masked out: nothing to run
         zeros = torch.zeros(shape, dtype=torch.float32, device=batch.completion_ids.device)  # [n, C]
         return zeros, (zeros.clone() if with_entropy else None)
+    input_ids, position_ids = padded_to_multiple(packed.input_ids, packed.position_ids,
+                                                 layer_graphs.bucket_tokens(decoder))  # [S'] each, S' >= S
     with varlen_context(decoder):
-        hidden = _run_decoder(decoder, autocast_dtype, input_ids=packed.input_ids[None],
-                              position_ids=packed.position_ids[None])  # [1, S, H]
+        hidden = _run_decoder(decoder, autocast_dtype, input_ids=input_ids[None],
+                              position_ids=position_ids[None])  # [1, S', H]
     hidden = hidden[:, packed.predict_at]  # [1, M, H]
     logps, entropy = chunked_token_logprobs(hidden, head.weight, packed.targets[None], temperature=temperature,
                                             bias=head.bias, with_entropy=with_entropy)  # [1, M]

@@ -20,8 +20,16 @@ Each is captured once per (layer, pass, shapes) as a CUDA graph and then replaye
   gradient (backward), copied out after the replay, and the trainable weights' gradients, added into
   their `.grad` with one foreach add (as autograd's accumulation would).
 - All graphs share one memory pool. What a graph allocates is dead when it ends (its results are in the
-  static tensors), so the pool holds one layer pass's working memory, as eager execution would; that
-  memory is reserved by the pool rather than allocated per replay (bench/memory.py counts it).
+  static tensors), so the pool holds one layer pass's working memory. That memory stays reserved by the
+  pool, beside what the rest of the step allocates (0.30 GiB at 4,170 tokens on Qwen2.5-1.5B, tiles of
+  2,048; bench/memory.py counts it).
+- A graph replays only where a micro-batch's shapes repeat: the packed length and the number of packed
+  sequences. They do where completions reach max_completion_length (long reasoning early in training,
+  and bench/memory.py); rows of other lengths run eagerly. A capture costs about two eager passes, so
+  where shapes come and go (graphs of more than MAX_SHAPES shapes dropped MAX_EVICTIONS times) no new
+  ones are captured. BUCKET_TOKENS > 1 (off by default, not yet measured on a GPU) pads each packed
+  row to a multiple of it with one more sequence of its own (grpo/packing.py `padded_to_multiple`) and
+  bounds the longest sequence by a multiple of it, so that rows of lengths within one bucket share graphs.
 
 Eager, as without graphs, where a graph could not be right or is not worth it: off CUDA; a layer with an
 active dropout (a replay would repeat its mask); FSDP2's sharded parameters; keyword arguments that are
@@ -40,7 +48,11 @@ from collections import OrderedDict
 import torch
 
 LAYER_GRAPHS = os.environ.get("AHAZERO_LAYER_GRAPHS", "1") != "0"
+BUCKET_TOKENS = 1  # > 1: packed rows padded to a multiple of this where the layers may be graphed, and the
+# longest packed sequence rounded up to one (as attention's bound), so that rows of near lengths share graphs
 MAX_SHAPES = 4  # static inputs/outputs kept for this many shapes (least recently used dropped with their graphs)
+MAX_EVICTIONS = 8  # shapes dropped before no new graphs are captured (the shapes vary too much to pay back)
+_evictions = 0
 
 _failed = False
 _pool = None
@@ -93,6 +105,22 @@ def with_tensors(value, tensors):
     if isinstance(value, (tuple, list)):
         return type(value)(with_tensors(v, tensors) for v in value)
     return value
+
+
+def bucket_tokens(decoder: torch.nn.Module) -> int:
+    """What a packed training row's length is padded to a multiple of: BUCKET_TOKENS where the decoder's
+    layers may be replayed from graphs (CUDA, offloaded checkpointing, graphs allowed), else 1."""
+    from .offload import offloaded_checkpoint
+    layers = getattr(decoder, "layers", None)
+    if _failed or not LAYER_GRAPHS or not layers or BUCKET_TOKENS <= 1:
+        return 1
+    first = layers[0]
+    weight = next(first.parameters(), None)
+    offloaded = getattr(first, "_gradient_checkpointing_func", None) is offloaded_checkpoint and getattr(
+        first, "gradient_checkpointing", False)
+    if weight is None or not weight.is_cuda or not offloaded or _graphable.get(first) is False:
+        return 1
+    return BUCKET_TOKENS
 
 
 def allow(model: torch.nn.Module, enabled: bool) -> None:
@@ -159,10 +187,12 @@ def _shape_key(hidden, kw_sig, sequences):
 
 
 def _get_statics(shape_key, hidden, kw_tensors, sequences) -> _Statics:
+    global _evictions
     statics = _statics.get(shape_key)
     if statics is None:
         while len(_statics) >= MAX_SHAPES:  # forget the oldest shape and every graph that reads its statics
             old, _ = _statics.popitem(last=False)
+            _evictions += 1
             for graphs in list(_per_layer.values()):
                 for key in [k for k in graphs if k[1] == old]:
                     del graphs[key]
@@ -182,13 +212,16 @@ def _streams():
 
 
 def _packed(function) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(position_ids, cu_seqlens, longest) when the layer runs on the packed varlen attention."""
+    """(position_ids, cu_seqlens, a bound on the longest sequence) when the layer runs on the packed varlen
+    attention."""
     from . import varlen
     position_ids = function.keywords.get("position_ids")
     if not varlen._known or not torch.is_tensor(position_ids):
         return None
     cu, longest = varlen.packed_sequences(position_ids)
-    return position_ids, cu, longest
+    bucket = max(BUCKET_TOKENS, 1)
+    bound = min(position_ids.numel(), -(-longest // bucket) * bucket)  # >= longest: the
+    return position_ids, cu, bound  # attention's bound, the same for rows of lengths in one bucket
 
 
 class _Pass:
@@ -213,11 +246,17 @@ class _Pass:
         self.graphs = _graphs_of(self.layer)
 
     def first_time(self) -> bool:
-        """True the first time this key is met (it runs eagerly then)."""
-        if self.key in self.graphs:
+        """True the first time this key is met (it runs eagerly then), and where no new graph may be
+        captured for it (the shapes came and went too often: it runs eagerly too)."""
+        if self.graphs.get(self.key) is not None:
             return False
-        self.graphs[self.key] = None
-        return True
+        if self.key not in self.graphs:
+            if len(self.graphs) > 8 * MAX_SHAPES:  # forget the keys met once and never again
+                for key in [k for k, g in self.graphs.items() if g is None]:
+                    del self.graphs[key]
+            self.graphs[self.key] = None
+            return True
+        return _evictions >= MAX_EVICTIONS and self.shape_key not in _statics
 
     def static_function(self, statics: _Statics):
         """The layer's function reading the static keyword tensors (and, packed, the static cu_seqlens)."""
@@ -352,8 +391,8 @@ def accumulate_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> N
 
 def reset() -> None:
     """Forget every graph and static tensor (tests; a model replaced in the same process)."""
-    global _failed
-    _failed = False
+    global _failed, _evictions
+    _failed, _evictions = False, 0
     _per_layer.clear()
     _graphable.clear()
     _statics.clear()
