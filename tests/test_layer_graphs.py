@@ -67,6 +67,21 @@ def test_grpo_config_layer_graphs_false_keeps_the_layers_eager(monkeypatch):
         assert layer_graphs.eligible(layer, torch.zeros(1)) == enabled
 
 
+def offloaded_cuda_lora_model(arch, dtype, monkeypatch):
+    """A tiny LoRA model on CUDA with offloaded checkpointing, graphs reset, and the list its captures
+    append to."""
+    model = attach_lora(tiny.tiny_model(arch, dtype=dtype, initializer_range=0.2), r=4, lora_alpha=8,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        random_state=0, init_lora_weights=False).cuda()
+    enable_gradient_checkpointing(model, "offload")
+    model.train()
+    layer_graphs.reset()
+    captures = []
+    original = layer_graphs._capture
+    monkeypatch.setattr(layer_graphs, "_capture", lambda *a: captures.append(1) or original(*a))
+    return model, captures
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("arch,dtype", [("qwen2", torch.float32), ("llama", torch.float32), ("qwen2", torch.bfloat16)])
 def test_replayed_layers_give_the_eager_gradients(arch, dtype, monkeypatch):
@@ -82,15 +97,7 @@ def test_replayed_layers_give_the_eager_gradients(arch, dtype, monkeypatch):
         model.zero_grad(set_to_none=True)
         return loss.detach(), grads
 
-    model = attach_lora(tiny.tiny_model(arch, dtype=dtype, initializer_range=0.2), r=4, lora_alpha=8,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                        random_state=0, init_lora_weights=False).cuda()
-    enable_gradient_checkpointing(model, "offload")
-    model.train()
-    layer_graphs.reset()
-    captures = []
-    original = layer_graphs._capture
-    monkeypatch.setattr(layer_graphs, "_capture", lambda *a: captures.append(1) or original(*a))
+    model, captures = offloaded_cuda_lora_model(arch, dtype, monkeypatch)
     g = torch.Generator().manual_seed(0)
     positions = torch.cat([torch.arange(n) for n in (7, 12, 5)])[None].cuda()  # 3 packed sequences
     for i in range(4):  # eager, capture, replay, replay: each with new tokens
@@ -113,15 +120,7 @@ def test_rows_of_different_lengths_in_one_bucket_share_the_graphs(monkeypatch):
     """With BUCKET_TOKENS > 1 the trainer's packed forward pads each row to a bucket: batches of other lengths
     replay the graphs captured for the first ones, with the eager (unpadded) log-probs and LoRA gradients."""
     from test_packing import logps_and_lora_grads, rollout_batch
-    model = attach_lora(tiny.tiny_model("qwen2", initializer_range=0.2), r=4, lora_alpha=8,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                        random_state=0, init_lora_weights=False).cuda()
-    enable_gradient_checkpointing(model, "offload")
-    model.train()
-    layer_graphs.reset()
-    captures = []
-    original = layer_graphs._capture
-    monkeypatch.setattr(layer_graphs, "_capture", lambda *a: captures.append(1) or original(*a))
+    model, captures = offloaded_cuda_lora_model("qwen2", torch.float32, monkeypatch)
     monkeypatch.setattr(layer_graphs, "BUCKET_TOKENS", 256)
     assert layer_graphs.bucket_tokens(model.get_base_model().model) == 256
     for i, (prompts, completions) in enumerate([([5, 9], [40, 33]), ([7, 3], [50, 21]), ([4, 4], [30, 44]),

@@ -280,7 +280,7 @@ def _trainable(layer) -> list[torch.nn.Parameter]:
     return [p for p in layer.parameters() if p.requires_grad]
 
 
-def _capture(build, statics: _Statics) -> torch.cuda.CUDAGraph | None:
+def _capture(build) -> torch.cuda.CUDAGraph | None:
     """Warms `build` up once on the capture stream, then captures it; None (graphs off) if that fails."""
     global _failed
     stream = _streams()
@@ -320,7 +320,7 @@ def graphed_forward(function, hidden: torch.Tensor, args: tuple, autocast: dict)
             statics.result.copy_(out)
 
         statics.hidden.detach().copy_(hidden)
-        captured = _capture(build, statics)
+        captured = _capture(build)
         if captured is None:
             return None
         graph = p.graphs[p.key] = _Graph(captured, [])
@@ -364,7 +364,7 @@ def graphed_backward(function, hidden: torch.Tensor, grad_out: torch.Tensor, arg
 
         statics.hidden.detach().copy_(hidden)
         statics.grad.copy_(grad_out)
-        captured = _capture(build, statics)
+        captured = _capture(build)
         if captured is None:
             return None
         graph = p.graphs[p.key] = _Graph(captured, used)
