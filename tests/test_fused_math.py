@@ -28,6 +28,8 @@ def test_rms_norm_backward_is_autograds():
     got_x, got_w = fused_math.rms_norm_backward(x.detach(), w.detach(), inv_rms.detach(), grad)
     torch.testing.assert_close(got_x, x.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got_w, w.grad, atol=1e-6, rtol=1e-5)
+    frozen_x, frozen_w = fused_math.rms_norm_backward(x.detach(), w.detach(), inv_rms.detach(), grad, False)
+    assert frozen_w is None and torch.equal(frozen_x, got_x)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA")

@@ -54,13 +54,16 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
 
 
 @cuda_compiled
-def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, inv_rms: torch.Tensor,
-                      grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """dL/dx [n, H] (x's dtype) and dL/dw summed over the n rows [H] (float32) of `rms_norm_forward`:
-    dL/dx = r (g_n - n mean(g_n n)), n = x r, g_n = float(dL/dy w); dL/dw = sum(dL/dy round(n))."""
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, inv_rms: torch.Tensor, grad: torch.Tensor,
+                      with_weight: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dL/dx [n, H] (x's dtype) and, with_weight, dL/dw summed over the n rows [H] (float32) of
+    `rms_norm_forward`: dL/dx = r (g_n - n mean(g_n n)), n = x r, g_n = float(dL/dy w);
+    dL/dw = sum(dL/dy round(n))."""
     normed = x.to(torch.float32) * inv_rms  # [n, H]
     grad_normed = (grad * weight).to(torch.float32)  # [n, H]
     grad_x = inv_rms * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+    if not with_weight:  # a frozen norm (LoRA): no [n, H] product and column sum for nothing
+        return grad_x.to(x.dtype), None
     grad_weight = (grad * normed.to(x.dtype)).to(torch.float32).sum(0)  # [H], products rounded as autograd's
     return grad_x.to(x.dtype), grad_weight
 

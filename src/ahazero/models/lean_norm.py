@@ -41,7 +41,8 @@ class _RMSNorm(torch.autograd.Function):
         grad_weight = torch.zeros(H, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
         for start in range(0, x.shape[0], BACKWARD_ROWS):  # float32 temporaries of BACKWARD_ROWS rows at most
             rows = slice(start, start + BACKWARD_ROWS)
-            grad_x[rows], grad_weight_rows = rms_norm_backward(x[rows], weight, inv_rms[rows], grad[rows])
+            grad_x[rows], grad_weight_rows = rms_norm_backward(x[rows], weight, inv_rms[rows], grad[rows],
+                                                               grad_weight is not None)
             if grad_weight is not None:
                 grad_weight += grad_weight_rows  # float32, rounded once, at the end
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
