@@ -644,13 +644,13 @@ def table(records: list[dict]) -> str:
     lines = [f"{r0.get('model')}, {r0.get('generations')} x {r0.get('completion_len')} completion tokens, "
              f"LoRA r={r0.get('lora_rank', '?')}, micro-batch {r0.get('micro_batch') or 'all'}, on {r0.get('device', '?')}",
              "",
-             f"| backend | peak {unit} | {unit} above weights | step seconds | status |",
-             "| --- | --- | --- | --- | --- |"]
+             f"| backend | peak {unit} | {unit} above weights | of which CUDA graph pools | step seconds | status |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in records:
         status = r.get("status", "?") + (f": {r['error']}" if r.get("error") else "")
         step = f"{r['step_s']:.2f}" if r.get("step_s") is not None else "n/a"
-        lines.append(f"| {r['backend']} | {gib(r.get('peak_gib'))} | {gib(r.get('above_weights_gib'))} | {step} "
-                     f"| {status.replace('|', '/')} |")
+        lines.append(f"| {r['backend']} | {gib(r.get('peak_gib'))} | {gib(r.get('above_weights_gib'))} "
+                     f"| {gib(r.get('graph_pool_gib'))} | {step} | {status.replace('|', '/')} |")
     return "\n".join(lines)
 
 
