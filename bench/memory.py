@@ -144,6 +144,7 @@ class Meter:
     def __init__(self, device):
         import torch
         self.torch, self.cuda = torch, device.type == "cuda"
+        self.pool_gib = 0.0
 
     def current(self) -> float | None:
         if self.cuda:
@@ -165,7 +166,8 @@ class Meter:
         """CUDA: the peak allocated plus what CUDA graphs' private pools hold (allocated at capture, not
         counted again while a graph replays), so a graphed step is not measured below what it uses."""
         if self.cuda:
-            return (self.torch.cuda.max_memory_allocated() + graph_pool_bytes()) / GIB
+            self.pool_gib = graph_pool_bytes() / GIB  # the pools' share of this peak, for the record
+            return self.torch.cuda.max_memory_allocated() / GIB + self.pool_gib
         return _proc_status("VmHWM")
 
     def sync(self) -> None:
@@ -214,8 +216,8 @@ def measure(step, meter: Meter, warmup: int, snapshot: str | None = None, profil
         torch.cuda.memory._record_memory_history(enabled=None)
     if profile is not None:
         profile_step(step, meter, profile)
-    pool = graph_pool_bytes() / GIB if meter.cuda else 0.0
-    return dict(step_s=seconds, peak_gib=meter.peak(), start_gib=start, loss=loss, graph_pool_gib=pool,
+    peak = meter.peak()
+    return dict(step_s=seconds, peak_gib=peak, start_gib=start, loss=loss, graph_pool_gib=meter.pool_gib,
                 **({"snapshot": snapshot} if recording else {}), **({"profile": profile} if profile else {}))
 
 

@@ -47,6 +47,8 @@ from collections import OrderedDict
 
 import torch
 
+from .tiled_mlp import has_active_dropout
+
 LAYER_GRAPHS = os.environ.get("AHAZERO_LAYER_GRAPHS", "1") != "0"
 BUCKET_TOKENS = 1  # > 1: packed rows padded to a multiple of this where the layers may be graphed, and the
 # longest packed sequence rounded up to one (as attention's bound), so that rows of near lengths share graphs
@@ -139,8 +141,7 @@ def eligible(layer: torch.nn.Module, hidden: torch.Tensor) -> bool:
         return False
     graphable = _graphable.get(layer)
     if graphable is None:
-        dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in layer.modules()) or any(
-            getattr(m, "attention_dropout", 0.0) for m in layer.modules())
+        dropout = has_active_dropout(layer) or any(getattr(m, "attention_dropout", 0.0) for m in layer.modules())
         sharded = any(hasattr(p, "placements") for p in layer.parameters())
         graphable = _graphable[layer] = not dropout and not sharded
     return graphable and layer.training
@@ -173,8 +174,10 @@ class _Statics:
 
 
 class _Graph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, used: list[bool]):
-        self.graph, self.used = graph, used  # used[i]: the i-th trainable weight gets a gradient
+    def __init__(self, graph: torch.cuda.CUDAGraph, used: list[bool], grad_buffers: list[torch.Tensor]):
+        self.graph = graph
+        self.used = used  # used[i]: the i-th trainable weight gets a gradient
+        self.grad_buffers = grad_buffers  # where the replay writes those gradients (a backward's)
 
 
 def _graphs_of(layer) -> dict:
@@ -186,7 +189,7 @@ def _shape_key(hidden, kw_sig, sequences):
     return (tuple(hidden.shape), hidden.dtype, hidden.device, kw_sig, sequences)
 
 
-def _get_statics(shape_key, hidden, kw_tensors, sequences) -> _Statics:
+def _get_statics(shape_key, hidden, kw_tensors, cu) -> _Statics:
     global _evictions
     statics = _statics.get(shape_key)
     if statics is None:
@@ -197,8 +200,8 @@ def _get_statics(shape_key, hidden, kw_tensors, sequences) -> _Statics:
                 for key in [k for k in graphs if k[1] == old]:
                     del graphs[key]
         statics = _statics[shape_key] = _Statics(hidden, kw_tensors)
-        if sequences is not None:
-            statics.cu = torch.empty(sequences[0] + 1, dtype=torch.int32, device=hidden.device)
+        if cu is not None:
+            statics.cu = torch.empty_like(cu)  # [N + 1]
     _statics.move_to_end(shape_key)
     return statics
 
@@ -268,8 +271,7 @@ class _Pass:
         return functools.partial(self.function.func, *self.function.args, **keywords)
 
     def statics(self, hidden: torch.Tensor) -> _Statics:
-        statics = _get_statics(self.shape_key, hidden, self.kw_tensors,
-                               None if self.packed is None else (self.packed[1].numel() - 1,))
+        statics = _get_statics(self.shape_key, hidden, self.kw_tensors, None if self.packed is None else self.packed[1])
         statics.load_kwargs(self.kw_tensors)
         if self.packed is not None:
             statics.load_cu(self.packed[1])
@@ -308,8 +310,9 @@ def graphed_forward(function, hidden: torch.Tensor, args: tuple, autocast: dict)
     if not p.ok or args or p.first_time():
         return None
     graph = p.graphs[p.key]
+    statics = p.statics(hidden)
+    statics.hidden.detach().copy_(hidden)
     if graph is None:
-        statics = p.statics(hidden)
         static_function = p.static_function(statics)
 
         def build():
@@ -319,14 +322,10 @@ def graphed_forward(function, hidden: torch.Tensor, args: tuple, autocast: dict)
                 raise TypeError(f"the layer returned {type(out).__name__}, not a tensor")
             statics.result.copy_(out)
 
-        statics.hidden.detach().copy_(hidden)
         captured = _capture(build)
         if captured is None:
             return None
-        graph = p.graphs[p.key] = _Graph(captured, [])
-    else:
-        statics = p.statics(hidden)
-        statics.hidden.detach().copy_(hidden)
+        graph = p.graphs[p.key] = _Graph(captured, [], [])
     graph.graph.replay()
     return statics.result.clone()
 
@@ -340,9 +339,10 @@ def graphed_backward(function, hidden: torch.Tensor, grad_out: torch.Tensor, arg
         return None
     params = _trainable(p.layer)
     graph = p.graphs[p.key]
-    statics = None
+    statics = p.statics(hidden)
+    statics.hidden.detach().copy_(hidden)
+    statics.grad.copy_(grad_out)
     if graph is None:
-        statics = p.statics(hidden)
         static_function = p.static_function(statics)
         shapes = tuple((tuple(q.shape), q.dtype) for q in params)
         if shapes not in statics.param_grads:
@@ -362,20 +362,13 @@ def graphed_backward(function, hidden: torch.Tensor, grad_out: torch.Tensor, arg
                 if g is not None:
                     buffer.copy_(g)
 
-        statics.hidden.detach().copy_(hidden)
-        statics.grad.copy_(grad_out)
         captured = _capture(build)
         if captured is None:
             return None
-        graph = p.graphs[p.key] = _Graph(captured, used)
-    if statics is None:
-        statics = p.statics(hidden)
-        statics.hidden.detach().copy_(hidden)
-        statics.grad.copy_(grad_out)
+        graph = p.graphs[p.key] = _Graph(captured, used, grad_buffers)
     graph.graph.replay()
-    shapes = tuple((tuple(q.shape), q.dtype) for q in params)
     accumulate_grads([q for q, u in zip(params, graph.used) if u],
-                     [b for b, u in zip(statics.param_grads[shapes], graph.used) if u])
+                     [b for b, u in zip(graph.grad_buffers, graph.used) if u])
     return statics.result.clone()
 
 

@@ -29,13 +29,12 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps: float):
         y, inv_rms = rms_norm_forward(x, weight, eps)  # [..., H], [..., 1]
         ctx.save_for_backward(x, weight, inv_rms)
-        ctx.shape = x.shape
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, inv_rms = ctx.saved_tensors
-        H = x.shape[-1]
+        shape, H = x.shape, x.shape[-1]
         x, grad, inv_rms = x.reshape(-1, H), grad.reshape(-1, H), inv_rms.reshape(-1, 1)  # [N, H], [N, 1]
         grad_x = torch.empty_like(x)  # [N, H]
         grad_weight = torch.zeros(H, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
@@ -46,7 +45,7 @@ class _RMSNorm(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight += grad_weight_rows  # float32, rounded once, at the end
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        return grad_x.view(ctx.shape), grad_weight, None
+        return grad_x.view(shape), grad_weight, None
 
 
 def _lean_forward(norm, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,6 @@ import functools
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.nn.functional as F
 
 
 def is_peft_model(model) -> bool:

@@ -62,6 +62,11 @@ def tile_bounds(n_tokens: int, tile_tokens: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n_tokens)) for start in range(0, n_tokens, size)] or [(0, 0)]
 
 
+def has_active_dropout(module: torch.nn.Module) -> bool:
+    """Whether a dropout of nonzero rate is in `module` (a recompute or replay would draw other masks)."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
+
+
 def autocast_state(device_type: str) -> dict:
     """torch.autocast's arguments that reproduce the current state (a recompute runs under the forward's)."""
     return dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
@@ -252,7 +257,7 @@ def tile_mlps(model) -> int:
     tiled = 0
     for layer in _decoder_layers(model):
         mlp = getattr(layer, "mlp", None)
-        if mlp is None or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in mlp.modules()):
+        if mlp is None or has_active_dropout(mlp):
             continue
         if "_ahazero_untiled_forward" not in mlp.__dict__:
             mlp._ahazero_untiled_forward = mlp.forward
