@@ -41,7 +41,10 @@ Where each step's time goes (torch.profiler's operator table of one more step, a
   python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --backends ahazero,unsloth --profile $OUT/profiles
 (--backends defaults to ahazero,trl,unsloth; --micro-batch defaults to 1 row per forward/backward, 0 means
 all G rows at once. --optim, --load-in-4bit and --lora-autocast reach the workers; before 2026-11-27 the
-first two did not, so earlier 4-bit rows of this script, none of which are in RESULTS.md, were 16-bit.) Where a peer is not installed, point --trl-path / --unsloth-path at a folder of its
+first two did not, so earlier 4-bit rows of this script, none of which are in RESULTS.md, were 16-bit.
+--optim is every backend's optimizer; before the fifth session of 2026-11-27 it was ahazero's only, so TRL
+ran its default (torch's AdamW) and Unsloth its GRPOConfig's default, adamw_8bit: 8-bit Adam state, a quarter
+of the 0.27 GiB that ahazero's float32 state took in those rows.) Where a peer is not installed, point --trl-path / --unsloth-path at a folder of its
 unpacked wheels (`pip install --no-index --no-deps --target DIR *.whl`); Unsloth pins trl 1.15, so its
 folder must hold its own trl. The unsloth worker first writes the random weights to --workdir (3 GiB for
 Qwen2.5-1.5B, 15 GiB for Llama-3.1-8B) for its from_pretrained to load.
@@ -416,7 +419,7 @@ def trl_step_runner(trainer_cls, config_cls, model, tok, args, device, text, pro
                         mask_truncated_completions=False, epsilon=0.2, epsilon_high=0.2,
                         temperature=1.0, gradient_checkpointing=True, report_to=[], logging_steps=1,
                         bf16=not args.smoke, use_cpu=args.smoke, max_steps=10, save_strategy="no",
-                        shuffle_dataset=False, **extra_config)
+                        shuffle_dataset=False, optim=args.optim, **extra_config)
     kwargs = dict(model=model, reward_funcs=fixed_reward, args=config, processing_class=tok,
                   train_dataset=Dataset.from_list(rows * G))
     try:
@@ -456,7 +459,8 @@ def trl_step_runner(trainer_cls, config_cls, model, tok, args, device, text, pro
         model.zero_grad(set_to_none=True)
         return loss
 
-    return step, check, f"per_device_train_batch_size={M}, gradient_accumulation_steps={accumulation}, gradient_checkpointing=True"
+    return step, check, (f"per_device_train_batch_size={M}, gradient_accumulation_steps={accumulation}, "
+                         f"gradient_checkpointing=True, optim={trainer.args.optim}")
 
 
 def fixed_generation(trainer_cls, completions):
@@ -669,7 +673,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before the measured one")
     p.add_argument("--load-in-4bit", action="store_true",
                    help="QLoRA: NF4 base weights (ahazero's own; Unsloth's through bitsandbytes; TRL is skipped)")
-    p.add_argument("--optim", default="adamw_torch", help="GRPOConfig.optim for ahazero (e.g. adamw_8bit)")
+    p.add_argument("--optim", default="adamw_torch",
+                   help="GRPOConfig.optim for every backend (e.g. adamw_8bit, Unsloth's GRPOConfig default)")
     p.add_argument("--lora-autocast", action="store_true", help="GRPOConfig.lora_autocast for ahazero")
     p.add_argument("--without", default="", help=f"ahazero without some of {', '.join(WITHOUT)} (comma-separated)")
     p.add_argument("--tile-tokens", type=int, default=0, help="ahazero's MLP token tile (models/tiled_mlp.py "

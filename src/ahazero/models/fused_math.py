@@ -75,6 +75,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @cuda_compiled
-def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dgate, dL/dup) [t, I] of `swiglu` from dL/d(silu(gate) up); silu(gate) recomputed, not kept."""
-    return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+def swiglu_backward_(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
+    """`swiglu`'s backward from dL/d(silu(gate) up) [t, I], written over its inputs: gate becomes dL/dgate
+    and up dL/dup; silu(gate) is recomputed, not kept. Compiled, it is one kernel that reads each element
+    of grad, gate and up and writes gate's and up's back (no [t, I] tensor is made)."""
+    grad_gate, grad_up = torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+    gate.copy_(grad_gate)
+    up.copy_(grad_up)

@@ -31,8 +31,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .fused_math import swiglu, swiglu_backward
-from .lora import cast_adapters, lora_add, lora_backward, scaled_cast
+from .fused_math import swiglu, swiglu_backward_
+from .lora import cast_adapters, lora_backward, scaled_cast
 
 TILE_TOKENS = 2048  # at most this many tokens per tile: [2048, 8960] bf16 intermediates are 35 MiB each
 TILED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # layer output = residual + mlp(norm(h))
@@ -169,9 +169,11 @@ def _cast_parts(parts, dtype) -> list[tuple]:
 
 
 def _lora_linear(x, part):
-    """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r])."""
+    """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r]), the
+    LoRA product added in place (addmm_ rounds as addmm does)."""
     w, a_scaled, b = part
-    return lora_add(torch.mm(x, w.t()), x, a_scaled, b)
+    shrunk = torch.mm(x, a_scaled.t())  # [t, r]
+    return torch.mm(x, w.t()).addmm_(shrunk, b.t()), shrunk
 
 
 def _lora_linear_backward(x, shrunk, grad, part):
@@ -196,16 +198,21 @@ def _swiglu_lora_tile(x, parts):
 def _swiglu_lora_tile_backward(x, grad, parts):
     """One tile's dL/dx [t, H] and the six adapter gradients (A / s, B of gate, up, down). It recomputes the
     tile's forward up to the down projection's input (not the output, which nothing needs); the SiLU and
-    product backward are fused_math's (autograd's silu_backward and products, one kernel on CUDA)."""
-    hidden, (gate, gate_shrunk, up, up_shrunk) = _gated_hidden(x, parts)
-    down_shrunk = torch.mm(hidden, parts[2][1].t())  # [t, r], as `_lora_linear` makes it
-    grad_hidden, grad_a_down, grad_b_down = _lora_linear_backward(hidden, down_shrunk, grad, parts[2])  # [t, I]
-    del hidden  # each [t, I] tensor is let go as soon as it is used up: they set the tile's peak
-    grad_gate, grad_up = swiglu_backward(grad_hidden, gate, up)  # [t, I] each
-    del grad_hidden, up, gate
-    grad_x, grad_a_gate, grad_b_gate = _lora_linear_backward(x, gate_shrunk, grad_gate, parts[0])
-    del grad_gate
-    grad_x_up, grad_a_up, grad_b_up = _lora_linear_backward(x, up_shrunk, grad_up, parts[1])
+    product backward are fused_math's (autograd's silu_backward and products, one kernel on CUDA).
+    The [t, I] tensors set the tile's peak, so at most three are alive at once: the down projection's
+    adapter gradients are taken before its input gradient is made, that gradient's LoRA part is added in
+    place, and the SiLU and product backward writes its gradients over gate and up."""
+    hidden, (gate, gate_shrunk, up, up_shrunk) = _gated_hidden(x, parts)  # [t, I] x 3
+    w_down, a_down, b_down = parts[2]
+    down_shrunk = torch.mm(hidden, a_down.t())  # [t, r], as `_lora_linear` makes it
+    _, grad_a_down, grad_b_down = lora_backward(grad, hidden, down_shrunk, a_down, b_down, want_x=False)
+    del hidden
+    grad_hidden = torch.mm(grad, w_down).addmm_(torch.mm(grad, b_down), a_down)  # [t, I]: g W + (g B)(sA)
+    swiglu_backward_(grad_hidden, gate, up)  # gate, up [t, I] := dL/dgate, dL/dup
+    del grad_hidden
+    grad_x, grad_a_gate, grad_b_gate = _lora_linear_backward(x, gate_shrunk, gate, parts[0])
+    del gate
+    grad_x_up, grad_a_up, grad_b_up = _lora_linear_backward(x, up_shrunk, up, parts[1])
     return grad_x.add_(grad_x_up), (grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down)
 
 
