@@ -368,6 +368,7 @@ def graphed_backward(function, hidden: torch.Tensor, grad_out: torch.Tensor, arg
         if captured is None:
             return None
         graph = p.graphs[p.key] = _Graph(captured, used, grad_buffers)
+        statics.output_side.copy_(grad_out)  # the capture's warm-up wrote the input's gradient over it
     graph.graph.replay()
     accumulate_grads([q for q, u in zip(params, graph.used) if u],
                      [b for b, u in zip(graph.grad_buffers, graph.used) if u])
