@@ -17,7 +17,8 @@ wall time (synchronised). `--micro-batch M` is the rows per forward/backward for
 
 Backends:
   ahazero   our GRPOTrainer.optimizer_step, use_gradient_checkpointing=--ahazero-checkpointing ("offload")
-  trl       trl.GRPOTrainer (gradient_checkpointing=True, as TRL's default), LoRA through PEFT
+  trl       trl.GRPOTrainer (gradient_checkpointing=True, TRL's default, turned on as Trainer.train() does),
+            LoRA through PEFT
   unsloth   Unsloth's FastLanguageModel (16-bit LoRA, use_gradient_checkpointing="unsloth",
             fast_inference=False) + its patched GRPOTrainer; only when `import unsloth` works.
             UNTESTED here (unsloth cannot be installed without a GPU); it loads the random weights
@@ -390,8 +391,10 @@ class _Rows(list):
 # --- TRL and Unsloth (Unsloth's trainer is TRL's, patched) -------------------------------------------
 
 def trl_step_runner(trainer_cls, config_cls, model, tok, args, device, text, prompt_ids, completions, rewards,
-                    extra_config: dict):
-    """A callable doing one TRL optimizer step on the fixed completions (scored and buffered first)."""
+                    extra_config: dict, checkpointing_as_train: bool = False):
+    """A callable doing one TRL optimizer step on the fixed completions (scored and buffered first).
+    `checkpointing_as_train`: turn the model's gradient checkpointing on as `Trainer.train()` does before its
+    loop, which the direct `training_step` calls here skip (`enable_checkpointing_as_train_does`)."""
     from datasets import Dataset
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     G, M = args.generations, args.micro_batch or args.generations
@@ -428,6 +431,8 @@ def trl_step_runner(trainer_cls, config_cls, model, tok, args, device, text, pro
         if "rollout_func" not in str(e):
             raise
         trainer = fixed_generation(trainer_cls, completions)(**kwargs)
+    if checkpointing_as_train:
+        enable_checkpointing_as_train_does(trainer)
     a = trainer.args  # as the trainer (or Unsloth's patches) left it
     M, accumulation, per_generation = a.per_device_train_batch_size, a.gradient_accumulation_steps, a.steps_per_generation
     trainer.create_optimizer()
@@ -460,7 +465,20 @@ def trl_step_runner(trainer_cls, config_cls, model, tok, args, device, text, pro
         return loss
 
     return step, check, (f"per_device_train_batch_size={M}, gradient_accumulation_steps={accumulation}, "
-                         f"gradient_checkpointing=True, optim={trainer.args.optim}")
+                         f"optim={trainer.args.optim}")
+
+
+def enable_checkpointing_as_train_does(trainer) -> None:
+    """What `Trainer.train()` does before its loop: the model's gradient checkpointing on where the config
+    asks for it (TRL's GRPOTrainer leaves that to `train()`). Before the fifth session of 2026-11-27 this
+    script did not, so its TRL rows ran without checkpointing: more memory, and one forward less a step."""
+    a = trainer.args
+    wanted = getattr(a, "activation_checkpointing", None) or getattr(a, "gradient_checkpointing", False)
+    if wanted and not trainer.model.is_gradient_checkpointing:
+        kwargs = getattr(a, "activation_checkpointing_kwargs", None) or getattr(a, "gradient_checkpointing_kwargs", None)
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+    if wanted and not trainer.model.is_gradient_checkpointing:
+        raise RuntimeError("TRL's model did not turn gradient checkpointing on")
 
 
 def fixed_generation(trainer_cls, completions):
@@ -482,8 +500,9 @@ def run_trl(args, device, meter: Meter) -> dict:
     weights = meter.current()
     tok, text, prompt_ids, completions, rewards = workload(args, model.config.vocab_size)
     step, check, settings = trl_step_runner(trl.GRPOTrainer, trl.GRPOConfig, model, tok, args, device, text,
-                                           prompt_ids, completions, rewards, {})
-    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args), profile_path(args)), settings=settings,
+                                           prompt_ids, completions, rewards, {}, checkpointing_as_train=True)
+    return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args), profile_path(args)),
+                settings=f"{settings}, gradient_checkpointing={model.is_gradient_checkpointing}",
                 version=f"trl {trl.__version__}")
 
 
@@ -532,7 +551,7 @@ def run_unsloth(args, device, meter: Meter) -> dict:
     step, check, settings = trl_step_runner(GRPOTrainer, GRPOConfig, model, tok, args, device, text,
                                            prompt_ids, completions, rewards, {})
     return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args), profile_path(args)),
-                settings=settings.replace("gradient_checkpointing=True", 'use_gradient_checkpointing="unsloth"'),
+                settings=f'{settings}, use_gradient_checkpointing="unsloth"',
                 version=f"unsloth {getattr(unsloth, '__version__', '?')}")
 
 

@@ -2,7 +2,6 @@
 runs to DONE on the CPU: load, LoRA, GRPO, fast_generate with and without a saved LoRA, every save."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

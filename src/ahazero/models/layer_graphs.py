@@ -22,8 +22,8 @@ Each is captured once per (layer, pass, shapes) as a CUDA graph and then replaye
   autograd's accumulation would).
 - All graphs share one memory pool. What a graph allocates is dead when it ends (its results are in the
   static tensors), so the pool holds one layer pass's working memory. That memory stays reserved by the
-  pool, beside what the rest of the step allocates (0.30 GiB at 4,170 tokens on Qwen2.5-1.5B, tiles of
-  2,048; bench/memory.py counts it).
+  pool, beside what the rest of the step allocates (0.26 GiB at 4,170 tokens on Qwen2.5-1.5B, tiles of
+  2,048, bench/RESULTS.md 2026-11-27 fifth session; bench/memory.py counts it).
 - A graph replays only where a micro-batch's shapes repeat: the packed length and the number of packed
   sequences. They do where completions reach max_completion_length (long reasoning early in training,
   and bench/memory.py); rows of other lengths run eagerly. A capture costs about two eager passes, so

@@ -205,9 +205,10 @@ def _swiglu_lora_tile_backward(x, grad, parts):
     hidden, (gate, gate_shrunk, up, up_shrunk) = _gated_hidden(x, parts)  # [t, I] x 3
     w_down, a_down, b_down = parts[2]
     down_shrunk = torch.mm(hidden, a_down.t())  # [t, r], as `_lora_linear` makes it
-    _, grad_a_down, grad_b_down = lora_backward(grad, hidden, down_shrunk, a_down, b_down, want_x=False)
+    grad_down_shrunk = torch.mm(grad, b_down)  # [t, r]: dS = g B (`lora_backward`'s math, written out)
+    grad_a_down, grad_b_down = torch.mm(grad_down_shrunk.t(), hidden), torch.mm(grad.t(), down_shrunk)
     del hidden
-    grad_hidden = torch.mm(grad, w_down).addmm_(torch.mm(grad, b_down), a_down)  # [t, I]: g W + (g B)(sA)
+    grad_hidden = torch.mm(grad, w_down).addmm_(grad_down_shrunk, a_down)  # [t, I]: g W + dS (sA)
     swiglu_backward_(grad_hidden, gate, up)  # gate, up [t, I] := dL/dgate, dL/dup
     del grad_hidden
     grad_x, grad_a_gate, grad_b_gate = _lora_linear_backward(x, gate_shrunk, gate, parts[0])
