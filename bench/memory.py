@@ -465,7 +465,7 @@ def trl_step_runner(trainer_cls, config_cls, model, tok, args, device, text, pro
         return loss
 
     return step, check, (f"per_device_train_batch_size={M}, gradient_accumulation_steps={accumulation}, "
-                         f"optim={trainer.args.optim}")
+                         f"optim={getattr(trainer.args.optim, 'value', trainer.args.optim)}")
 
 
 def enable_checkpointing_as_train_does(trainer) -> None:

@@ -1,8 +1,12 @@
 """The MLP by token tiles (models/tiled_mlp.py) under offloaded checkpointing: the gradients of no
 checkpointing at all, no MLP intermediate larger than a tile kept by the backward, and the layers that
 must not be tiled left alone (float32 CPU, tiny models of real architectures)."""
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tiny
@@ -132,6 +136,59 @@ def test_written_out_backward_equals_autograd_on_one_mlp(dtype, monkeypatch):
     assert len(ga) == 6 and all(a.dtype == torch.float32 for a in ga)
     for got, ref in [(y, ref_y), (gx, ref_gx)] + list(zip(ga, ref_ga)):
         assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < bound
+
+
+class LiveOfShape(TorchDispatchMode):
+    """Counts the distinct storages of live tensors of one shape made by the ops run under it; `most` is the
+    largest count seen after any op."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.refs, self.most, self.paused = tuple(shape), [], 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            self.made(out)
+        return out
+
+    def made(self, out):
+        self.refs += [weakref.ref(t) for t in tree_leaves(out) if torch.is_tensor(t) and tuple(t.shape) == self.shape]
+        live = {ref().untyped_storage().data_ptr() for ref in self.refs if ref() is not None}
+        self.most = max(self.most, len(live))
+
+    def as_one_kernel(self, fn):
+        """`fn` counted as the one compiled kernel it is on CUDA: only what it returns, not its op-by-op
+        temporaries on the CPU."""
+        def run(*args):
+            self.paused = True
+            try:
+                out = fn(*args)
+            finally:
+                self.paused = False
+            self.made(out)
+            return out
+        return run
+
+
+def test_the_tile_backward_keeps_at_most_three_intermediates_alive(monkeypatch):
+    """The [t, I] tensors set a tile's memory: the written-out backward keeps at most three alive at once
+    (gate, up and one more; the order before this test kept five). SwiGLU and its backward are one compiled
+    kernel each on CUDA: their op-by-op temporaries on the CPU are not counted."""
+    live = LiveOfShape((5, 24))
+    for name in ("swiglu", "swiglu_backward_"):
+        monkeypatch.setattr(tiled_mlp, name, live.as_one_kernel(getattr(tiled_mlp, name)))
+    g = torch.Generator().manual_seed(11)
+    t, hidden, inter, r = 5, 8, 24, 4
+
+    def part(n_out, n_in):  # (W, sA, B) as `_cast_parts` gives them
+        return tuple(torch.randn(*shape, generator=g) for shape in ((n_out, n_in), (r, n_in), (n_out, r)))
+
+    parts = [part(inter, hidden), part(inter, hidden), part(hidden, inter)]
+    x, grad = torch.randn(t, hidden, generator=g), torch.randn(t, hidden, generator=g)
+    with live:
+        tiled_mlp._swiglu_lora_tile_backward(x, grad, parts)  # [t, I] = [5, 24]
+    assert live.most == 3
 
 
 def test_no_grad_forward_by_tiles_equals_the_untiled_forward(monkeypatch):
