@@ -40,15 +40,15 @@ Which tensors make each peak (allocation histories for pytorch.org/memory_viz; t
   python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --backends ahazero,unsloth --snapshot $OUT/snapshots
 Where each step's time goes (torch.profiler's operator table of one more step, after the measured one):
   python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --backends ahazero,unsloth --profile $OUT/profiles
-(--backends defaults to ahazero,trl,unsloth; --micro-batch defaults to 1 row per forward/backward, 0 means
-all G rows at once. --optim, --load-in-4bit and --lora-autocast reach the workers; before 2026-11-27 the
-first two did not, so earlier 4-bit rows of this script, none of which are in RESULTS.md, were 16-bit.
---optim is every backend's optimizer; before the fifth session of 2026-11-27 it was ahazero's only, so TRL
-ran its default (torch's AdamW) and Unsloth its GRPOConfig's default, adamw_8bit: 8-bit Adam state, a quarter
-of the 0.27 GiB that ahazero's float32 state took in those rows.) Where a peer is not installed, point --trl-path / --unsloth-path at a folder of its
-unpacked wheels (`pip install --no-index --no-deps --target DIR *.whl`); Unsloth pins trl 1.15, so its
-folder must hold its own trl. The unsloth worker first writes the random weights to --workdir (3 GiB for
-Qwen2.5-1.5B, 15 GiB for Llama-3.1-8B) for its from_pretrained to load.
+(--backends defaults to ahazero,trl,unsloth; --micro-batch defaults to 1 row per forward/backward, 0 means all
+G rows at once. --optim, --load-in-4bit and --lora-autocast reach the workers; before 2026-11-27 the first two
+did not, so earlier 4-bit rows of this script, none of which are in RESULTS.md, were 16-bit. --optim is every
+backend's optimizer; before the fifth session of 2026-11-27 it was ahazero's only, so TRL ran its default
+(torch's AdamW) and Unsloth its GRPOConfig's default, adamw_8bit: 8-bit Adam state, a quarter of the 0.27 GiB
+that ahazero's float32 state took in those rows.) Where a peer is not installed, point --trl-path /
+--unsloth-path at a folder of its unpacked wheels (`pip install --no-index --no-deps --target DIR *.whl`);
+Unsloth pins trl 1.15, so its folder must hold its own trl. The unsloth worker first writes the random weights
+to --workdir (3 GiB for Qwen2.5-1.5B, 15 GiB for Llama-3.1-8B) for its from_pretrained to load.
 A markdown table comes last on stdout; one JSON line per backend is appended to --out. A backend that
 runs out of memory or fails is a row with its error, not a crash. `--smoke` runs a shrunken model on the
 CPU with few tokens for every importable backend (peak RSS instead of GPU memory): it checks the
@@ -337,7 +337,7 @@ def run_ahazero(args, device, meter: Meter) -> dict:
                         micro_batch_size=args.micro_batch, max_completion_length=args.completion_len,
                         max_prompt_length=len(prompt_ids), beta=0.0, loss_type="dapo", learning_rate=1e-6,
                         max_grad_norm=1.0, num_iterations=1, temperature=1.0, report_to=[], optim=args.optim,
-                        lora_autocast=args.lora_autocast)
+                        lora_autocast=args.lora_autocast, padding_free="padding-free" not in args.without.split(","))
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=fixed_reward, args=config,
                           train_dataset=_Rows([{"prompt": text}]), generator=object())
     trainer.optimizer = make_optimizer(trainer.trainable_parameters, config)
@@ -358,7 +358,8 @@ def run_ahazero(args, device, meter: Meter) -> dict:
                          + (", nf4" if args.load_in_4bit else "") + (", lora_autocast" if args.lora_autocast else ""))
 
 
-WITHOUT = ("fused-lora", "lean-norm", "tiled-mlp", "layer-graphs")
+WITHOUT = ("fused-lora", "lean-norm", "tiled-mlp", "layer-graphs", "padding-free")  # padding-free: the padded
+# forward through the model's own attention (SDPA) instead of the packed varlen one (GRPOConfig.padding_free)
 
 
 def switch_off(parts: str) -> None:
@@ -376,6 +377,8 @@ def switch_off(parts: str) -> None:
             trainer.lean_rms_norms = lambda model: 0
         elif part == "layer-graphs":
             layer_graphs.LAYER_GRAPHS = False
+        elif part == "padding-free":
+            pass  # a GRPOConfig field: run_ahazero reads it from args.without
         else:
             tiled_mlp.TILED_MODEL_TYPES = frozenset()
 
