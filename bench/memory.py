@@ -38,6 +38,9 @@ ahazero with GRPOConfig.lora_autocast (LoRA products in bf16 under torch.autocas
   python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --lora-autocast --backends ahazero --out $OUT/memory.jsonl
 Which tensors make each peak (allocation histories for pytorch.org/memory_viz; the step times are then slower):
   python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --backends ahazero,unsloth --snapshot $OUT/snapshots
+Completions of several lengths (EOS-terminated, 4,096 down to 1,024 tokens; the same lengths every step, so
+ahazero's graphs would replay where real training's never repeat: --without layer-graphs is that case):
+  python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --length-spread 0.75 --out $OUT/memory.jsonl
 Where each step's time goes (torch.profiler's operator table of one more step, after the measured one):
   python bench/memory.py --model qwen2.5-1.5b --completion-len 4096 --backends ahazero,unsloth --profile $OUT/profiles
 (--backends defaults to ahazero,trl,unsloth; --micro-batch defaults to 1 row per forward/backward, 0 means all
@@ -103,7 +106,20 @@ def workload(args, vocab_size: int):
     high = min(vocab_size, FIRST_SPECIAL_QWEN)
     completions = torch.randint(0, high, (args.generations, args.completion_len), generator=g).tolist()
     rewards = torch.rand(args.generations, generator=g).tolist()
+    if args.length_spread:  # completions that end: each shorter one closes with the tokenizer's EOS
+        if tok.eos_token_id is None or tok.eos_token_id >= vocab_size:
+            raise SystemExit(f"--length-spread needs the tokenizer's EOS id inside the vocabulary ({vocab_size})")
+        for i, n in enumerate(completion_lengths(args)):
+            if n < args.completion_len:
+                completions[i] = completions[i][:n - 1] + [tok.eos_token_id]
     return tok, text, prompt_ids, completions, rewards
+
+
+def completion_lengths(args) -> list[int]:
+    """--length-spread F: the G completions' lengths, evenly from --completion-len down to (1 - F) of it
+    (the longest is truncated, the others end with EOS); F = 0: all of --completion-len."""
+    G, n = args.generations, args.completion_len
+    return [max(1, n - round(args.length_spread * n * i / max(G - 1, 1))) for i in range(G)]
 
 
 def build_peft_model(args, device):
@@ -322,6 +338,9 @@ def run_ahazero(args, device, meter: Meter) -> dict:
     if args.tile_tokens:
         from ahazero.models import tiled_mlp
         tiled_mlp.TILE_TOKENS = args.tile_tokens
+    if args.bucket_tokens:
+        from ahazero.models import layer_graphs
+        layer_graphs.BUCKET_TOKENS = args.bucket_tokens
     mode = {"offload": "offload", "true": True, "false": False}[args.ahazero_checkpointing]
     enable_gradient_checkpointing(model, mode)
     weights = meter.current()
@@ -343,7 +362,8 @@ def run_ahazero(args, device, meter: Meter) -> dict:
     trainer.optimizer = make_optimizer(trainer.trainable_parameters, config)
     trainer.scheduler = get_scheduler("constant", trainer.optimizer)
     advantages, _ = group_advantages(torch.tensor(rewards), G, config.scale_rewards)
-    batch = build_batch([prompt_ids] * G, completions, [[0.0] * len(c) for c in completions], [True] * G,
+    truncated = [len(c) == args.completion_len for c in completions]
+    batch = build_batch([prompt_ids] * G, completions, [[0.0] * len(c) for c in completions], truncated,
                         advantages, trainer.pad_id, mask_truncated_completions=False)
 
     def step():
@@ -354,6 +374,7 @@ def run_ahazero(args, device, meter: Meter) -> dict:
     return dict(weights_gib=weights, **check, **measure(step, meter, args.warmup, snapshot_path(args), profile_path(args)),
                 settings=f"micro_batch_size={args.micro_batch}, checkpointing={mode}, optim={args.optim}"
                          + (f", tile_tokens={args.tile_tokens}" if args.tile_tokens else "")
+                         + (f", BUCKET_TOKENS={args.bucket_tokens}" if args.bucket_tokens else "")
                          + (f", without {args.without}" if args.without else "")
                          + (", nf4" if args.load_in_4bit else "") + (", lora_autocast" if args.lora_autocast else ""))
 
@@ -446,7 +467,8 @@ def trl_step_runner(trainer_cls, config_cls, model, tok, args, device, text, pro
     # Generation and scoring, outside the measured step: fills trainer._buffered_inputs (one per micro-step)
     trainer._prepare_inputs(generation_batch)
     buffered = list(trainer._buffered_inputs)[:accumulation]  # one optimizer step's micro-batches
-    assert all(b["completion_ids"].shape == (M, args.completion_len) for b in buffered), \
+    lengths = sorted(len(c) for c in completions)  # TRL shuffles the rows before it splits them
+    assert all(b["completion_ids"].shape[0] == M and b["completion_ids"].shape[1] in lengths for b in buffered), \
         [b["completion_ids"].shape for b in buffered]
     trainer._prepare_inputs = lambda inputs: inputs  # Trainer.training_step calls it: no second generation
     # what Trainer._inner_training_loop sets before its training_step calls (the batches have no labels,
@@ -598,6 +620,7 @@ def worker(args) -> None:
     meter = Meter(device)
     record = dict(backend=args.worker, model=args.model + ("-smoke" if args.smoke else ""),
                   completion_len=args.completion_len, generations=args.generations, micro_batch=args.micro_batch,
+                  length_spread=args.length_spread,
                   lora_rank=args.lora_rank, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   memory="max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)",
                   torch=torch.__version__)
@@ -669,7 +692,8 @@ def table(records: list[dict]) -> str:
         return "n/a" if v is None else f"{v:.2f}"
     r0 = next((r for r in records if "device" in r), records[0] if records else {})
     unit = "GiB" if r0.get("device", "cuda") != "cpu" else "GiB (peak RSS)"
-    lines = [f"{r0.get('model')}, {r0.get('generations')} x {r0.get('completion_len')} completion tokens, "
+    spread = f" (lengths spread {r0['length_spread']})" if r0.get("length_spread") else ""
+    lines = [f"{r0.get('model')}, {r0.get('generations')} x {r0.get('completion_len')} completion tokens{spread}, "
              f"LoRA r={r0.get('lora_rank', '?')}, micro-batch {r0.get('micro_batch') or 'all'}, on {r0.get('device', '?')}",
              "",
              f"| backend | peak {unit} | {unit} above weights | of which CUDA graph pools | step seconds | status |",
@@ -699,6 +723,11 @@ def main(argv=None) -> None:
                    help="GRPOConfig.optim for every backend (e.g. adamw_8bit, Unsloth's GRPOConfig default)")
     p.add_argument("--lora-autocast", action="store_true", help="GRPOConfig.lora_autocast for ahazero")
     p.add_argument("--without", default="", help=f"ahazero without some of {', '.join(WITHOUT)} (comma-separated)")
+    p.add_argument("--length-spread", type=float, default=0.0,
+                   help="completion lengths evenly from --completion-len down to (1 - F) of it, the shorter ones "
+                        "ending with EOS (0: every completion full length)")
+    p.add_argument("--bucket-tokens", type=int, default=0,
+                   help="ahazero's models/layer_graphs.py BUCKET_TOKENS (0: its default, off)")
     p.add_argument("--tile-tokens", type=int, default=0, help="ahazero's MLP token tile (models/tiled_mlp.py "
                                                              "TILE_TOKENS; 0: its default)")
     p.add_argument("--snapshot", default=None, help="folder for each worker's CUDA allocation history of the "
@@ -729,6 +758,8 @@ def main(argv=None) -> None:
         + (["--smoke"] if args.smoke else []) + (["--load-in-4bit"] if args.load_in_4bit else []) \
         + (["--lora-autocast"] if args.lora_autocast else []) \
         + (["--tile-tokens", str(args.tile_tokens)] if args.tile_tokens else []) \
+        + (["--length-spread", str(args.length_spread)] if args.length_spread else []) \
+        + (["--bucket-tokens", str(args.bucket_tokens)] if args.bucket_tokens else []) \
         + (["--without", args.without] if args.without else []) \
         + (["--snapshot", str(Path(args.snapshot).resolve())] if args.snapshot else [])\
         + (["--profile", str(Path(args.profile).resolve())] if args.profile else [])
