@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import torch
 
 from .fused_math import swiglu, swiglu_backward_
-from .lora import cast_adapters, lora_backward, scaled_cast
+from .lora import cast_adapters, lora_add, lora_backward, scaled_cast
 
 TILE_TOKENS = 2048  # at most this many tokens per tile: [2048, 8960] bf16 intermediates are 35 MiB each
 TILED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # layer output = residual + mlp(norm(h))
@@ -169,11 +169,9 @@ def _cast_parts(parts, dtype) -> list[tuple]:
 
 
 def _lora_linear(x, part):
-    """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r]), the
-    LoRA product added in place (addmm_ rounds as addmm does)."""
+    """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r])."""
     w, a_scaled, b = part
-    shrunk = torch.mm(x, a_scaled.t())  # [t, r]
-    return torch.mm(x, w.t()).addmm_(shrunk, b.t()), shrunk
+    return lora_add(torch.mm(x, w.t()), x, a_scaled, b)
 
 
 def _lora_linear_backward(x, shrunk, grad, part):
