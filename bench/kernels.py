@@ -4,6 +4,10 @@ per kernel configuration, beside the torch path it replaces. GPU only.
   lora  engine/lora_kernels.py's grouped shrink + expand for the 4 groups of a Qwen2.5-1.5B layer (q/k/v,
         o, gate/up, down; r = 32), by (split_k, block_k, shrink warps, expand block_o); the torch row is
         F.linear + addmm per projection (the engine's path without the kernels).
+  gemv  engine/gemv_kernels.py: the layer's 4 groups of projections (bf16 weights, q/k/v biases, LoRA r = 32 on
+        all), each the LoRA shrink + one lora_gemv launch, by (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES,
+        PROGRAMS_PER_SM); beside the path it replaces, cuBLAS (F.linear) per projection + shrink + expand,
+        and cuBLAS alone (no LoRA: the weights' floor).
   nf4   models/nf4_kernels.py's fused dequantise-GEMV for the layer's 7 linears, by (BLOCK_O, NUM_WARPS,
         PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT, FMA_MAX_ROWS: rows up to which the CUDA cores multiply);
         the bf16 row is the same matmuls on 16-bit weights.
@@ -12,7 +16,7 @@ Each time is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph
 engine's graphs run it) over LAYERS distinct layers (so the weights come from memory, not from L2),
 divided by LAYERS: microseconds per layer. Every configuration is first checked against the reference.
 
-Run on a GPU machine, from the repository root:  python bench/kernels.py [--only lora|nf4]
+Run on a GPU machine, from the repository root:  python bench/kernels.py [--only lora|gemv|nf4] [--batches 1,6,32]
 """
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ GROUPS = [(H, [H, KV, KV]), (H, [H]), (H, [I, I]), (I, [H])]  # (in, outs) of q/
 LORA_CONFIGS = [  # (split_k, block_k, shrink warps, expand block_o); H100 2026-11-27 (RESULTS.md): 64/64/2/128
     (512, 64, 4, 64), (128, 64, 2, 64), (64, 64, 2, 64), (64, 64, 2, 128), (64, 64, 1, 128), (32, 32, 1, 128),
     (64, 64, 2, 256), (32, 32, 2, 128)]
+GEMV_CONFIGS = [  # (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM)
+    (64, 128, 4, 4, 2), (64, 128, 4, 3, 4), (64, 256, 4, 3, 2), (64, 64, 4, 6, 2), (32, 128, 4, 4, 2),
+    (128, 128, 8, 3, 2), (64, 128, 4, 4, 1), (16, 256, 4, 3, 2)]
 NF4_CONFIGS = [  # (BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT, FMA_MAX_ROWS); H100 2026-11-27
     # (RESULTS.md): fewer splits won over more, 64/4/4/4 on the tensor cores above one row, the CUDA cores at one
     (64, 4, 4, 4, 0), (64, 4, 2, 8, 0), (64, 4, 4, 4, 32), (32, 4, 4, 4, 32), (32, 4, 8, 2, 32), (16, 4, 8, 2, 32)]
@@ -91,6 +98,65 @@ def lora_table(batches):
         print(f"| {row['N']} | {row['torch']:.1f} | " + " | ".join(f"{row[c]:.1f}" for c in LORA_CONFIGS) + " |")
 
 
+def gemv_table(batches):
+    from ahazero.engine import gemv_kernels as gk
+    from ahazero.engine import lora_kernels as lk
+    dev = torch.device("cuda")
+    layers = []
+    for _ in range(LAYERS):
+        groups = []
+        for gi, (K, outs) in enumerate(GROUPS):
+            w = [torch.randn(O, K, device=dev, dtype=torch.bfloat16) * K ** -0.5 for O in outs]
+            bias = [torch.randn(O, device=dev, dtype=torch.bfloat16) for O in outs] if gi == 0 else None
+            a = [torch.randn(R, K, device=dev) * K ** -0.5 for _ in outs]  # PEFT keeps the adapter in float32
+            b = [torch.randn(O, R, device=dev) * R ** -0.5 for O in outs]
+            groups.append((K, w, bias, a, b))
+        layers.append(groups)
+    rows = []
+    for N in batches:
+        xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
+
+        def cublas(lora: bool):
+            for groups in layers:
+                for K, w, bias, a, b in groups:
+                    ys = [torch.nn.functional.linear(xs[K], wi, None if bias is None else bias[i])
+                          for i, wi in enumerate(w)]
+                    if lora:
+                        lk.lora_expand_add(lk.lora_shrink(xs[K], a), b, ys, [2.0] * len(w))
+
+        def fused(cfg):
+            block_o, block_k, warps, stages, pps = cfg
+            for groups in layers:
+                for K, w, bias, a, b in groups:
+                    gk._launch(xs[K], w, bias, lk.lora_shrink(xs[K], a), b, [2.0] * len(w), block_o=block_o,
+                               block_k=block_k, num_warps=warps, num_stages=stages, programs_per_sm=pps)
+
+        row = {"N": N, "cublas": bench(lambda: cublas(False)), "cublas+lora": bench(lambda: cublas(True))}
+        K, w, bias, a, b = layers[0][0]  # q/k/v: bias, 3 projections of two widths
+        want = [(torch.nn.functional.linear(xs[K], wi, bias[i]).float()
+                 + 2.0 * (xs[K].float() @ a[i].t()) @ b[i].t()) for i, wi in enumerate(w)]
+        for cfg in GEMV_CONFIGS:
+            row[cfg] = float("nan")  # a configuration that fails to compile or disagrees
+            try:
+                got = gk._launch(xs[K], w, bias, lk.lora_shrink(xs[K], a), b, [2.0] * 3, block_o=cfg[0],
+                                 block_k=cfg[1], num_warps=cfg[2], num_stages=cfg[3], programs_per_sm=cfg[4])
+                err = max(rel(g, r) for g, r in zip(got, want))
+                if err < 1e-2:
+                    row[cfg] = bench(lambda: fused(cfg))
+                else:
+                    print(f"gemv {cfg} N={N}: relative error {err:.1e}")
+            except Exception as e:  # noqa: BLE001 - report it, time the others
+                print(f"gemv {cfg} N={N}: {type(e).__name__}: {str(e)[:200]}")
+        rows.append(row)
+    print(f"\nProjections + LoRA, us per layer (4 groups, bf16, r={R}); cublas = F.linear alone (no LoRA); "
+          "cublas+lora = the engine's path before gemv_kernels")
+    print("| N | cublas | cublas+lora | " + " | ".join("BO %d BK %d w %d st %d pps %d" % c for c in GEMV_CONFIGS) + " |")
+    print("| --- " * (len(GEMV_CONFIGS) + 3) + "|")
+    for row in rows:
+        print(f"| {row['N']} | {row['cublas']:.1f} | {row['cublas+lora']:.1f} | "
+              + " | ".join(f"{row[c]:.1f}" for c in GEMV_CONFIGS) + " |")
+
+
 def nf4_table(batches):
     from ahazero.models import nf4_kernels as nk
     from ahazero.models.linear4bit import Linear4bit
@@ -127,13 +193,15 @@ def nf4_table(batches):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("lora", "nf4"))
+    p.add_argument("--only", choices=("lora", "gemv", "nf4"))
     p.add_argument("--batches", default="1,6,32,128")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.only in (None, "lora"):
         lora_table(batches)
+    if args.only in (None, "gemv"):
+        gemv_table(batches)
     if args.only in (None, "nf4"):
         nf4_table([b for b in batches if b <= 32])
 

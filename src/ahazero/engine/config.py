@@ -28,7 +28,10 @@ class EngineConfig:
     `lora_kernels` applies LoRA with engine/lora_kernels.py's grouped Triton kernels (needs triton).
     `fused_kernels` runs the decode step's RMSNorms, RoPE + KV-cache write and SiLU * up through
     engine/fused_kernels.py (needs the Triton attention).
-    `lora_kernels`, `attention` and `fused_kernels` default to the Triton kernels on CUDA where triton is
+    `gemv_kernels` runs each decode group of projections (q/k/v, o, gate/up, down) as one launch of
+    engine/gemv_kernels.py, the LoRA expand in its epilogue, instead of cuBLAS per projection plus the LoRA
+    expand (needs fused_kernels; batches above gemv_kernels.MAX_ROWS rows keep cuBLAS).
+    `lora_kernels`, `attention`, `fused_kernels` and `gemv_kernels` default to the Triton kernels on CUDA where triton is
     installed, else to sdpa, torch LoRA and the torch ops (H100, bench/RESULTS.md: the LoRA and attention
     kernels 14-21% more tokens/s than sdpa + torch LoRA on W1 and W2; the fused kernels 39% more on W2 and
     29% more in 4-bit at batch 32).
@@ -49,6 +52,7 @@ class EngineConfig:
     lora_kernels: bool | None = None
     attention: str | None = None
     fused_kernels: bool | None = None
+    gemv_kernels: bool | None = None
     kv_len_bucket: int = 128
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192,
                                                         224, 256, 320, 384, 448, 512))
@@ -82,6 +86,10 @@ class EngineConfig:
         if self.fused_kernels and self.attention != "triton":
             raise ValueError("fused_kernels needs attention='triton' (its attention reads the cache the fused "
                              "RoPE kernel writes)")
+        if self.gemv_kernels is None:
+            self.gemv_kernels = self.fused_kernels
+        if self.gemv_kernels and not self.fused_kernels:
+            raise ValueError("gemv_kernels needs fused_kernels (it runs inside the fused decode step)")
         if self.attention == "triton":
             self.kv_len_bucket = self.max_seq_length  # the kernel reads lengths itself: one bucket
         if self.kv_len_bucket < 1:

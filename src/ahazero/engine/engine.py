@@ -160,7 +160,8 @@ class LLMEngine:
         the same tensors (so CUDA graphs and compiled code stay valid)."""
         _check_adapter(self.model, adapter)
         fresh = llama.LlamaWeights.bind(self.model, adapter, lora_kernels=self.config.lora_kernels,
-                                        fused_kernels=self.config.fused_kernels)
+                                        fused_kernels=self.config.fused_kernels,
+                                        gemv_kernels=self.config.gemv_kernels)
         cached = self._bound.get(adapter)
         if cached is not None and cached.signature() == fresh.signature():
             return cached

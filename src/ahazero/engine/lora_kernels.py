@@ -1,11 +1,15 @@
 """Grouped unmerged LoRA in two Triton launches (punica's shrink/expand, as vLLM does it).
 
 The projections that read one input (q/k/v; gate/up) apply their adapters together:
-  shrink:  xa[g] = x @ A_g^T                  x [N, K], A_g [r, K]        -> partial sums [S, G, N, r] fp32
+  shrink:  xa[g] = x @ A_g^T                  x [N, K], A_g [r, K]        -> xa [G, N, r] float32
   expand:  y_g = y_g + s_g * xa[g] @ B_g^T    B_g [out_g, r], y_g [N, out_g], updated in place
 instead of 2 GEMMs and 3 casts per projection. PEFT's math: the adapter runs in float32 (dots in IEEE
 precision), y is read, added to and rounded back to its dtype once. The shrink splits K over S programs
-so a small batch still fills the GPU; the expand adds the S partial sums as it loads them.
+so a small batch still fills the GPU: each split stores its partial sums and bumps its row block's
+counter, and the last split to arrive adds the S partials in split order (deterministic) into xa, as
+models/nf4_kernels.py does. (Until 2026-11-27, sixth session, the expand added the S partials itself,
+in every one of its programs: at W1's batch of 128 on an H200 it took 16.4 us a call, 28% of the step's
+GPU time, bench/RESULTS.md.)
 kernel -> launcher -> torch.library custom op (one opaque op for torch.compile and CUDA graphs).
 Without a GPU the same kernels run in Triton's interpreter (TRITON_INTERPRET=1), as the tests do.
 """
@@ -14,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..models.nf4_kernels import split_k_workspace
 
 MAX_GROUP = 3  # q, k, v
 BLOCK_N = 16  # rows per program: small batches are the point, and a row block re-reads A and B from L2
@@ -44,9 +50,11 @@ def _pick(g, p0, p1, p2):
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a0, a1, a2, out_ptr, N, K, R, stride_x, K_PER_SPLIT: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (row block, adapter g, split s): out[s, g, rows, :] = x[rows, ks] @ A_g[:, ks]^T."""
+def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, stride_x,
+                   K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Program (row block, adapter g, split s): the partial x[rows, ks] @ A_g[:, ks]^T; the row block's last
+    split to arrive writes out[g, rows, :], the sum of the SPLITS partials in split order."""
     pid_n, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G = tl.num_programs(1)
     a_ptr = _pick(g, a0, a1, a2)
@@ -60,25 +68,35 @@ def _shrink_kernel(x_ptr, a0, a1, a2, out_ptr, N, K, R, stride_x, K_PER_SPLIT: t
         a_mask = (ranks[None, :] < R) & (cols[:, None] < K)
         a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=a_mask, other=0.0)  # [BK, BR] = A^T tile
         acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-    out = out_ptr + ((s * G + g) * N + rows[:, None]) * R + ranks[None, :]
-    tl.store(out, acc, mask=(rows[:, None] < N) & (ranks[None, :] < R))
+    at = (g * N + rows[:, None]) * R + ranks[None, :]  # [BN, BR] into [G, N, R]
+    mask = (rows[:, None] < N) & (ranks[None, :] < R)
+    if SPLITS == 1:
+        tl.store(out_ptr + at, acc, mask=mask)
+    else:
+        tl.store(partial_ptr + s * G * N * R + at, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
+        counter = count_ptr + pid_n * G + g
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:  # the row block's last split: add the partials in split order
+            total = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+            for t in tl.static_range(SPLITS):  # unrolled: the loads are in flight together
+                total += tl.load(partial_ptr + t * G * N * R + at, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + at, total, mask=mask)
+            tl.store(counter, 0)  # ready for the next launch
 
 
 @triton.jit
-def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R, SPLITS: tl.constexpr,
+def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R,
                    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
     """Program (row block, column block, adapter g): y_g[rows, cols] += s_g * xa[g, rows] @ B_g[cols]^T."""
     pid_n, pid_o, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    G = tl.num_programs(2)
     b_ptr, y_ptr = _pick(g, b0, b1, b2), _pick(g, y0, y1, y2)
     scale, O = _pick(g, s0, s1, s2), _pick(g, o0, o1, o2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
     ranks = tl.arange(0, BLOCK_R)  # [BR]
     xa_mask = (rows[:, None] < N) & (ranks[None, :] < R)
-    xa = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):  # unrolled: the S loads are in flight together
-        xa += tl.load(xa_ptr + ((s * G + g) * N + rows[:, None]) * R + ranks[None, :], mask=xa_mask, other=0.0)
+    xa = tl.load(xa_ptr + (g * N + rows[:, None]) * R + ranks[None, :], mask=xa_mask, other=0.0)  # [BN, BR]
     b_mask = (cols[None, :] < O) & (ranks[:, None] < R)
     b = tl.load(b_ptr + cols[None, :] * R + ranks[:, None], mask=b_mask, other=0.0)  # [BR, BO] = B^T tile
     delta = tl.dot(xa, b.to(tl.float32), input_precision="ieee")  # [BN, BO]
@@ -102,30 +120,34 @@ def num_splits(K: int, N: int) -> int:
 
 def _shrink(x: torch.Tensor, a: list[torch.Tensor], split_k: int | None = None, block_k: int = SHRINK_BLOCK_K,
             num_warps: int = SHRINK_WARPS) -> torch.Tensor:
-    """x [N, K], a: G tensors [R, K] -> partial sums [S, G, N, R] float32 (sum over S is x @ A_g^T)."""
+    """x [N, K], a: G tensors [R, K] -> xa [G, N, R] float32, xa[g] = x @ A_g^T."""
     N, K = x.shape
     split_k = split_k or split_k_for(N)
     if split_k % block_k:
         raise ValueError(f"split_k ({split_k}) must be a multiple of block_k ({block_k})")
     G, R = len(a), a[0].shape[0]
     splits = triton.cdiv(K, split_k)
-    out = torch.empty(splits, G, N, R, device=x.device, dtype=torch.float32)  # [S, G, N, R]
+    row_blocks = triton.cdiv(N, BLOCK_N)
+    out = torch.empty(G, N, R, device=x.device, dtype=torch.float32)  # [G, N, R]
+    counts, partial = split_k_workspace(x.device, row_blocks * G)
+    if splits > 1:
+        partial = torch.empty(splits, G, N, R, device=x.device, dtype=torch.float32)  # [S, G, N, R]
     a = a + [a[0]] * (MAX_GROUP - G)
-    grid = (triton.cdiv(N, BLOCK_N), G, splits)
-    _shrink_kernel[grid](x, *a, out, N, K, R, x.stride(0), split_k,
-                         BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), BLOCK_K=block_k, num_warps=num_warps)
+    _shrink_kernel[(row_blocks, G, splits)](x, *a, partial, counts, out, N, K, R, x.stride(0), split_k, splits,
+                                            BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), BLOCK_K=block_k,
+                                            num_warps=num_warps)
     return out
 
 
 def _expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tensor], scales: list[float],
                 block_o: int = EXPAND_BLOCK_O, num_warps: int = EXPAND_WARPS) -> None:
-    """xa [S, G, N, R] partial sums; b: G tensors [O_g, R]; y: G tensors [N, O_g], updated in place."""
-    splits, G, N, R = xa.shape
+    """xa [G, N, R]; b: G tensors [O_g, R]; y: G tensors [N, O_g], updated in place."""
+    G, N, R = xa.shape
     outs = [t.shape[1] for t in y]
     pad = MAX_GROUP - G
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(max(outs), block_o), G)
     _expand_kernel[grid](xa, *(b + [b[0]] * pad), *(y + [y[0]] * pad), *(list(scales) + [0.0] * pad),
-                         *(outs + [0] * pad), N, R, splits, BLOCK_N=BLOCK_N, BLOCK_O=block_o, BLOCK_R=_block_r(R),
+                         *(outs + [0] * pad), N, R, BLOCK_N=BLOCK_N, BLOCK_O=block_o, BLOCK_R=_block_r(R),
                          num_warps=num_warps)
 
 
@@ -136,8 +158,7 @@ def lora_shrink(x: torch.Tensor, a: list[torch.Tensor]) -> torch.Tensor:
 
 @lora_shrink.register_fake
 def _(x, a):
-    N, K = x.shape
-    return x.new_empty((num_splits(K, N), len(a), N, a[0].shape[0]), dtype=torch.float32)
+    return x.new_empty((len(a), x.shape[0], a[0].shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("ahazero::lora_expand_add", mutates_args=("y",))
@@ -147,5 +168,5 @@ def lora_expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tenso
 
 def grouped_lora(x: torch.Tensor, ys: list[torch.Tensor], projections) -> None:
     """Add each projection's LoRA term to its base output ys[i] [N, out_i], in place. x: [N, in]."""
-    xa = lora_shrink(x, [p.lora_a for p in projections])  # [S, G, N, r]
+    xa = lora_shrink(x, [p.lora_a for p in projections])  # [G, N, r]
     lora_expand_add(xa, [p.lora_b for p in projections], ys, [p.scale for p in projections])

@@ -182,7 +182,7 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, p
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
@@ -211,13 +211,17 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
 
 
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_outgrown: list[torch.Tensor] = []  # counters replaced by larger ones: captured CUDA graphs may still use them
 
 
-def _workspace(device: torch.device, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_k_workspace(device: torch.device, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(tile counters int32 [>= tiles], all 0 between launches: each launch's last split resets its tile's;
-    a float32 [1] stand-in for the partials of an unsplit launch)."""
+    a float32 [1] stand-in for the partials of an unsplit launch). Shared by the split-K kernels that run
+    one after another on a stream: this NF4 GEMV, engine/gemv_kernels.py and engine/lora_kernels.py's shrink."""
     ws = _workspaces.get(device)
     if ws is None or ws[0].numel() < tiles:
+        if ws is not None:
+            _outgrown.append(ws[0])
         ws = _workspaces[device] = (torch.zeros(max(tiles, COUNTERS), dtype=torch.int32, device=device),
                                     torch.empty(1, dtype=torch.float32, device=device))
     return ws
@@ -246,8 +250,8 @@ def nf4_linear_small(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tens
     row_blocks = K // QBLOCK
     fma = N <= FMA_MAX_ROWS
     tiles = triton.cdiv(out_features, BLOCK_O)
-    splits, per_split = _splits(tiles, row_blocks, _sm_count(x.device))
-    counts, partial = _workspace(x.device, tiles)
+    splits, per_split = _splits(tiles, row_blocks, sm_count(x.device))
+    counts, partial = split_k_workspace(x.device, tiles)
     if splits > 1:
         partial = torch.empty(splits, N, out_features, device=x.device, dtype=torch.float32)  # [S, N, O]
     out = torch.empty(N, out_features, device=x.device, dtype=x.dtype)

@@ -82,10 +82,11 @@ class LlamaWeights:
     head_dim: int
     grouped_lora: Callable | None = None  # engine/lora_kernels.grouped_lora, or None: LoRA through torch
     fused_kernels: bool = False  # decode through engine/fused_kernels.py (needs the Triton attention)
+    gemv_kernels: bool = False  # the fused decode's projections through engine/gemv_kernels.py
 
     @classmethod
-    def bind(cls, model, adapter: str | None, lora_kernels: bool = False,
-             fused_kernels: bool = False) -> "LlamaWeights":
+    def bind(cls, model, adapter: str | None, lora_kernels: bool = False, fused_kernels: bool = False,
+             gemv_kernels: bool = False) -> "LlamaWeights":
         decoder, lm_head = decoder_and_head(model)
         grouped = None
         if lora_kernels:
@@ -96,7 +97,7 @@ class LlamaWeights:
                    layers=tuple(_bind_layer(layer, adapter) for layer in decoder.layers),
                    norm=decoder.norm.weight, lm_head=projection(lm_head, adapter), eps=cfg.rms_norm_eps,
                    num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
-                   grouped_lora=grouped, fused_kernels=fused_kernels)
+                   grouped_lora=grouped, fused_kernels=fused_kernels, gemv_kernels=gemv_kernels)
 
     def signature(self) -> tuple:
         """Identity of every tensor read (storage address) and every LoRA scale: when it changes, captured
@@ -192,8 +193,14 @@ def _decode_fused(w: LlamaWeights, input_ids, meta: DecodeMetadata, kv: KVCache,
     in the next RMSNorm, RoPE of q and k and the KV-cache write are one launch, SiLU * up one; attention
     is the Triton kernel, which reads the cache the RoPE launch wrote. Returns logits [B, V]."""
     from .. import fused_kernels as fused
+    from .. import gemv_kernels
     from ..attention_kernels import decode_attention_op
     B, D = input_ids.shape[0], w.head_dim
+
+    def proj(x, projections):  # each group in (1 +) 1 launch where gemv_kernels serves it
+        ys = gemv_kernels.project(x, projections, w.grouped_lora) if w.gemv_kernels else None
+        return ys if ys is not None else project(x, projections, w.grouped_lora)
+
     h = F.embedding(input_ids, w.embed)  # [B, H] the residual stream
     delta = None  # what the last layer adds to h, not yet added
     for i, lw in enumerate(w.layers):
@@ -202,15 +209,15 @@ def _decode_fused(w: LlamaWeights, input_ids, meta: DecodeMetadata, kv: KVCache,
             x = fused.rms_norm(h, lw.input_norm, w.eps)  # [B, H]
         else:
             x, h = fused.add_rms_norm(h, delta, lw.input_norm, w.eps)
-        q, k, v = project(x, (lw.q, lw.k, lw.v), w.grouped_lora)
+        q, k, v = proj(x, (lw.q, lw.k, lw.v))
         q, k, v = q.view(B, w.num_heads, D), k.view(B, w.num_kv_heads, D), v.view(B, w.num_kv_heads, D)
         if lw.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
             q = fused.rms_norm(q.reshape(-1, D), lw.q_norm, w.eps).view(B, w.num_heads, D)
             k = fused.rms_norm(k.reshape(-1, D), lw.k_norm, w.eps).view(B, w.num_kv_heads, D)
         q = fused.rope_and_cache(q, k, v, rope[0], rope[1], meta.positions, cache_k, cache_v)  # [B, Hq, D]
         a = decode_attention_op(q, cache_k, cache_v, meta.positions, D ** -0.5)  # [B, Hq, D]
-        x, h = fused.add_rms_norm(h, project(a.reshape(B, -1), (lw.o,), w.grouped_lora)[0], lw.post_norm, w.eps)
-        gate, up = project(x, (lw.gate, lw.up), w.grouped_lora)  # each [B, I]
-        delta = project(fused.silu_mul(gate, up), (lw.down,), w.grouped_lora)[0]  # [B, H]
+        x, h = fused.add_rms_norm(h, proj(a.reshape(B, -1), (lw.o,))[0], lw.post_norm, w.eps)
+        gate, up = proj(x, (lw.gate, lw.up))  # each [B, I]
+        delta = proj(fused.silu_mul(gate, up), (lw.down,))[0]  # [B, H]
     x, _ = fused.add_rms_norm(h, delta, w.norm, w.eps)
     return w.lm_head(x)  # [B, V]

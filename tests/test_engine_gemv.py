@@ -1,0 +1,130 @@
+"""engine/gemv_kernels.py: a group's projections in one launch (base GEMV, bias, split-K reduction and the
+LoRA expand in the epilogue) against PyTorch's math; on a CPU through Triton's interpreter."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, at import
+
+from ahazero.engine import gemv_kernels, lora_kernels  # noqa: E402
+from ahazero.engine.layers import Projection, project  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(x, weights, biases, a, b, scales):
+    """cuBLAS's linear (float32 sums, + bias, one rounding), then PEFT's float32 adapter added and rounded."""
+    ys = []
+    for g, w in enumerate(weights):
+        y = x.float() @ w.float().t() + (biases[g].float() if biases is not None else 0.0)
+        y = y.to(x.dtype)
+        if a is not None:
+            y = (y.float() + (x.float() @ a[g].float().t()) @ b[g].float().t() * scales[g]).to(x.dtype)
+        ys.append(y)
+    return ys
+
+
+def close(got, want):
+    """Sums in another order, and the interpreter truncates to bfloat16: a few steps of the dtype."""
+    tol = 4 * torch.finfo(want.dtype).eps * want.float().abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("N,K,outs,R,dtype,bias,min_k", [
+    (6, 192, [96, 16, 16], 8, torch.float32, True, 64),  # q/k/v-like with bias, K split in 3
+    (1, 100, [70], 4, torch.float32, False, 256),  # one row, K not a multiple of the block, one split
+    (13, 300, [40, 33], 16, torch.bfloat16, False, 64),  # gate/up-like, ragged tiles
+    (32, 128, [64], 32, torch.bfloat16, True, 64),  # the largest batch served
+])
+@pytest.mark.parametrize("lora", [True, False])
+def test_lora_gemv_matches_reference(N, K, outs, R, dtype, bias, min_k, lora):
+    torch.manual_seed(N + K)
+    x = torch.randn(N, K, dtype=dtype, device=DEVICE)  # [N, K]
+    weights = [torch.randn(o, K, dtype=dtype, device=DEVICE) / K ** 0.5 for o in outs]  # each [O, K]
+    biases = [torch.randn(o, dtype=dtype, device=DEVICE) for o in outs] if bias else None
+    a = [torch.randn(R, K, device=DEVICE) / K ** 0.5 for _ in outs] if lora else None  # float32, as PEFT's
+    b = [torch.randn(o, R, device=DEVICE) for o in outs] if lora else None
+    scales = [0.5, 2.0, 1.5][:len(outs)]
+    xa = lora_kernels.lora_shrink(x, a) if lora else None  # [G, N, R]
+    splits, _ = gemv_kernels._splits(sum(-(-o // 16) for o in outs), K, 132, 32, 2, min_k)
+    got = gemv_kernels._launch(x, weights, biases, xa, b, scales, block_o=16, block_k=32, min_k_per_split=min_k)
+    for g, want in zip(got, reference(x, weights, biases, a, b, scales)):
+        assert g.shape == want.shape and g.dtype == dtype
+        close(g, want)
+    if min_k == 64:
+        assert splits > 1  # the split-K reduction ran
+    # the tile counters are back to 0 for the next launch
+    assert not gemv_kernels.split_k_workspace(x.device, 1)[0].any()
+
+
+def test_project_serves_decode_batches_and_declines_the_rest():
+    torch.manual_seed(0)
+    K = 64
+    lins = [torch.nn.Linear(K, o, bias=True, device=DEVICE) for o in (32, 16)]
+    ps = tuple(Projection(lin, torch.randn(4, K, device=DEVICE), torch.randn(lin.out_features, 4, device=DEVICE),
+                          0.5) for lin in lins)
+    x = torch.randn(3, K, device=DEVICE)
+    got = gemv_kernels.project(x, ps, lora_kernels.grouped_lora)
+    for g, want in zip(got, project(x, ps)):
+        close(g, want)
+    big = torch.randn(gemv_kernels.MAX_ROWS + 1, K, device=DEVICE)
+    assert gemv_kernels.project(big, ps, lora_kernels.grouped_lora) is None  # a prefill: cuBLAS
+    assert gemv_kernels.project(x, ps, None) is None  # LoRA through torch asked for
+    mixed = (ps[0], Projection(lins[1]))  # one adapter on, one off: two ranks
+    assert gemv_kernels.project(x, mixed, lora_kernels.grouped_lora) is None
+    half = (Projection(torch.nn.Linear(K, 8, device=DEVICE, dtype=torch.bfloat16)),)
+    assert gemv_kernels.project(x, half) is None  # weight dtype differs from x's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_engine_decoding_through_the_gemv_kernels_equals_the_merged_weights(arch):
+    """The whole engine, fused decode with its projections through lora_gemv (q/k/v biases in qwen2), LoRA
+    on every linear: greedy tokens equal to PEFT's merged weights through transformers, log-probs equal to
+    the decode without the gemv kernels."""
+    import tiny
+    from peft import LoraConfig, get_peft_model
+    from ahazero.engine.engine import create_generator
+    from ahazero.engine.types import SamplingParams
+    from test_engine_lora import TARGETS, merged_greedy, tokens
+    tok = tiny.tokenizer()
+    torch.manual_seed(0)
+    m = get_peft_model(tiny.tiny_model(arch, initializer_range=0.3),
+                       LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)).eval()
+    prompts = [tok.encode(t) for t in ("Hi", "What is the capital of France? Think step by step.")]
+    params = SamplingParams(temperature=0, max_tokens=6, n=2, ignore_eos=True)
+    want = merged_greedy(m, prompts, max_tokens=6)  # on the CPU
+    m.to(DEVICE)
+    options = dict(max_seq_length=64, attention="triton", fused_kernels=True, lora_kernels=True)
+    calls = []
+    original = gemv_kernels._launch
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))  # projections in the group
+        return original(*args, **kwargs)
+
+    gemv_kernels._launch = counted
+    try:
+        got = create_generator(m, tok, gemv_kernels=True, **options).generate(prompts, params)
+    finally:
+        gemv_kernels._launch = original
+    without = create_generator(m, tok, gemv_kernels=False, **options).generate(prompts, params)
+    assert tokens(got) == tokens(without) == want
+    assert calls and set(calls) == {3, 1, 2}  # q/k/v, o and down, gate/up: every group went through it
+    for a, b in zip(got, without):
+        torch.testing.assert_close(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_kernels_need_the_fused_decode():
+    from ahazero.engine.config import EngineConfig
+    with pytest.raises(ValueError, match="gemv_kernels needs fused_kernels"):
+        EngineConfig(max_seq_length=64, device=torch.device("cpu"), dtype=torch.float32, attention="triton",
+                     gemv_kernels=True)
+    cuda = EngineConfig(max_seq_length=64, device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert cuda.gemv_kernels is True
