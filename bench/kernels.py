@@ -32,11 +32,12 @@ LAYERS = 8
 H, I, KV, R = 1536, 8960, 256, 32  # Qwen2.5-1.5B: hidden, intermediate, k/v width; LoRA rank
 GROUPS = [(H, [H, KV, KV]), (H, [H]), (H, [I, I]), (I, [H])]  # (in, outs) of q/k/v, o, gate/up, down
 LORA_CONFIGS = [  # (split_k, block_k, shrink warps, expand block_o); H100 2026-11-27 (RESULTS.md): 64/64/2/128
-    (512, 64, 4, 64), (128, 64, 2, 64), (64, 64, 2, 64), (64, 64, 2, 128), (64, 64, 1, 128), (32, 32, 1, 128),
-    (64, 64, 2, 256), (32, 32, 2, 128)]
+    # with the expand adding the shrink's partial sums; since the sixth session the shrink adds them itself
+    (512, 64, 4, 128), (256, 64, 2, 128), (256, 128, 4, 128), (128, 64, 2, 128), (64, 64, 2, 128),
+    (128, 128, 4, 128), (1024, 128, 4, 128)]
 GEMV_CONFIGS = [  # (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM)
-    (64, 128, 4, 4, 2), (64, 128, 4, 3, 4), (64, 256, 4, 3, 2), (64, 64, 4, 6, 2), (32, 128, 4, 4, 2),
-    (128, 128, 8, 3, 2), (64, 128, 4, 4, 1), (16, 256, 4, 3, 2)]
+    (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 256, 4, 3, 2), (64, 64, 4, 6, 2), (32, 128, 4, 4, 2),
+    (32, 256, 4, 4, 2), (16, 256, 4, 4, 2), (16, 512, 4, 3, 1), (64, 128, 4, 4, 1), (32, 128, 4, 4, 4)]
 NF4_CONFIGS = [  # (BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT, FMA_MAX_ROWS); H100 2026-11-27
     # (RESULTS.md): fewer splits won over more, 64/4/4/4 on the tensor cores above one row, the CUDA cores at one
     (64, 4, 4, 4, 0), (64, 4, 2, 8, 0), (64, 4, 4, 4, 32), (32, 4, 4, 4, 32), (32, 4, 8, 2, 32), (16, 4, 8, 2, 32)]
@@ -99,6 +100,7 @@ def lora_table(batches):
 
 
 def gemv_table(batches):
+    """Per group and per layer (rows printed as they finish, so a timeout keeps what was measured)."""
     from ahazero.engine import gemv_kernels as gk
     from ahazero.engine import lora_kernels as lk
     dev = torch.device("cuda")
@@ -112,49 +114,54 @@ def gemv_table(batches):
             b = [torch.randn(O, R, device=dev) * R ** -0.5 for O in outs]
             groups.append((K, w, bias, a, b))
         layers.append(groups)
-    rows = []
+    names = ["q/k/v", "o", "gate/up", "down"]
+    print(f"\nProjections + LoRA, us per layer (bf16, r={R}; rows: one group, then all 4); cublas = F.linear alone "
+          "(no LoRA); cublas+lora = the engine's path before gemv_kernels; shrink = lora_shrink alone")
+    print("| N | group | cublas | cublas+lora | shrink | " + " | ".join("BO %d BK %d w %d st %d pps %d" % c
+                                                                       for c in GEMV_CONFIGS) + " |")
+    print("| --- " * (len(GEMV_CONFIGS) + 5) + "|", flush=True)
     for N in batches:
         xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
+        for which in [[0], [1], [2], [3], [0, 1, 2, 3]]:
+            def cublas(lora: bool):
+                for groups in layers:
+                    for K, w, bias, a, b in (groups[i] for i in which):
+                        ys = [torch.nn.functional.linear(xs[K], wi, None if bias is None else bias[i])
+                              for i, wi in enumerate(w)]
+                        if lora:
+                            lk.lora_expand_add(lk.lora_shrink(xs[K], a), b, ys, [2.0] * len(w))
 
-        def cublas(lora: bool):
-            for groups in layers:
-                for K, w, bias, a, b in groups:
-                    ys = [torch.nn.functional.linear(xs[K], wi, None if bias is None else bias[i])
-                          for i, wi in enumerate(w)]
-                    if lora:
-                        lk.lora_expand_add(lk.lora_shrink(xs[K], a), b, ys, [2.0] * len(w))
+            def shrink():
+                for groups in layers:
+                    for K, w, bias, a, b in (groups[i] for i in which):
+                        lk.lora_shrink(xs[K], a)
 
-        def fused(cfg):
-            block_o, block_k, warps, stages, pps = cfg
-            for groups in layers:
-                for K, w, bias, a, b in groups:
-                    gk._launch(xs[K], w, bias, lk.lora_shrink(xs[K], a), b, [2.0] * len(w), block_o=block_o,
-                               block_k=block_k, num_warps=warps, num_stages=stages, programs_per_sm=pps)
+            def fused(cfg):
+                block_o, block_k, warps, stages, pps = cfg
+                for groups in layers:
+                    for K, w, bias, a, b in (groups[i] for i in which):
+                        gk._launch(xs[K], w, bias, lk.lora_shrink(xs[K], a), b, [2.0] * len(w), block_o=block_o,
+                                   block_k=block_k, num_warps=warps, num_stages=stages, programs_per_sm=pps)
 
-        row = {"N": N, "cublas": bench(lambda: cublas(False)), "cublas+lora": bench(lambda: cublas(True))}
-        K, w, bias, a, b = layers[0][0]  # q/k/v: bias, 3 projections of two widths
-        want = [(torch.nn.functional.linear(xs[K], wi, bias[i]).float()
-                 + 2.0 * (xs[K].float() @ a[i].t()) @ b[i].t()) for i, wi in enumerate(w)]
-        for cfg in GEMV_CONFIGS:
-            row[cfg] = float("nan")  # a configuration that fails to compile or disagrees
-            try:
-                got = gk._launch(xs[K], w, bias, lk.lora_shrink(xs[K], a), b, [2.0] * 3, block_o=cfg[0],
-                                 block_k=cfg[1], num_warps=cfg[2], num_stages=cfg[3], programs_per_sm=cfg[4])
-                err = max(rel(g, r) for g, r in zip(got, want))
-                if err < 1e-2:
-                    row[cfg] = bench(lambda: fused(cfg))
-                else:
-                    print(f"gemv {cfg} N={N}: relative error {err:.1e}")
-            except Exception as e:  # noqa: BLE001 - report it, time the others
-                print(f"gemv {cfg} N={N}: {type(e).__name__}: {str(e)[:200]}")
-        rows.append(row)
-    print(f"\nProjections + LoRA, us per layer (4 groups, bf16, r={R}); cublas = F.linear alone (no LoRA); "
-          "cublas+lora = the engine's path before gemv_kernels")
-    print("| N | cublas | cublas+lora | " + " | ".join("BO %d BK %d w %d st %d pps %d" % c for c in GEMV_CONFIGS) + " |")
-    print("| --- " * (len(GEMV_CONFIGS) + 3) + "|")
-    for row in rows:
-        print(f"| {row['N']} | {row['cublas']:.1f} | {row['cublas+lora']:.1f} | "
-              + " | ".join(f"{row[c]:.1f}" for c in GEMV_CONFIGS) + " |")
+            row = [bench(lambda: cublas(False)), bench(lambda: cublas(True)), bench(shrink)]
+            for cfg in GEMV_CONFIGS:
+                t = float("nan")  # a configuration that fails to compile or disagrees
+                try:
+                    K, w, bias, a, b = layers[0][which[0]]
+                    want = [torch.nn.functional.linear(xs[K], wi, None if bias is None else bias[i]).float()
+                            + 2.0 * (xs[K].float() @ a[i].t()) @ b[i].t() for i, wi in enumerate(w)]
+                    got = gk._launch(xs[K], w, bias, lk.lora_shrink(xs[K], a), b, [2.0] * len(w), block_o=cfg[0],
+                                     block_k=cfg[1], num_warps=cfg[2], num_stages=cfg[3], programs_per_sm=cfg[4])
+                    err = max(rel(g, r) for g, r in zip(got, want))
+                    if err < 1e-2:
+                        t = bench(lambda: fused(cfg))
+                    else:
+                        print(f"gemv {cfg} N={N}: relative error {err:.1e}")
+                except Exception as e:  # noqa: BLE001 - report it, time the others
+                    print(f"gemv {cfg} N={N}: {type(e).__name__}: {str(e)[:200]}")
+                row.append(t)
+            group = names[which[0]] if len(which) == 1 else "layer"
+            print(f"| {N} | {group} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
 
 
 def nf4_table(batches):

@@ -12,6 +12,8 @@ other, with the peak memory of each:
                    each) on CUDA, no torch.compile
   ahazero-cublas   as `ahazero` with cuBLAS per projection + the LoRA expand kernel instead of
                    engine/gemv_kernels.py (the default before 2026-11-27, sixth session)
+  ahazero-torch-sampler  as `ahazero` with the torch sampler (about ten ops over [B, V]) instead of
+                   engine/sample_kernels.py
   ahazero-unfused  as `ahazero` without the fused kernels (the default before 2026-11-27, second session)
   ahazero-compile  as `ahazero-unfused`, plus torch.compile of the decoder layer (compiling the whole decode
                    step took > 190 s on its first call on an H100; the layer: 15 s, 2026-11-27)
@@ -231,6 +233,7 @@ TORCH_PATHS = dict(lora_kernels=False, attention="sdpa", compile=False)
 BACKENDS = {
     "ahazero": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L),
     "ahazero-cublas": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, gemv_kernels=False),
+    "ahazero-torch-sampler": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, sample_kernel=False),
     "ahazero-unfused": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, fused_kernels=False),
     "ahazero-compile": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, compile=True, fused_kernels=False),
     "ahazero-graphs": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, cuda_graphs=True, **TORCH_PATHS),

@@ -92,17 +92,25 @@ def reference_attention(q, cache_k, cache_v, positions, scale):
 
 @pytest.mark.parametrize("B,H,Hkv,D,T,dtype", [(3, 4, 2, 16, 96, torch.float32), (5, 12, 2, 32, 600, torch.float32),
                                                (2, 8, 8, 16, 300, torch.bfloat16), (4, 6, 2, 64, 256, torch.bfloat16)])
-def test_decode_attention_matches_reference(B, H, Hkv, D, T, dtype):
+@pytest.mark.parametrize("chunk", [64, 256])  # one tile per split program; four
+def test_decode_attention_matches_reference(B, H, Hkv, D, T, dtype, chunk):
     torch.manual_seed(0)
     cache_k = torch.randn(B + 2, Hkv, T, D, dtype=dtype, device=DEVICE)  # more slots than rows
     cache_v = torch.randn(B + 2, Hkv, T, D, dtype=dtype, device=DEVICE)
     q = torch.randn(B, H, D, dtype=dtype, device=DEVICE)
     positions = torch.randint(0, T, (B,), device=DEVICE)
     positions[0], positions[-1] = 0, T - 1  # one position; a full slot (several splits)
-    got = attention_kernels.decode_attention_op(q, cache_k, cache_v, positions, D ** -0.5)
+    got = attention_kernels._decode_attention(q, cache_k, cache_v, positions, D ** -0.5, chunk=chunk)
     want = reference_attention(q, cache_k, cache_v, positions, D ** -0.5)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: p and the output are rounded
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_decode_attention_splits_finer_for_few_short_sequences():
+    chunk_for = attention_kernels.chunk_for
+    assert chunk_for(B=6, Hkv=2, T=384, sms=132) == 64  # W2: 72 programs of one tile, not 24 of four
+    assert chunk_for(B=128, Hkv=2, T=640, sms=132) == 256  # W1: 768 programs already
+    assert chunk_for(B=6, Hkv=2, T=4096, sms=132) == 128
 
 
 @pytest.mark.slow

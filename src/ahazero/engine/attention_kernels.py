@@ -17,9 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..models.nf4_kernels import sm_count
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's dot is wrong for bf16: use float32
-CHUNK = 256  # KV positions per split program
+CHUNK = 256  # KV positions per split program, at most
 BLOCK_T = 64  # KV positions per tile inside a program
+# A few short sequences (W2: 6 rows x 2 KV heads over ~380 positions) gave 24 programs of 4 serial tiles:
+# 6.6 us a layer on an H200 for 2 MB of cache (bench/RESULTS.md, 2026-11-27, sixth session). The chunk
+# halves, down to one tile, until there are MIN_PROGRAMS_PER_SM programs per SM.
+MIN_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -90,12 +96,22 @@ def _merge_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
     tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=heads[:, None] < G)
 
 
+def chunk_for(B: int, Hkv: int, T: int, sms: int) -> int:
+    """KV positions per split program: CHUNK, halved down to BLOCK_T while the grid is under
+    MIN_PROGRAMS_PER_SM programs per SM."""
+    chunk = CHUNK
+    while chunk > BLOCK_T and B * Hkv * triton.cdiv(T, chunk) < MIN_PROGRAMS_PER_SM * sms:
+        chunk //= 2
+    return chunk
+
+
 def _decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+                      scale: float, chunk: int | None = None) -> torch.Tensor:
     """q [B, Hq, D]; cache_k, cache_v [slots, Hkv, T, D] (row b reads slot b); positions [B] -> [B, Hq, D]."""
     B, Hq, D = q.shape
     Hkv, T = cache_k.shape[1], cache_k.shape[2]
-    G, splits = Hq // Hkv, triton.cdiv(T, CHUNK)
+    chunk = chunk or chunk_for(B, Hkv, T, sm_count(q.device))
+    G, splits = Hq // Hkv, triton.cdiv(T, chunk)
     block_g = max(16, triton.next_power_of_2(G))
     acc = torch.empty(B, Hkv, splits, block_g, D, device=q.device, dtype=torch.float32)  # partial outputs
     ml = torch.empty(B, Hkv, splits, block_g, 2, device=q.device, dtype=torch.float32)  # running max, sum
@@ -103,7 +119,7 @@ def _decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Ten
     common = dict(HKV=Hkv, G=G, D=D, SPLITS=splits, BLOCK_G=block_g)
     _partial_kernel[(B, Hkv, splits)](q, cache_k, cache_v, positions, acc, ml, scale, q.stride(0), q.stride(1),
                                       cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), **common,
-                                      CHUNK=CHUNK, BLOCK_T=BLOCK_T, IS_FP32=q.dtype == torch.float32 or INTERPRET)
+                                      CHUNK=chunk, BLOCK_T=BLOCK_T, IS_FP32=q.dtype == torch.float32 or INTERPRET)
     _merge_kernel[(B, Hkv)](acc, ml, out, out.stride(0), out.stride(1), **common)
     return out
 

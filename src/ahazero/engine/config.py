@@ -31,10 +31,13 @@ class EngineConfig:
     `gemv_kernels` runs each decode group of projections (q/k/v, o, gate/up, down) as one launch of
     engine/gemv_kernels.py, the LoRA expand in its epilogue, instead of cuBLAS per projection plus the LoRA
     expand (needs fused_kernels; batches above gemv_kernels.MAX_ROWS rows keep cuBLAS).
-    `lora_kernels`, `attention`, `fused_kernels` and `gemv_kernels` default to the Triton kernels on CUDA where triton is
-    installed, else to sdpa, torch LoRA and the torch ops (H100, bench/RESULTS.md: the LoRA and attention
-    kernels 14-21% more tokens/s than sdpa + torch LoRA on W1 and W2; the fused kernels 39% more on W2 and
-    29% more in 4-bit at batch 32).
+    `sample_kernel` samples unfiltered params (temperature only, or greedy) in one Triton launch
+    (engine/sample_kernels.py) instead of about ten torch ops over [B, V] (needs triton).
+    `lora_kernels`, `attention`, `fused_kernels`, `gemv_kernels` and `sample_kernel` default to the Triton
+    kernels on CUDA where triton is installed, else to sdpa, torch LoRA and the torch ops (H100,
+    bench/RESULTS.md: the LoRA and attention kernels 14-21% more tokens/s than sdpa + torch LoRA on W1 and
+    W2; the fused kernels 39% more on W2 and 29% more in 4-bit at batch 32; H200: the gemv kernels 11% more
+    on W2).
     `kv_len_bucket`: decode attends over the first multiple of this many cache positions that covers
     the longest running sequence (one graph per bucket), not over the whole slot.
     `graph_batch_sizes`: the batch-size buckets; a batch runs in the smallest bucket that holds it.
@@ -53,6 +56,7 @@ class EngineConfig:
     attention: str | None = None
     fused_kernels: bool | None = None
     gemv_kernels: bool | None = None
+    sample_kernel: bool | None = None
     kv_len_bucket: int = 128
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192,
                                                         224, 256, 320, 384, 448, 512))
@@ -86,6 +90,8 @@ class EngineConfig:
         if self.fused_kernels and self.attention != "triton":
             raise ValueError("fused_kernels needs attention='triton' (its attention reads the cache the fused "
                              "RoPE kernel writes)")
+        if self.sample_kernel is None:
+            self.sample_kernel = triton_kernels
         if self.gemv_kernels is None:
             self.gemv_kernels = self.fused_kernels
         if self.gemv_kernels and not self.fused_kernels:

@@ -94,7 +94,7 @@ class LLMEngine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.runner = ModelRunner(model, config)
-        self.sampler = Sampler(compile=config.compile and config.device.type == "cuda")
+        self.sampler = Sampler(compile=config.compile and config.device.type == "cuda", kernel=config.sample_kernel)
         self.scheduler = Scheduler(self.runner.num_slots, config.max_prefill_tokens)
         self._bound: dict[str | None, llama.LlamaWeights] = {}
         self._fallback: HFGenerator | None = None
@@ -184,9 +184,11 @@ class LLMEngine:
         return StopChecker(params, self.eos_token_ids, self.tokenizer, self.config.max_seq_length)
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        """The call's seeded generator: on the CPU for the sampling kernel (a host seed per step, no sync)."""
         if params.seed is None:
             return None
-        return torch.Generator(device=self.config.device).manual_seed(params.seed)
+        device = "cpu" if self.sampler.kernel else self.config.device
+        return torch.Generator(device=device).manual_seed(params.seed)
 
     def _output(self, group: list[Sequence], params: SamplingParams) -> RequestOutput:
         out = RequestOutput(prompt=None, prompt_token_ids=list(group[0].prompt_ids))

@@ -3,8 +3,11 @@
 log-prob = log_softmax(logits / temperature) in float32, before top-k/top-p/min-p (what the GRPO
 trainer computes for the same token); greedy (temperature 0) uses temperature 1. Sampling is the
 exponential-race form of Gumbel-max: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i.
-The noise is drawn eagerly (so a seeded generator gives the same draws compiled or not); on CUDA the
-rest of the unfiltered paths is compiled into two fused passes over [B, V], instead of ten.
+The noise is drawn eagerly (so a seeded generator gives the same draws compiled or not); with
+`compile` the rest of the unfiltered paths is compiled into two fused passes over [B, V], instead of ten.
+With `kernel` (the engine's default on CUDA) the unfiltered paths are one Triton launch instead
+(engine/sample_kernels.py: Gumbel-max with Philox draws, one pass over the logits), seeded per step by an
+integer drawn from the call's generator, which may then live on the CPU (no device sync).
 """
 from __future__ import annotations
 
@@ -46,10 +49,17 @@ def _filtered_race(logits, params: SamplingParams, noise) -> tuple[torch.Tensor,
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def host_seed(generator: torch.Generator | None) -> int:
+    """An integer seed drawn from `generator` (torch's default CPU generator for None)."""
+    device = "cpu" if generator is None else generator.device
+    return int(torch.randint(2 ** 31 - 1, (1,), generator=generator, device=device).item())
+
+
 class Sampler:
     """`sampler(logits [B, V], params, generator) -> (tokens [B] int64, log-probs [B] float32)`."""
 
-    def __init__(self, compile: bool = False):
+    def __init__(self, compile: bool = False, kernel: bool = False):
+        self.kernel = kernel
         self.compiled = compile
         self.greedy, self.race = _greedy, _race
         if compile:
@@ -67,8 +77,13 @@ class Sampler:
             return self._sample(logits, params, generator)
 
     def _sample(self, logits, params: SamplingParams, generator):
+        if self.kernel and not needs_filter(params):
+            from .sample_kernels import sample_unfiltered
+            return sample_unfiltered(logits, params.temperature, 0 if params.temperature == 0 else host_seed(generator))
         if params.temperature == 0:
             return self.greedy(logits)
+        if generator is not None and generator.device != logits.device:  # a CPU generator seeds the device's
+            generator = torch.Generator(logits.device).manual_seed(host_seed(generator))
         noise = torch.empty(logits.shape, device=logits.device).exponential_(generator=generator)  # [B, V]
         if needs_filter(params):
             return _filtered_race(logits, params, noise)

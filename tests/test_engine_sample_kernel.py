@@ -1,0 +1,64 @@
+"""engine/sample_kernels.py: unfiltered sampling and its log-prob in one pass, against torch's math;
+on a CPU through Triton's interpreter (skipped where triton is not installed)."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, at import
+
+from ahazero.engine import sample_kernels  # noqa: E402
+from ahazero.engine.sampler import Sampler  # noqa: E402
+from ahazero.engine.types import SamplingParams  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("V,min_v", [(300, 4096), (5000, 1024)])  # one split; five, combined in order
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_is_the_first_argmax_with_its_log_prob(V, min_v, dtype):
+    torch.manual_seed(V)
+    logits = (torch.randn(5, V, device=DEVICE) * 3).to(dtype)  # [B, V]
+    logits[1, [7, V - 3]] = logits[1].max() + 1  # a tie across splits: the first index wins, as torch.argmax
+    tokens, logprobs = sample_kernels.sample_unfiltered(logits, 0.0, 0, min_v_per_split=min_v)
+    assert tokens.tolist() == logits.float().argmax(-1).tolist()
+    want = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(logprobs, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("min_v", [4096, 1024])
+def test_draws_follow_the_tempered_softmax(min_v):
+    torch.manual_seed(1)
+    V, draws, T = 2100, 1500, 0.7
+    row = torch.randn(V, device=DEVICE)
+    row[:4] = torch.tensor([6.0, 5.5, 5.0, 4.0])  # most of the mass on four tokens, the rest spread thin
+    tokens, logprobs = sample_kernels.sample_unfiltered(row.expand(draws, V).contiguous(), T, 123,
+                                                        min_v_per_split=min_v)  # every row its own draw
+    p = torch.softmax(row / T, -1)
+    freq = torch.bincount(tokens, minlength=V).double() / draws
+    assert (freq[:4] - p[:4]).abs().max() < 0.05  # 4 sigma at 1,500 draws
+    assert abs(freq[4:].sum() - p[4:].sum()) < 0.05
+    torch.testing.assert_close(logprobs, torch.log_softmax(row / T, -1)[tokens], atol=1e-5, rtol=1e-5)
+
+
+def test_the_seed_decides_the_draws():
+    logits = torch.randn(16, 50, device=DEVICE)
+    a = sample_kernels.sample_unfiltered(logits, 1.0, 5)[0]
+    b = sample_kernels.sample_unfiltered(logits, 1.0, 5)[0]
+    c = sample_kernels.sample_unfiltered(logits, 1.0, 6)[0]
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+
+def test_the_sampler_takes_the_kernel_for_unfiltered_params_only():
+    logits = torch.randn(3, 40, device=DEVICE)
+    kernel = Sampler(kernel=True)
+    seeded = [kernel(logits, SamplingParams(temperature=0.9), torch.Generator().manual_seed(4))[0].tolist()
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]  # a CPU generator seeds it
+    assert kernel(logits, SamplingParams(temperature=0))[0].tolist() == logits.argmax(-1).tolist()
+    filtered = SamplingParams(temperature=0.9, top_k=1)  # top-k 1: the argmax, through the torch path
+    assert kernel(logits, filtered, torch.Generator().manual_seed(4))[0].tolist() == logits.argmax(-1).tolist()
