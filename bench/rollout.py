@@ -12,6 +12,7 @@ other, with the peak memory of each:
                    each) on CUDA, no torch.compile
   ahazero-cublas   as `ahazero` with cuBLAS per projection + the LoRA expand kernel instead of
                    engine/gemv_kernels.py (the default before 2026-11-27, sixth session)
+  ahazero-gemv-all as `ahazero` with engine/gemv_kernels.py serving every decode batch (MAX_ROWS 512)
   ahazero-torch-sampler  as `ahazero` with the torch sampler (about ten ops over [B, V]) instead of
                    engine/sample_kernels.py
   ahazero-unfused  as `ahazero` without the fused kernels (the default before 2026-11-27, second session)
@@ -183,8 +184,10 @@ def logp_diff(model, outs, rows: int = 4) -> dict:
 
 
 def run_hf(model, tok, prompts, wl, static: bool) -> dict:
-    """transformers generate on the same rows (each prompt n times, left-padded), sampling at T=1."""
-    pad = tok.pad_token_id
+    """transformers generate on the same rows (each prompt n times, left-padded), sampling at T=1. The pad id
+    is taken modulo the vocabulary as the prompt ids are (Qwen's 151,643 is past Llama's 128,256: an
+    out-of-range embedding that surfaced as CUBLAS_STATUS_EXECUTION_FAILED, 2026-11-27, sixth session)."""
+    pad = tok.pad_token_id % model.config.vocab_size
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=DEVICE)  # [P, T]
     starts = torch.tensor([width - len(p) for p in prompts], device=DEVICE)  # [P]
@@ -229,10 +232,21 @@ def run_profile(model, tok, prompts, wl, max_seq_length, steps: int = 32, **opti
     return result
 
 
+def with_gemv_rows(rows: int, fn, *args):
+    """fn(*args) with engine/gemv_kernels.py serving batches up to `rows` rows."""
+    from ahazero.engine import gemv_kernels
+    saved, gemv_kernels.MAX_ROWS = gemv_kernels.MAX_ROWS, rows
+    try:
+        return fn(*args)
+    finally:
+        gemv_kernels.MAX_ROWS = saved
+
+
 TORCH_PATHS = dict(lora_kernels=False, attention="sdpa", compile=False)
 BACKENDS = {
     "ahazero": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L),
     "ahazero-cublas": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, gemv_kernels=False),
+    "ahazero-gemv-all": lambda m, t, p, wl, L: with_gemv_rows(512, run_engine, m, t, p, wl, L),
     "ahazero-torch-sampler": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, sample_kernel=False),
     "ahazero-unfused": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, fused_kernels=False),
     "ahazero-compile": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, compile=True, fused_kernels=False),

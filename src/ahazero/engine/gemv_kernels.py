@@ -44,7 +44,10 @@ BLOCK_O = 64
 BLOCK_K = 128
 NUM_WARPS = 4
 NUM_STAGES = 4
-PROGRAMS_PER_SM = 2  # split K until about this many programs per SM
+PROGRAMS_PER_SM = 1  # split K until about this many programs per SM
+# H200, bench/kernels.py --only gemv (2026-11-27, sixth session), one Qwen2.5-1.5B layer's 4 groups with their
+# shrink, us at N = 1 / 6 / 32: 82.7 / 84.4 / 98.0 with these constants (2 programs per SM: 85.2 / 88.0 / 104.1);
+# cuBLAS + shrink + expand: 102.1 / 102.0 / 108.1; cuBLAS alone, without LoRA: 57.5 / 56.1 / 55.8
 MIN_K_PER_SPLIT = 256
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
