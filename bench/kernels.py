@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 LAYERS = 8
 H, I, KV, R = 1536, 8960, 256, 32  # Qwen2.5-1.5B: hidden, intermediate, k/v width; LoRA rank
 GROUPS = [(H, [H, KV, KV]), (H, [H]), (H, [I, I]), (I, [H])]  # (in, outs) of q/k/v, o, gate/up, down
-LORA_CONFIGS = [  # (split_k, block_k, shrink warps, expand block_o); H100 2026-11-27 (RESULTS.md): 64/64/2/128
-    # with the expand adding the shrink's partial sums; since the sixth session the shrink adds them itself
-    (512, 64, 4, 128), (256, 64, 2, 128), (256, 128, 4, 128), (128, 64, 2, 128), (64, 64, 2, 128),
-    (128, 128, 4, 128), (1024, 128, 4, 128)]
+LORA_CONFIGS = [  # (split_k, block_k, shrink warps, expand block_o, precision); H100 2026-11-27 (RESULTS.md):
+    # 64/64/2/128 ieee, with the expand adding the shrink's partial sums (since the sixth session the shrink adds
+    # them itself; H200: 64/64/2/128 still the fastest in ieee)
+    (64, 64, 2, 128, "ieee"), (128, 64, 2, 128, "ieee"), (64, 64, 2, 128, "tf32x3"), (128, 64, 2, 128, "tf32x3"),
+    (256, 64, 2, 128, "tf32x3"), (256, 128, 4, 128, "tf32x3"), (512, 128, 4, 128, "tf32x3")]
 GEMV_CONFIGS = [  # (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM)
     (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 256, 4, 3, 2), (64, 64, 4, 6, 2), (32, 128, 4, 4, 2),
     (32, 256, 4, 4, 2), (16, 256, 4, 4, 2), (16, 512, 4, 3, 1), (64, 128, 4, 4, 1), (32, 128, 4, 4, 4)]
@@ -77,23 +78,26 @@ def lora_table(batches):
                         y.copy_(torch.addmm(y.to(B.dtype), xa, B.t(), alpha=2.0))
 
         def kernels(cfg):
-            split_k, block_k, warps, block_o = cfg
+            split_k, block_k, warps, block_o, precision = cfg
             for groups, yl in zip(layers, ys):
                 for (K, a, b), yg in zip(groups, yl):
-                    xa = lk._shrink(xs[K], a, split_k=split_k, block_k=block_k, num_warps=warps)
-                    lk._expand_add(xa, b, yg, [2.0] * len(a), block_o=block_o)
+                    xa = lk._shrink(xs[K], a, split_k=split_k, block_k=block_k, num_warps=warps, precision=precision)
+                    lk._expand_add(xa, b, yg, [2.0] * len(a), block_o=block_o, precision=precision)
 
         row = {"N": N, "torch": bench(torch_path)}
         for cfg in LORA_CONFIGS:
             K, a, b = layers[0][3]
             y = torch.zeros(N, H, device=dev, dtype=torch.bfloat16)
-            lk._expand_add(lk._shrink(xs[K], a, *cfg[:3]), b, [y], [2.0], block_o=cfg[3])
-            want = 2.0 * (xs[K].float() @ a[0].t()) @ b[0].t()
+            xa = lk._shrink(xs[K], a, *cfg[:3], precision=cfg[4])
+            lk._expand_add(xa, b, [y], [2.0], block_o=cfg[3], precision=cfg[4])
+            want_xa = xs[K].float() @ a[0].t()
+            want = 2.0 * want_xa @ b[0].t()
             err = rel(y, want)
+            print(f"LoRA {cfg} N={N}: xa relative error {rel(xa[0], want_xa):.1e}, output {err:.1e}", flush=True)
             row[cfg] = bench(lambda: kernels(cfg)) if err < 1e-2 else float("nan")
         rows.append(row)
     print(f"\nLoRA, us per layer (4 groups, r={R}); torch = F.linear + addmm per projection")
-    print("| N | torch | " + " | ".join("split %d bk %d w %d bo %d" % c for c in LORA_CONFIGS) + " |")
+    print("| N | torch | " + " | ".join("split %d bk %d w %d bo %d %s" % c for c in LORA_CONFIGS) + " |")
     print("| --- " * (len(LORA_CONFIGS) + 2) + "|")
     for row in rows:
         print(f"| {row['N']} | {row['torch']:.1f} | " + " | ".join(f"{row[c]:.1f}" for c in LORA_CONFIGS) + " |")

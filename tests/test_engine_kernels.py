@@ -35,7 +35,8 @@ def test_lora_partial_sums_stay_small_in_a_prefill():
                                               (1, 64, [64], 32, torch.float32),
                                               (19, 600, [17, 130, 9], 16, torch.bfloat16),
                                               (300, 1100, [40, 24], 8, torch.bfloat16)])  # a prefill: coarse K splits
-def test_grouped_lora_matches_reference(N, K, outs, R, dtype):
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])  # the same in the interpreter; on a GPU, both dots
+def test_grouped_lora_matches_reference(N, K, outs, R, dtype, precision):
     torch.manual_seed(0)
     x = torch.randn(N, K, dtype=dtype, device=DEVICE)  # [N, K]
     a = [torch.randn(R, K, device=DEVICE) / K ** 0.5 for _ in outs]  # each [R, K]
@@ -43,12 +44,12 @@ def test_grouped_lora_matches_reference(N, K, outs, R, dtype):
     y = [torch.randn(N, o, dtype=dtype, device=DEVICE) for o in outs]  # each [N, O]
     scales = [0.5, 2.0, 1.5][:len(outs)]
     want = reference(x, a, b, y, scales)
-    xa = lora_kernels.lora_shrink(x, a)  # [G, N, R], the sum of the K splits' partials
+    xa = lora_kernels._shrink(x, a, precision=precision)  # [G, N, R], the sum of the K splits' partials
     assert lora_kernels.num_splits(K, N) > 1 or K <= 64
     assert xa.shape == (len(outs), N, R)
     torch.testing.assert_close(xa, torch.stack([x.float() @ ai.t() for ai in a]), atol=1e-4, rtol=1e-4)
     assert not split_k_workspace(x.device, 1)[0].any()  # the row blocks' counters are back to 0
-    lora_kernels.lora_expand_add(xa, b, y, scales)
+    lora_kernels._expand_add(xa, b, y, scales, precision=precision)
     for got, ref in zip(y, want):
         tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # one rounding step of the output dtype
         torch.testing.assert_close(got.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=0)

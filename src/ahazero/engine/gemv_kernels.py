@@ -57,7 +57,7 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, lb0, lb1, lb2, y0, y1, 
                  end0, end1, xa_ptr, partial_ptr, count_ptr, N, K, R, x_row_stride,
                  K_PER_SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr):
+                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """Program (tile, split s). Projection g owns tiles [end_{g-1}, end_g); its y_g [N, O_g] is finished
     by the tile's last split (see the module docstring). xa_ptr: the LoRA shrink's x A_g^T, [G, N, R]."""
     tile = tl.program_id(0)
@@ -115,7 +115,7 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, lb0, lb1, lb2, y0, y1, 
                          other=0.0)  # [BR, BN] = (x A_g^T)^T
             b = tl.load(b_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & (ranks[None, :] < R),
                         other=0.0)  # [BO, BR]
-            delta = tl.dot(b.to(tl.float32), xa, input_precision="ieee")  # [BO, BN]
+            delta = tl.dot(b.to(tl.float32), xa, input_precision=PRECISION)  # [BO, BN]
             y = (y.to(tl.float32) + scale * delta).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + n[None, :] * O + cols[:, None], y, mask=ok)
 
@@ -161,6 +161,7 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
         N, K, R, x.stride(0), K_PER_SPLIT=per_split,
         HAS_BIAS=biases is not None, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_K=block_k,
         BLOCK_R=lora_kernels._block_r(R), DOT_F32=INTERPRET or x.dtype == torch.float32,
+        PRECISION=lora_kernels.DOT_PRECISION,
         num_warps=num_warps, num_stages=num_stages)
     return ys
 

@@ -32,6 +32,10 @@ SPLIT_K = 64  # the shrink's K per program at decode sizes (a multiple of SHRINK
 # (16,384 prompt tokens at K = 8960: 293 MiB with SPLIT_K, 38 MiB with PREFILL_SPLIT_K), so K splits coarsely.
 DECODE_ROWS = 256
 PREFILL_SPLIT_K = 512
+# The float32 dots: "ieee" (FMAs on the CUDA cores, IEEE float32 products) or "tf32x3" (three TF32 products
+# on the tensor cores, a ~2^-21 relative error per product: bf16 x is exact in TF32 and A keeps ~21 of its
+# 24 mantissa bits); PEFT's float32 matmul on cuBLAS is not bit-equal to either (another summation order).
+DOT_PRECISION = "ieee"
 SHRINK_BLOCK_K = 64
 SHRINK_WARPS = 2
 EXPAND_BLOCK_O = 128
@@ -52,7 +56,7 @@ def _pick(g, p0, p1, p2):
 @triton.jit
 def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, stride_x,
                    K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Program (row block, adapter g, split s): the partial x[rows, ks] @ A_g[:, ks]^T; the row block's last
     split to arrive writes out[g, rows, :], the sum of the SPLITS partials in split order."""
     pid_n, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -67,7 +71,7 @@ def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, 
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=x_mask, other=0.0)  # [BN, BK]
         a_mask = (ranks[None, :] < R) & (cols[:, None] < K)
         a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=a_mask, other=0.0)  # [BK, BR] = A^T tile
-        acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
     at = (g * N + rows[:, None]) * R + ranks[None, :]  # [BN, BR] into [G, N, R]
     mask = (rows[:, None] < N) & (ranks[None, :] < R)
     if SPLITS == 1:
@@ -87,7 +91,7 @@ def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, 
 
 @triton.jit
 def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R,
-                   BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """Program (row block, column block, adapter g): y_g[rows, cols] += s_g * xa[g, rows] @ B_g[cols]^T."""
     pid_n, pid_o, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b_ptr, y_ptr = _pick(g, b0, b1, b2), _pick(g, y0, y1, y2)
@@ -99,7 +103,7 @@ def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R,
     xa = tl.load(xa_ptr + (g * N + rows[:, None]) * R + ranks[None, :], mask=xa_mask, other=0.0)  # [BN, BR]
     b_mask = (cols[None, :] < O) & (ranks[:, None] < R)
     b = tl.load(b_ptr + cols[None, :] * R + ranks[:, None], mask=b_mask, other=0.0)  # [BR, BO] = B^T tile
-    delta = tl.dot(xa, b.to(tl.float32), input_precision="ieee")  # [BN, BO]
+    delta = tl.dot(xa, b.to(tl.float32), input_precision=PRECISION)  # [BN, BO]
     y_mask = (rows[:, None] < N) & (cols[None, :] < O)
     y_at = y_ptr + rows[:, None] * O + cols[None, :]
     y = tl.load(y_at, mask=y_mask, other=0.0).to(tl.float32)
@@ -119,7 +123,7 @@ def num_splits(K: int, N: int) -> int:
 
 
 def _shrink(x: torch.Tensor, a: list[torch.Tensor], split_k: int | None = None, block_k: int = SHRINK_BLOCK_K,
-            num_warps: int = SHRINK_WARPS) -> torch.Tensor:
+            num_warps: int = SHRINK_WARPS, precision: str | None = None) -> torch.Tensor:
     """x [N, K], a: G tensors [R, K] -> xa [G, N, R] float32, xa[g] = x @ A_g^T."""
     N, K = x.shape
     split_k = split_k or split_k_for(N)
@@ -135,12 +139,12 @@ def _shrink(x: torch.Tensor, a: list[torch.Tensor], split_k: int | None = None, 
     a = a + [a[0]] * (MAX_GROUP - G)
     _shrink_kernel[(row_blocks, G, splits)](x, *a, partial, counts, out, N, K, R, x.stride(0), split_k, splits,
                                             BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), BLOCK_K=block_k,
-                                            num_warps=num_warps)
+                                            PRECISION=precision or DOT_PRECISION, num_warps=num_warps)
     return out
 
 
 def _expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tensor], scales: list[float],
-                block_o: int = EXPAND_BLOCK_O, num_warps: int = EXPAND_WARPS) -> None:
+                block_o: int = EXPAND_BLOCK_O, num_warps: int = EXPAND_WARPS, precision: str | None = None) -> None:
     """xa [G, N, R]; b: G tensors [O_g, R]; y: G tensors [N, O_g], updated in place."""
     G, N, R = xa.shape
     outs = [t.shape[1] for t in y]
@@ -148,7 +152,7 @@ def _expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tensor], 
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(max(outs), block_o), G)
     _expand_kernel[grid](xa, *(b + [b[0]] * pad), *(y + [y[0]] * pad), *(list(scales) + [0.0] * pad),
                          *(outs + [0] * pad), N, R, BLOCK_N=BLOCK_N, BLOCK_O=block_o, BLOCK_R=_block_r(R),
-                         num_warps=num_warps)
+                         PRECISION=precision or DOT_PRECISION, num_warps=num_warps)
 
 
 @torch.library.custom_op("ahazero::lora_shrink", mutates_args=())
