@@ -78,7 +78,7 @@ def supports(in_features: int, blocksize: int, nested_blocksize: int) -> bool:
 @triton.jit
 def _load_step(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, valid):
     """Block blk of each row: bytes [32, BO] (uint8), absmax code [BO] (int32) and absmax2 [BO]."""
-    ok = col_ok & valid
+    ok = tl.where(valid, col_ok, False)  # (a vector & a scalar bool is int32 in Triton 3.9's interpreter)
     byte = tl.load(byte_at + blk * 32, mask=ok[None, :], other=0)  # uint8
     q = tl.load(absmax_q_ptr + block_of_row + blk, mask=ok, other=0).to(tl.int32)
     a2 = tl.load(absmax2_ptr + (block_of_row + blk) // 256, mask=ok, other=0.0)
@@ -140,7 +140,7 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, p
         cur_byte, cur_q, cur_a2, cur_xa, cur_xb = byte, q, a2, xa, xb
         # the next step's loads, in flight during this one (the last step's are masked off)
         byte, q, a2 = _load_step(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk + 1, blk + 1 < last)
-        xa, xb = _load_x(x_ptr, x_at, n_ok & (blk + 1 < last), j, blk + 1, X_PAIRS)
+        xa, xb = _load_x(x_ptr, x_at, tl.where(blk + 1 < last, n_ok, False), j, blk + 1, X_PAIRS)
         absmax = (tl.load(dyn_ptr + cur_q) * cur_a2 + offset)[None, :]  # [1, BO] float32
         both = tl.load(table + cur_byte)  # [32, BO] int64: nf4[byte >> 4] in the low half, nf4[byte & 15] high
         hi = (both.to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)  # the block's even columns
@@ -170,7 +170,8 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, p
             total = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
             t = 0
             while t < S:
-                p = tl.load(partial_ptr + t * N * O + at, mask=ok & (t != s), other=0.0, cache_modifier=".cg")
+                p = tl.load(partial_ptr + t * N * O + at, mask=tl.where(t != s, ok, False), other=0.0,
+                            cache_modifier=".cg")
                 total += tl.where(t == s, acc, p)
                 t += 1
             acc = total
