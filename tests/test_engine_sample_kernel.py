@@ -30,17 +30,15 @@ def test_greedy_is_the_first_argmax_with_its_log_prob(V, min_v, dtype):
     torch.testing.assert_close(logprobs, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("min_v", [4096, 1024])
-def test_draws_follow_the_tempered_softmax(min_v):
+def test_draws_follow_the_tempered_softmax():
     torch.manual_seed(1)
-    V, draws, T = 2100, 1500, 0.7
+    V, draws, T = 300, 1200, 0.7
     row = torch.randn(V, device=DEVICE)
     row[:4] = torch.tensor([6.0, 5.5, 5.0, 4.0])  # most of the mass on four tokens, the rest spread thin
-    tokens, logprobs = sample_kernels.sample_unfiltered(row.expand(draws, V).contiguous(), T, 123,
-                                                        min_v_per_split=min_v)  # every row its own draw
+    tokens, logprobs = sample_kernels.sample_unfiltered(row.expand(draws, V).contiguous(), T, 123)  # a draw a row
     p = torch.softmax(row / T, -1)
     freq = torch.bincount(tokens, minlength=V).double() / draws
-    assert (freq[:4] - p[:4]).abs().max() < 0.05  # 4 sigma at 1,500 draws
+    assert (freq[:4] - p[:4].double()).abs().max() < 0.05  # 3.5 sigma at 1,200 draws
     assert abs(freq[4:].sum() - p[4:].sum()) < 0.05
     torch.testing.assert_close(logprobs, torch.log_softmax(row / T, -1)[tokens], atol=1e-5, rtol=1e-5)
 

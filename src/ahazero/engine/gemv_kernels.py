@@ -28,6 +28,7 @@ PROGRAMS_PER_SM) per decoder layer against cuBLAS + the LoRA kernels, at several
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -139,7 +140,7 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
     ys = [torch.empty(N, o, device=x.device, dtype=x.dtype) for o in outs]  # each [N, O_g]
     if N == 0:
         return ys
-    ends = list(torch.tensor([triton.cdiv(o, block_o) for o in outs]).cumsum(0).tolist())
+    ends = list(itertools.accumulate(triton.cdiv(o, block_o) for o in outs))  # each projection's last tile + 1
     tiles = ends[-1]
     ends = ends + [tiles] * (MAX_GROUP - len(ends))
     splits, per_split = _splits(tiles, K, sm_count(x.device), block_k, programs_per_sm, min_k_per_split)
