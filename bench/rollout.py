@@ -13,8 +13,9 @@ other, with the peak memory of each:
   ahazero-cublas   as `ahazero` with cuBLAS per projection + the LoRA expand kernel instead of
                    engine/gemv_kernels.py (the default before 2026-11-27, sixth session)
   ahazero-gemv-all as `ahazero` with engine/gemv_kernels.py serving every decode batch (MAX_ROWS 512)
-  ahazero-tf32x3   as `ahazero` with the LoRA kernels' float32 dots as three TF32 products on the tensor cores
-                   (lora_kernels.DOT_PRECISION "tf32x3") instead of IEEE FMAs
+  ahazero-ieee     as `ahazero` with the LoRA kernels' float32 dots as IEEE FMAs on the CUDA cores instead of
+                   three TF32 products on the tensor cores (lora_kernels.DOT_PRECISION "ieee", the default
+                   before 2026-11-27, sixth session)
   ahazero-torch-sampler  as `ahazero` with the torch sampler (about ten ops over [B, V]) instead of
                    engine/sample_kernels.py
   ahazero-unfused  as `ahazero` without the fused kernels (the default before 2026-11-27, second session)
@@ -234,32 +235,21 @@ def run_profile(model, tok, prompts, wl, max_seq_length, steps: int = 32, **opti
     return result
 
 
-def with_gemv_rows(rows: int, fn, *args):
-    """fn(*args) with engine/gemv_kernels.py serving batches up to `rows` rows."""
-    from ahazero.engine import gemv_kernels
-    saved, gemv_kernels.MAX_ROWS = gemv_kernels.MAX_ROWS, rows
-    try:
+def patched(target: str, value, fn, *args):
+    """fn(*args) with the module constant `target` (e.g. "ahazero.engine.gemv_kernels.MAX_ROWS") set to value."""
+    from unittest import mock
+    with mock.patch(target, value):
         return fn(*args)
-    finally:
-        gemv_kernels.MAX_ROWS = saved
-
-
-def with_lora_precision(precision: str, fn, *args):
-    """fn(*args) with engine/lora_kernels.py's float32 dots in `precision` (also gemv_kernels' epilogue)."""
-    from ahazero.engine import lora_kernels
-    saved, lora_kernels.DOT_PRECISION = lora_kernels.DOT_PRECISION, precision
-    try:
-        return fn(*args)
-    finally:
-        lora_kernels.DOT_PRECISION = saved
 
 
 TORCH_PATHS = dict(lora_kernels=False, attention="sdpa", compile=False)
 BACKENDS = {
     "ahazero": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L),
     "ahazero-cublas": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, gemv_kernels=False),
-    "ahazero-gemv-all": lambda m, t, p, wl, L: with_gemv_rows(512, run_engine, m, t, p, wl, L),
-    "ahazero-tf32x3": lambda m, t, p, wl, L: with_lora_precision("tf32x3", run_engine, m, t, p, wl, L),
+    "ahazero-gemv-all": lambda m, t, p, wl, L: patched("ahazero.engine.gemv_kernels.MAX_ROWS", 512, run_engine,
+                                                       m, t, p, wl, L),
+    "ahazero-ieee": lambda m, t, p, wl, L: patched("ahazero.engine.lora_kernels.DOT_PRECISION", "ieee", run_engine,
+                                                   m, t, p, wl, L),
     "ahazero-torch-sampler": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, sample_kernel=False),
     "ahazero-unfused": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, fused_kernels=False),
     "ahazero-compile": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, compile=True, fused_kernels=False),

@@ -2,19 +2,16 @@
 replace, and the engine decoding through them against transformers. On a CPU through Triton's
 interpreter (skipped where triton is not installed)."""
 import importlib.util
-import os
 
 import pytest
 import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, at import
 
-from ahazero.engine import fused_kernels  # noqa: E402
-from ahazero.engine.layers import apply_rope, rms_norm  # noqa: E402
-from ahazero.engine.types import SamplingParams  # noqa: E402
+from ahazero.engine import fused_kernels
+from ahazero.engine.layers import apply_rope, rms_norm
+from ahazero.engine.types import SamplingParams
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]

@@ -1,18 +1,15 @@
 """engine/gemv_kernels.py: a group's projections in one launch (base GEMV, bias, split-K reduction and the
 LoRA expand in the epilogue) against PyTorch's math; on a CPU through Triton's interpreter."""
 import importlib.util
-import os
 
 import pytest
 import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, at import
 
-from ahazero.engine import gemv_kernels, lora_kernels  # noqa: E402
-from ahazero.engine.layers import Projection, project  # noqa: E402
+from ahazero.engine import gemv_kernels, lora_kernels
+from ahazero.engine.layers import Projection, project
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

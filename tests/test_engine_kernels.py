@@ -1,19 +1,16 @@
 """The engine's Triton kernels (grouped LoRA, split-KV decode attention) against PyTorch references;
 on a CPU through Triton's interpreter (skipped where triton is not installed)."""
 import importlib.util
-import os
 
 import pytest
 import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, at import
 
-from ahazero.engine import attention_kernels, lora_kernels  # noqa: E402
-from ahazero.models.nf4_kernels import split_k_workspace  # noqa: E402
-from ahazero.engine.types import SamplingParams  # noqa: E402
+from ahazero.engine import attention_kernels, lora_kernels
+from ahazero.models.nf4_kernels import split_k_workspace
+from ahazero.engine.types import SamplingParams
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

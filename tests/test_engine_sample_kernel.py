@@ -1,19 +1,16 @@
 """engine/sample_kernels.py: unfiltered sampling and its log-prob in one pass, against torch's math;
 on a CPU through Triton's interpreter (skipped where triton is not installed)."""
 import importlib.util
-import os
 
 import pytest
 import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, at import
 
-from ahazero.engine import sample_kernels  # noqa: E402
-from ahazero.engine.sampler import Sampler  # noqa: E402
-from ahazero.engine.types import SamplingParams  # noqa: E402
+from ahazero.engine import sample_kernels
+from ahazero.engine.sampler import Sampler
+from ahazero.engine.types import SamplingParams
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
