@@ -4,12 +4,12 @@ The projections that read one input (q/k/v; gate/up) apply their adapters togeth
   shrink:  xa[g] = x @ A_g^T                  x [N, K], A_g [r, K]        -> xa [G, N, r] float32
   expand:  y_g = y_g + s_g * xa[g] @ B_g^T    B_g [out_g, r], y_g [N, out_g], updated in place
 instead of 2 GEMMs and 3 casts per projection. PEFT's math: the adapter runs in float32 (dots to float32
-accuracy, DOT_PRECISION below), y is read, added to and rounded back to its dtype once. The shrink splits K over S programs
-so a small batch still fills the GPU: each split stores its partial sums and bumps its row block's
-counter, and the last split to arrive adds the S partials in split order (deterministic) into xa, as
-models/nf4_kernels.py does. (Until 2026-11-27, sixth session, the expand added the S partials itself,
-in every one of its programs: at W1's batch of 128 on an H200 it took 16.4 us a call, 28% of the step's
-GPU time, bench/RESULTS.md.)
+accuracy, DOT_PRECISION below), y is read, added to and rounded back to its dtype once. The shrink splits
+K over S programs so a small batch still fills the GPU: each split stores its partial sums and bumps its
+row block's counter, and the last split to arrive adds the S partials in split order (deterministic) into
+xa, as models/nf4_kernels.py does. (Until 2026-11-27, sixth session, the expand added the S partials
+itself, in every one of its programs: at W1's batch of 128 on an H200 it took 16.4 us a call, 28% of the
+step's GPU time, bench/RESULTS.md.)
 kernel -> launcher -> torch.library custom op (one opaque op for torch.compile and CUDA graphs).
 Without a GPU the same kernels run in Triton's interpreter (TRITON_INTERPRET=1), as the tests do.
 """
