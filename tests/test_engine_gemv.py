@@ -125,3 +125,26 @@ def test_gemv_kernels_need_the_fused_decode():
                      gemv_kernels=True)
     cuda = EngineConfig(max_seq_length=64, device=torch.device("cuda"), dtype=torch.bfloat16)
     assert cuda.gemv_kernels is True
+
+
+def test_a_failing_kernel_is_turned_off_with_a_warning_and_decode_takes_cublas(monkeypatch, caplog):
+    """checked() runs once per device and dtype before lora_gemv serves: a kernel that fails (here: raises)
+    turns it off with a warning, and project() declines, so decode takes the cuBLAS path, never a wrong one."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, device=DEVICE)
+    ps = (Projection(lin),)
+    x = torch.randn(3, 64, device=DEVICE)
+    gemv_kernels.checked.cache_clear()
+    assert gemv_kernels.checked(x.device, x.dtype)  # the real kernel passes its check
+    gemv_kernels.checked.cache_clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(gemv_kernels, "_launch", broken)
+    try:
+        with caplog.at_level("WARNING", logger="ahazero"):
+            assert gemv_kernels.project(x, ps) is None
+        assert "failed" in caplog.text and "cuBLAS" in caplog.text
+    finally:
+        gemv_kernels.checked.cache_clear()

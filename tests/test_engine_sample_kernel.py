@@ -57,3 +57,20 @@ def test_the_sampler_takes_the_kernel_for_unfiltered_params_only():
     assert kernel(logits, SamplingParams(temperature=0))[0].tolist() == logits.argmax(-1).tolist()
     filtered = SamplingParams(temperature=0.9, top_k=1)  # top-k 1: the argmax, through the torch path
     assert kernel(logits, filtered, torch.Generator().manual_seed(4))[0].tolist() == logits.argmax(-1).tolist()
+
+
+def test_a_failing_sampling_kernel_falls_back_to_torch(monkeypatch, caplog):
+    logits = torch.randn(4, 30, device=DEVICE)
+    sample_kernels.checked.cache_clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(sample_kernels, "sample_unfiltered", broken)
+    try:
+        with caplog.at_level("WARNING", logger="ahazero"):
+            tokens, logprobs = Sampler(kernel=True)(logits, SamplingParams(temperature=0))
+        assert tokens.tolist() == logits.argmax(-1).tolist()  # the torch path's greedy
+        assert "sampling takes the torch path" in caplog.text
+    finally:
+        sample_kernels.checked.cache_clear()

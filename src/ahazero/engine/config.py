@@ -33,6 +33,8 @@ class EngineConfig:
     expand (needs fused_kernels; batches above gemv_kernels.MAX_ROWS rows keep cuBLAS).
     `sample_kernel` samples unfiltered params (temperature only, or greedy) in one Triton launch
     (engine/sample_kernels.py) instead of about ten torch ops over [B, V] (needs triton).
+    Both check themselves once per device against PyTorch before they serve, and turn themselves off with
+    a warning where they fail (gemv_kernels.checked, sample_kernels.checked).
     `lora_kernels`, `attention`, `fused_kernels`, `gemv_kernels` and `sample_kernel` default to the Triton
     kernels on CUDA where triton is installed, else to sdpa, torch LoRA and the torch ops (H100,
     bench/RESULTS.md: the LoRA and attention kernels 14-21% more tokens/s than sdpa + torch LoRA on W1 and

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 
 import torch
@@ -38,6 +39,8 @@ from torch import nn
 
 from ..models.nf4_kernels import sm_count, split_k_workspace
 from . import lora_kernels
+
+logger = logging.getLogger("ahazero")
 
 MAX_ROWS = 32  # batches above this go to cuBLAS + the LoRA kernels (a GEMM, no longer a GEMV)
 MAX_GROUP = lora_kernels.MAX_GROUP
@@ -194,11 +197,45 @@ def _servable(x: torch.Tensor, projections) -> bool:
     return len(ranks) == 1 and all(p.lora_b is None or p.lora_b.is_contiguous() for p in projections)
 
 
+@functools.cache
+def checked(device: torch.device, dtype: torch.dtype) -> bool:
+    """Once per device and dtype, before lora_gemv serves: its output on random inputs (a q/k/v-like group
+    with biases, LoRA, split K) against PyTorch's math. A failure (e.g. a GPU without the shared memory
+    its tiles need) or a mismatch turns it off for the process with a warning: decode then runs cuBLAS
+    + the LoRA kernels, never a wrong result. (The first call runs eagerly: the CUDA graphs' warm-up.)"""
+    gen = torch.Generator(device=device).manual_seed(0)
+    N, K, outs, R = 6, 1024, (130, 64), 8
+
+    def rand(*shape, dt=torch.float32):
+        return torch.randn(*shape, device=device, generator=gen).to(dt)
+
+    x = rand(N, K, dt=dtype)  # [N, K]
+    weights = [rand(o, K, dt=dtype) * K ** -0.5 for o in outs]  # each [O, K]
+    biases = [rand(o, dt=dtype) for o in outs]
+    a, b = [rand(R, K) * K ** -0.5 for _ in outs], [rand(o, R) for o in outs]  # float32, as PEFT's adapters
+    try:
+        got = _launch(x, weights, biases, lora_kernels.lora_shrink(x, a), b, [0.5, 2.0])
+        worst = 0.0
+        for g, w in enumerate(weights):
+            want = ((x.float() @ w.float().t() + biases[g].float()).to(dtype).float()
+                    + (x.float() @ a[g].t()) @ b[g].t() * [0.5, 2.0][g])  # [N, O]
+            worst = max(worst, ((got[g].float() - want).norm() / want.norm()).item())
+    except Exception as err:  # noqa: BLE001 - e.g. the kernel does not compile for this GPU
+        logger.warning("the one-launch projections (engine/gemv_kernels.py) failed on %s (%s: %s); decode uses "
+                       "cuBLAS + the LoRA kernels", device, type(err).__name__, err)
+        return False
+    if not worst < 1e-2:  # the output's rounding gives ~3e-3 in bf16
+        logger.warning("the one-launch projections disagree with PyTorch on %s (relative error %.2e); decode "
+                       "uses cuBLAS + the LoRA kernels", device, worst)
+        return False
+    return True
+
+
 def project(x: torch.Tensor, projections, grouped_lora=None) -> list[torch.Tensor] | None:
     """engine/layers.project for a decode batch x [N, in] in (1 + 1) launches: the LoRA shrink (when the
     group has adapters and `grouped_lora` is on), then lora_gemv. None where it can't serve (the caller
     falls back to layers.project)."""
-    if not _servable(x, projections):
+    if not _servable(x, projections) or not checked(x.device, x.dtype):
         return None
     with_lora = projections[0].lora_a is not None
     if with_lora and grouped_lora is None:

@@ -18,11 +18,16 @@ rows still fills the GPU. The seed is a host integer drawn per step from the cal
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import triton
 import triton.language as tl
 
 from ..models.nf4_kernels import sm_count, split_k_workspace
+
+logger = logging.getLogger("ahazero")
 
 BLOCK_V = 1024
 MIN_V_PER_SPLIT = 4096
@@ -128,3 +133,23 @@ def sample_unfiltered(logits: torch.Tensor, temperature: float, seed: int,
                                 1.0 if greedy else 1.0 / temperature, seed % (2 ** 31 - 1), GREEDY=greedy,
                                 V_PER_SPLIT=per_split, BLOCK_V=BLOCK_V)
     return tokens, logprobs
+
+
+@functools.cache
+def checked(device: torch.device) -> bool:
+    """Once per device, before the kernel samples: greedy over random logits (split over the vocabulary)
+    against torch's argmax and log-softmax. A failure or mismatch turns it off for the process with a
+    warning: sampling then takes the torch path."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(3, 5000, device=device, generator=gen).to(torch.bfloat16)  # [B, V]
+    try:
+        tokens, logprobs = sample_unfiltered(logits, 0.0, 0, min_v_per_split=1024)
+        want = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)  # [B]
+        ok = torch.equal(tokens, logits.float().argmax(-1)) and bool(((logprobs - want).abs() < 1e-3).all())
+    except Exception as err:  # noqa: BLE001 - e.g. the kernel does not compile for this GPU
+        logger.warning("the sampling kernel failed on %s (%s: %s); sampling takes the torch path", device,
+                       type(err).__name__, err)
+        return False
+    if not ok:
+        logger.warning("the sampling kernel disagrees with torch on %s; sampling takes the torch path", device)
+    return ok

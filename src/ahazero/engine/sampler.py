@@ -78,8 +78,10 @@ class Sampler:
 
     def _sample(self, logits, params: SamplingParams, generator):
         if self.kernel and not needs_filter(params):
-            from .sample_kernels import sample_unfiltered
-            return sample_unfiltered(logits, params.temperature, 0 if params.temperature == 0 else host_seed(generator))
+            from . import sample_kernels
+            if sample_kernels.checked(logits.device):
+                seed = 0 if params.temperature == 0 else host_seed(generator)
+                return sample_kernels.sample_unfiltered(logits, params.temperature, seed)
         if params.temperature == 0:
             return self.greedy(logits)
         if generator is not None and generator.device != logits.device:  # a CPU generator seeds the device's
