@@ -48,7 +48,7 @@ def test_lora_gemv_matches_reference(N, K, outs, R, dtype, bias, min_k, lora):
     b = [torch.randn(o, R, device=DEVICE) for o in outs] if lora else None
     scales = [0.5, 2.0, 1.5][:len(outs)]
     xa = lora_kernels.lora_shrink(x, a) if lora else None  # [G, N, R]
-    splits, _ = gemv_kernels._splits(sum(-(-o // 16) for o in outs), K, 132, 32, 2, min_k)
+    splits, _ = gemv_kernels.split_k(sum(-(-o // 16) for o in outs), K, 132, 2, min_k, 32)
     got = gemv_kernels._launch(x, weights, biases, xa, b, scales, block_o=16, block_k=32, min_k_per_split=min_k)
     for g, want in zip(got, reference(x, weights, biases, a, b, scales)):
         assert g.shape == want.shape and g.dtype == dtype

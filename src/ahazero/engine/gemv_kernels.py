@@ -13,7 +13,7 @@ rows, the small B operand. Tiles run over the group's projections one after anot
 cdiv(O_0, BLOCK_O) tiles are projection 0's, and so on), so one grid covers q, k and v. K is split until
 about PROGRAMS_PER_SM programs per SM (a down projection has only 24 tiles of 64 rows); each split stores
 its float32 partial and bumps its tile's counter, and the last split of a tile to arrive adds the
-partials in split order (deterministic) and finishes the tile, as models/nf4_kernels.py does:
+partials in split order (deterministic) and finishes the tile (models/nf4_kernels.py's split_k_sum):
   y = (acc + bias) rounded to x's dtype                         (cuBLAS's rounding: one, after the bias)
   y = (y + s * (xa @ B^T)) rounded, xa = x A^T from the LoRA shrink, in float32
      (engine/lora_kernels.py's expand, the same math: PEFT's float32 adapter, one rounding of y)
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ..models.nf4_kernels import sm_count, split_k_workspace
+from ..models.nf4_kernels import sm_count, split_k, split_k_sum, split_k_workspace
 from . import lora_kernels
 
 logger = logging.getLogger("ahazero")
@@ -92,23 +92,11 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, lb0, lb1, lb2, y0, y1, 
     ok = col_ok[:, None] & n_ok[None, :]
     S = tl.num_programs(1)
     done = S == 1
-    if S > 1:
-        tile_at = tl.arange(0, BLOCK_O)[:, None] * BLOCK_N + n[None, :]  # [BO, BN], a dense [BO, BN] per tile
-        tiles = tl.num_programs(0)
-        tl.store(partial_ptr + (s * tiles + tile) * (BLOCK_O * BLOCK_N) + tile_at, acc)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        done = arrived == S - 1
-        if done:  # the tile's last split: add all S partials in split order (its own from registers)
-            total = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
-            t = 0
-            while t < S:
-                p = tl.load(partial_ptr + (t * tiles + tile) * (BLOCK_O * BLOCK_N) + tile_at, mask=ok, other=0.0,
-                            cache_modifier=".cg")
-                total += tl.where(t == s, acc, p)
-                t += 1
-            acc = total
-            tl.store(count_ptr + tile, 0)  # ready for the next launch
+    if S > 1:  # partials [S, tiles, BLOCK_O, BLOCK_N]
+        tile_at = tl.arange(0, BLOCK_O)[:, None] * BLOCK_N + n[None, :]  # [BO, BN]
+        tile_size = BLOCK_O * BLOCK_N
+        done, acc = split_k_sum(acc, partial_ptr + tile * tile_size + tile_at, tl.num_programs(0) * tile_size, ok,
+                                s, S, count_ptr + tile)
     if done:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
@@ -122,14 +110,6 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, lb0, lb1, lb2, y0, y1, 
             delta = tl.dot(b.to(tl.float32), xa, input_precision=PRECISION)  # [BO, BN]
             y = (y.to(tl.float32) + scale * delta).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + n[None, :] * O + cols[:, None], y, mask=ok)
-
-
-@functools.cache
-def _splits(tiles: int, K: int, sms: int, block_k: int, programs_per_sm: int, min_k: int) -> tuple[int, int]:
-    """(splits, K per split): about programs_per_sm programs per SM, >= min_k of K each (a multiple of block_k)."""
-    want = max(1, min(triton.cdiv(programs_per_sm * sms, tiles), K // min_k))
-    per_split = triton.cdiv(triton.cdiv(K, want), block_k) * block_k
-    return triton.cdiv(K, per_split), per_split
 
 
 def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None,
@@ -146,7 +126,7 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
     ends = list(itertools.accumulate(triton.cdiv(o, block_o) for o in outs))  # each projection's last tile + 1
     tiles = ends[-1]
     ends = ends + [tiles] * (MAX_GROUP - len(ends))
-    splits, per_split = _splits(tiles, K, sm_count(x.device), block_k, programs_per_sm, min_k_per_split)
+    splits, per_split = split_k(tiles, K, sm_count(x.device), programs_per_sm, min_k_per_split, block_k)
     block_n = max(16, triton.next_power_of_2(N))
     counts, partial = split_k_workspace(x.device, tiles)
     if splits > 1:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.nf4_kernels import sm_count, split_k_workspace
+from ..models.nf4_kernels import sm_count, split_k, split_k_workspace
 
 logger = logging.getLogger("ahazero")
 
@@ -104,13 +104,6 @@ def _sample_kernel(logits_ptr, tokens_ptr, logprobs_ptr, partial_ptr, count_ptr,
         tl.store(logprobs_ptr + row, best_logit - (m + tl.log(total)))
 
 
-def _splits(rows: int, V: int, sms: int, min_v: int) -> tuple[int, int]:
-    """(splits, V per split, a multiple of BLOCK_V): about PROGRAMS_PER_SM programs per SM."""
-    want = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, rows), V // min_v))
-    per_split = triton.cdiv(triton.cdiv(V, want), BLOCK_V) * BLOCK_V
-    return triton.cdiv(V, per_split), per_split
-
-
 def sample_unfiltered(logits: torch.Tensor, temperature: float, seed: int,
                       min_v_per_split: int = MIN_V_PER_SPLIT) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] (any float dtype) -> tokens [B] int64, log-probs [B] float32 (see the module docstring).
@@ -124,7 +117,7 @@ def sample_unfiltered(logits: torch.Tensor, temperature: float, seed: int,
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
     if B == 0:
         return tokens, logprobs
-    splits, per_split = _splits(B, V, sm_count(logits.device), min_v_per_split)
+    splits, per_split = split_k(B, V, sm_count(logits.device), PROGRAMS_PER_SM, min_v_per_split, BLOCK_V)
     counts, partial = split_k_workspace(logits.device, B)
     if splits > 1:
         partial = torch.empty(B, splits, STATS, dtype=torch.float32, device=logits.device)

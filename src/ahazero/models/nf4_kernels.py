@@ -76,6 +76,30 @@ def supports(in_features: int, blocksize: int, nested_blocksize: int) -> bool:
 
 
 @triton.jit
+def split_k_sum(acc, partial_at, split_stride, mask, s, S, counter):
+    """The end of split s of S of a split-K tile: stores its float32 partial `acc` at partial_at + s *
+    split_stride (where `mask`) and bumps the tile's counter. Returns (done, acc): the tile's last split to
+    arrive gets done and the S partials added in split order (deterministic; its own from registers), and
+    resets the counter to 0 for the next launch; the others get (False, their own acc). Shared by the
+    split-K kernels (this NF4 GEMV, engine/gemv_kernels.py)."""
+    tl.store(partial_at + s * split_stride, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    done = arrived == S - 1
+    if done:
+        total = tl.zeros_like(acc)
+        t = 0
+        while t < S:  # (its own partial is masked off: a vector & a scalar bool is int32 in Triton 3.9's interpreter)
+            p = tl.load(partial_at + t * split_stride, mask=tl.where(t != s, mask, False), other=0.0,
+                        cache_modifier=".cg")
+            total += tl.where(t == s, acc, p)
+            t += 1
+        acc = total
+        tl.store(counter, 0)
+    return done, acc
+
+
+@triton.jit
 def _load_step(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, valid):
     """Block blk of each row: bytes [32, BO] (uint8), absmax code [BO] (int32) and absmax2 [BO]."""
     ok = tl.where(valid, col_ok, False)  # (a vector & a scalar bool is int32 in Triton 3.9's interpreter)
@@ -161,21 +185,8 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, p
     at = n[None, :] * O + cols[:, None]  # [BO, BN] into [N, O]
     S = tl.num_programs(1)
     done = S == 1
-    if S > 1:
-        tl.store(partial_ptr + s * N * O + at, acc, mask=ok)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        done = arrived == S - 1
-        if done:  # the tile's last split: add all S partials in split order
-            total = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
-            t = 0
-            while t < S:
-                p = tl.load(partial_ptr + t * N * O + at, mask=tl.where(t != s, ok, False), other=0.0,
-                            cache_modifier=".cg")
-                total += tl.where(t == s, acc, p)
-                t += 1
-            acc = total
-            tl.store(count_ptr + tile, 0)  # ready for the next launch
+    if S > 1:  # partials [S, N, O]
+        done, acc = split_k_sum(acc, partial_ptr + at, N * O, ok, s, S, count_ptr + tile)
     if done:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
@@ -188,11 +199,18 @@ def sm_count(device: torch.device) -> int:
 
 
 @functools.cache
+def split_k(tiles: int, K: int, sms: int, programs_per_sm: int, min_per_split: int, step: int = 1) -> tuple[int, int]:
+    """(splits, K per split, a multiple of `step`): K cut so that the tiles x splits programs are about
+    programs_per_sm per SM, each split at least min_per_split long (one split at least). Shared by the
+    split-K kernels: this NF4 GEMV (K in blocks), engine/gemv_kernels.py and engine/sample_kernels.py."""
+    want = max(1, min(triton.cdiv(programs_per_sm * sms, tiles), K // min_per_split))
+    per_split = triton.cdiv(triton.cdiv(K, want), step) * step
+    return triton.cdiv(K, per_split), per_split
+
+
 def _splits(tiles: int, row_blocks: int, sms: int) -> tuple[int, int]:
     """(splits, blocks per split): about PROGRAMS_PER_SM programs per SM, >= MIN_BLOCKS_PER_SPLIT blocks each."""
-    want = min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles), max(row_blocks // MIN_BLOCKS_PER_SPLIT, 1))
-    per_split = triton.cdiv(row_blocks, want)
-    return triton.cdiv(row_blocks, per_split), per_split
+    return split_k(tiles, row_blocks, sms, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT)
 
 
 _pair_tables: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
