@@ -29,9 +29,9 @@ notebooks pass), so a notebook runs after changing its imports. Differences from
 - `layer_graphs` is ours (on by default; CUDA with offloaded checkpointing): each decoder layer's forward
   and its recompute-and-backward are replayed from CUDA graphs (models/layer_graphs.py) where a
   micro-batch's shape repeats (completions at max_completion_length), which frees the step from the
-  host's launch cost (8 x 4,096 tokens on Qwen2.5-1.5B: 1.5 s a step instead of 2.5 s on an H200). The
-  graphs' memory pool holds one layer pass's working memory (0.3 GiB there) beside the rest; `False`
-  trades that speed for the least memory.
+  host's launch cost (8 x 4,096 tokens on Qwen2.5-1.5B on H200s: 1.43 s a step with them, 2.5-3.3 s
+  without, bench/RESULTS.md 2026-11-27). The graphs' memory pool holds one layer pass's working memory
+  (0.26 GiB there) beside the rest; `False` trades that speed for the least memory.
 - `optim="adamw_8bit"` is our own blockwise 8-bit AdamW (grpo/optimizers.py, no bitsandbytes);
   `paged_adamw_8bit` is the same optimizer and `paged_adamw_32bit` is torch's AdamW (no paging).
 """
