@@ -219,6 +219,10 @@ class Run:
             r.update(mean_completion_tokens=sum(self.lengths) / len(self.lengths),
                      min_completion_tokens=min(self.lengths), max_completion_tokens=max(self.lengths),
                      completions=len(self.lengths))
+        for key in ("timing/rollout_s", "timing/update_s"):  # ahazero's split of each step
+            split = [log[key] for log in c.logs if key in log]
+            if split:
+                r[key.replace("timing/", "")] = split
         logged = [log["completions/mean_length"] for log in c.logs if "completions/mean_length" in log]
         if logged:
             r["logged_mean_length"] = sum(logged) / len(logged)

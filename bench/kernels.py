@@ -8,9 +8,10 @@ per kernel configuration, beside the torch path it replaces. GPU only.
         all), each the LoRA shrink + one lora_gemv launch, by (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES,
         PROGRAMS_PER_SM); beside the path it replaces, cuBLAS (F.linear) per projection + shrink + expand,
         and cuBLAS alone (no LoRA: the weights' floor).
-  nf4   models/nf4_kernels.py's fused dequantise-GEMV for the layer's 7 linears, by (BLOCK_O, NUM_WARPS,
-        PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT, FMA_MAX_ROWS: rows up to which the CUDA cores multiply);
-        the bf16 row is the same matmuls on 16-bit weights.
+  nf4   models/nf4_kernels.py's fused dequantise-GEMV for the layer's 4 groups with LoRA, one launch per group
+        (engine/gemv_kernels.py's nf4 path), by (LOOKUP, BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM,
+        MIN_BLOCKS_PER_SPLIT, PREFETCH); beside it the same groups on 16-bit weights through the one-launch projections,
+        and the NF4 kernel launched per projection + the LoRA kernels.
 
 Each time is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph: GPU time, as the
 engine's graphs run it) over LAYERS distinct layers (so the weights come from memory, not from L2),
@@ -40,9 +41,10 @@ GEMV_CONFIGS = [  # (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM). 
     # gate/up alone preferred 64/64/4/6/2, o alone 16/512/4/3/1
     (64, 128, 4, 4, 1), (64, 64, 4, 6, 1), (32, 128, 4, 4, 1), (32, 128, 4, 4, 2), (16, 512, 4, 3, 1),
     (64, 128, 8, 4, 1)]
-NF4_CONFIGS = [  # (BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT, FMA_MAX_ROWS); H100 2026-11-27
-    # (RESULTS.md): fewer splits won over more, 64/4/4/4 on the tensor cores above one row, the CUDA cores at one
-    (64, 4, 4, 4, 0), (64, 4, 2, 8, 0), (64, 4, 4, 4, 32), (32, 4, 4, 4, 32), (32, 4, 8, 2, 32), (16, 4, 8, 2, 32)]
+NF4_CONFIGS = [  # (LOOKUP, BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT, PREFETCH). H100, seventh
+    # session (RESULTS.md): the [16] code ("nibbles") 85.6-113 us a layer against the pair table's 100-121
+    ("nibbles", 64, 4, 4, 4, 1), ("nibbles", 64, 4, 4, 4, 2), ("nibbles", 64, 4, 4, 4, 3), ("nibbles", 64, 4, 2, 8, 3),
+    ("nibbles", 64, 4, 8, 2, 2), ("nibbles", 128, 8, 2, 4, 2), ("pairs", 64, 4, 4, 4, 3)]
 
 
 def bench(fn) -> float:
@@ -170,36 +172,62 @@ def gemv_table(batches):
 
 
 def nf4_table(batches):
+    """A layer's 4 groups with LoRA, rows printed as they finish: bf16 through the engine's one-launch
+    projections (the speed to match), NF4 per projection + the LoRA kernels (the engine's path before the
+    NF4 group launch), and the NF4 group launch (shrink + one launch per group) per configuration."""
+    from ahazero.engine import gemv_kernels as gk
+    from ahazero.engine import lora_kernels as lk
+    from ahazero.engine.layers import Projection
     from ahazero.models import nf4_kernels as nk
     from ahazero.models.linear4bit import Linear4bit
     dev = torch.device("cuda")
-    shapes = [(H, H), (KV, H), (KV, H), (H, H), (I, H), (I, H), (H, I)]  # (out, in): q k v o gate up down
-    linears = [[torch.nn.Linear(K, O, bias=False, dtype=torch.bfloat16, device=dev) for O, K in shapes]
-               for _ in range(LAYERS)]
-    quantized = [[Linear4bit.from_linear(lin) for lin in layer] for layer in linears]
+    layers = []
+    for _ in range(LAYERS):
+        groups = []
+        for gi, (K, outs) in enumerate(GROUPS):
+            lins = [torch.nn.Linear(K, O, bias=gi == 0, dtype=torch.bfloat16, device=dev) for O in outs]
+            a = [torch.randn(R, K, device=dev) * K ** -0.5 for _ in outs]  # PEFT keeps the adapter in float32
+            b = [torch.randn(O, R, device=dev) * R ** -0.5 for O in outs]
+            groups.append((K, lins, [Linear4bit.from_linear(lin) for lin in lins], a, b))
+        layers.append(groups)
     Linear4bit.fused_kernel = True
-    rows = []
+    print(f"\nNF4, us per layer (4 groups of a Qwen2.5-1.5B layer, LoRA r={R} on all, shrink included); bf16 gemv = "
+          "the 16-bit weights through engine/gemv_kernels (the speed to match); nf4 each = one NF4 launch per "
+          "projection + shrink + expand; then the NF4 group launch per configuration")
+    print("| N | bf16 gemv | nf4 each | "
+          + " | ".join("%s BO %d w %d pps %d mbs %d pf %d" % c for c in NF4_CONFIGS) + " |")
+    print("| --- " * (len(NF4_CONFIGS) + 3) + "|", flush=True)
     for N in batches:
         xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
-        bf16 = bench(lambda: [lin(xs[lin.in_features]) for layer in linears for lin in layer])
-        row = {"N": N, "bf16": bf16}
+
+        def run(kind: str):
+            for groups in layers:
+                for K, lins, qs, a, b in groups:
+                    if kind == "each":
+                        lk.grouped_lora(xs[K], [q(xs[K]) for q in qs], [Projection(q, ai, bi, 2.0)
+                                                                        for q, ai, bi in zip(qs, a, b)])
+                    else:
+                        gk._run(xs[K], kind, lins if kind == "dense" else qs, a, b, [2.0] * len(qs))
+
+        row = [bench(lambda: run("dense")), bench(lambda: run("each"))]
         for cfg in NF4_CONFIGS:
-            nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.FMA_MAX_ROWS = cfg
-            row[cfg] = float("nan")  # a configuration that fails to compile or disagrees
+            nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH = cfg
+            t = float("nan")  # a configuration that fails to compile or disagrees
             try:
-                q = quantized[0][6]
-                err = rel(q(xs[I]), xs[I] @ q.dequantized_weight(torch.bfloat16).t())
+                K, lins, qs, a, b = layers[0][2]
+                got = gk._run(xs[K], "nf4", qs, a, b, [2.0] * len(qs))
+                want = [xs[K].float() @ q.dequantized_weight().float().t() + 2.0 * (xs[K].float() @ ai.t()) @ bi.t()
+                        for q, ai, bi in zip(qs, a, b)]
+                err = max(rel(g, w) for g, w in zip(got, want))
                 if err < 1e-2:
-                    row[cfg] = bench(lambda: [q(xs[q.in_features]) for layer in quantized for q in layer])
+                    t = bench(lambda: run("nf4"))
+                else:
+                    print(f"NF4 {cfg} N={N}: relative error {err:.1e}")
             except Exception as e:  # noqa: BLE001 - report it, time the others
                 print(f"NF4 {cfg} N={N}: {type(e).__name__}: {str(e)[:200]}")
-        rows.append(row)
+            row.append(t)
+        print(f"| {N} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
     Linear4bit.fused_kernel = None
-    print("\nNF4, us per layer (7 linears of a Qwen2.5-1.5B layer); bf16 = the same matmuls on 16-bit weights")
-    print("| N | bf16 | " + " | ".join("BO %d w %d pps %d mbs %d fma<=%d" % c for c in NF4_CONFIGS) + " |")
-    print("| --- " * (len(NF4_CONFIGS) + 2) + "|")
-    for row in rows:
-        print(f"| {row['N']} | {row['bf16']:.1f} | " + " | ".join(f"{row[c]:.1f}" for c in NF4_CONFIGS) + " |")
 
 
 def main():

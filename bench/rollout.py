@@ -11,7 +11,10 @@ other, with the peak memory of each:
                    decode-attention and fused kernels (add+RMSNorm, RoPE+KV write, SiLU*up in one launch
                    each) on CUDA, no torch.compile
   ahazero-cublas   as `ahazero` with cuBLAS per projection + the LoRA expand kernel instead of
-                   engine/gemv_kernels.py (the default before 2026-11-27, sixth session)
+                   engine/gemv_kernels.py (the default before 2026-11-27, sixth session); with --load-in-4bit,
+                   the NF4 kernel per projection instead of one NF4 launch per group (before the seventh)
+  ahazero-nibbles  as `ahazero` with the NF4 kernel looking each nibble up in the [16] code (two 4-byte loads
+                   per byte) instead of a [256, 2] pair table (one 8-byte load); 4-bit only
   ahazero-gemv-all as `ahazero` with engine/gemv_kernels.py serving every decode batch (MAX_ROWS 512)
   ahazero-ieee     as `ahazero` with the LoRA kernels' float32 dots as IEEE FMAs on the CUDA cores instead of
                    three TF32 products on the tensor cores (lora_kernels.DOT_PRECISION "ieee", the default
@@ -235,6 +238,22 @@ def run_profile(model, tok, prompts, wl, max_seq_length, steps: int = 32, **opti
     return result
 
 
+def set_constant(setting: str) -> None:
+    """"module.CONSTANT=value" (value a Python literal, or else a string) set before anything runs."""
+    import ast
+    import importlib
+    target, _, text = setting.partition("=")
+    module, _, name = target.rpartition(".")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    mod = importlib.import_module(module)
+    if not hasattr(mod, name):
+        raise SystemExit(f"--set: {module} has no {name}")
+    setattr(mod, name, value)
+
+
 def patched(target: str, value, fn, *args):
     """fn(*args) with the module constant `target` (e.g. "ahazero.engine.gemv_kernels.MAX_ROWS") set to value."""
     from unittest import mock
@@ -250,6 +269,8 @@ BACKENDS = {
                                                        m, t, p, wl, L),
     "ahazero-ieee": lambda m, t, p, wl, L: patched("ahazero.engine.lora_kernels.DOT_PRECISION", "ieee", run_engine,
                                                    m, t, p, wl, L),
+    "ahazero-nibbles": lambda m, t, p, wl, L: patched("ahazero.models.nf4_kernels.LOOKUP", "nibbles", run_engine,
+                                                      m, t, p, wl, L),
     "ahazero-torch-sampler": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, sample_kernel=False),
     "ahazero-unfused": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, fused_kernels=False),
     "ahazero-compile": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, compile=True, fused_kernels=False),
@@ -276,7 +297,11 @@ def main():
     ap.add_argument("--n", type=int, help="override the workload's completions per prompt")
     ap.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (issue 6)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 8 new tokens")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.CONSTANT=VALUE",
+                    help="set a module constant for the whole run, e.g. ahazero.models.nf4_kernels.PREFETCH=2")
     args = ap.parse_args()
+    for setting in args.set:
+        set_constant(setting)
     wl = dict(WORKLOADS[args.workload], **(dict(new_tokens=8) if args.smoke else {}))
     if args.prompts:
         wl["prompts"] = args.prompts
@@ -303,7 +328,8 @@ def main():
         except Exception as err:  # noqa: BLE001 - report the failure, keep measuring the others
             result = dict(error=f"{type(err).__name__}: {err}")
         result.setdefault("peak_gib", peak_gib())
-        result.update(backend=name, workload=args.workload, model=args.model, device=device, tokens=tokens,
+        result.update(backend=name, settings=args.set, workload=args.workload, model=args.model, device=device,
+                      tokens=tokens,
                       prompts=wl["prompts"], load_in_4bit=args.load_in_4bit,
                       roofline_tokens_per_s=roof,
                       bandwidth_gbs=bandwidth / 1e9, torch=torch.__version__)

@@ -147,8 +147,7 @@ def test_fused_nf4_linear_matches_dequantise_then_matmul(N, K, O, dtype, fma_row
     x = torch.randn(N, K, dtype=dtype, device=DEVICE)
     with torch.no_grad():
         want = (x.float() @ plain.dequantized_weight().float().t() + plain.bias.float()).to(dtype)
-        direct = nf4_kernels.nf4_linear_small(x, fused.weight.view(-1), fused.absmax, fused.nested_absmax,
-                                              fused.offset, fused.code, fused.nested_code, O, fused.bias)
+        direct = nf4_kernels.nf4_gemv(x, [fused.nf4_weight()])[0]
         got = fused(x)
     assert got.dtype == dtype and got.shape == (N, O)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -168,8 +167,7 @@ def test_fused_nf4_kernel_is_only_used_where_blocks_do_not_span_rows():
     x = torch.randn(3, 100, device=DEVICE)
     torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().t() + layer.bias, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="K % 64"):
-        nf4_kernels.nf4_linear_small(x, layer.weight.view(-1), layer.absmax, layer.nested_absmax, layer.offset,
-                                     layer.code, layer.nested_code, 70)
+        nf4_kernels.nf4_gemv(x, [layer.nf4_weight()])
 
 
 @pytest.mark.parametrize("N,dtype,bias", [(1, torch.bfloat16, True), (8, torch.float16, False),
@@ -191,14 +189,12 @@ def test_fused_nf4_kernel_splits_k_and_reduces_in_the_last_split(N, dtype, bias,
     splits, per_split = nf4_kernels._splits(tiles, K // 64, nf4_kernels.sm_count(torch.device(DEVICE)))
     assert splits > 1 and K // 64 % per_split
     x = torch.randn(N, K + 1, dtype=dtype, device=DEVICE)[:, 1:]  # [N, K], rows K + 1 apart, 2 bytes off
-    args = (layer.weight.view(-1), layer.absmax, layer.nested_absmax, layer.offset, layer.code, layer.nested_code, O,
-            layer.bias)
     with torch.no_grad():
         want = x.float() @ layer.dequantized_weight().float().t()
         if bias:
             want += layer.bias.float()
-        got = nf4_kernels.nf4_linear_small(x, *args)
-        again = nf4_kernels.nf4_linear_small(x.contiguous(), *args)
+        got = nf4_kernels.nf4_gemv(x, [layer.nf4_weight()])[0]
+        again = nf4_kernels.nf4_gemv(x.contiguous(), [layer.nf4_weight()])[0]
     assert got.dtype == dtype and got.shape == (N, O)
     torch.testing.assert_close(got, want.to(dtype), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(again, got, atol=0, rtol=0)
@@ -232,8 +228,8 @@ def test_the_fused_nf4_kernel_is_checked_before_it_serves_by_default(monkeypatch
     linear4bit._fused_kernel_checked.cache_clear()
     assert linear4bit._fused_kernel_checked(device)
     linear4bit._fused_kernel_checked.cache_clear()
-    monkeypatch.setattr(nf4_kernels, "nf4_linear_small", lambda x, *a: torch.zeros(x.shape[0], a[6], dtype=x.dtype,
-                                                                                    device=x.device))
+    monkeypatch.setattr(nf4_kernels, "nf4_gemv", lambda x, ws: [torch.zeros(x.shape[0], ws[0].out_features,
+                                                                            dtype=x.dtype, device=x.device)])
     monkeypatch.setattr(linear4bit, "_has_triton", lambda: True)
     layer = linear4bit.Linear4bit.from_linear(torch.nn.Linear(128, 64)).to(DEVICE)
     with caplog.at_level("WARNING", logger="ahazero"):
@@ -247,7 +243,7 @@ def test_the_fused_nf4_kernel_is_checked_before_it_serves_by_default(monkeypatch
     def broken(*args):
         raise RuntimeError("no kernel image for this device")
 
-    monkeypatch.setattr(nf4_kernels, "nf4_linear_small", broken)
+    monkeypatch.setattr(nf4_kernels, "nf4_gemv", broken)
     with caplog.at_level("WARNING", logger="ahazero"):
         assert not linear4bit._fused_kernel_checked(device)
     assert "no kernel image" in caplog.text

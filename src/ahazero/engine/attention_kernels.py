@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.nf4_kernels import sm_count
+from ..models.nf4_kernels import pdl_options, sm_count, wait_for_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's dot is wrong for bf16: use float32
 CHUNK = 256  # KV positions per split program, at most
@@ -41,7 +41,9 @@ def _dot(a, b, IS_FP32: tl.constexpr):
 def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
                     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                    BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, IS_FP32: tl.constexpr):
+                    BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, IS_FP32: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    wait_for_inputs(USE_PDL)
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(pos_ptr + b) + 1
     heads = tl.arange(0, BLOCK_G)  # [BG] query heads h*G + heads
@@ -76,7 +78,8 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
 @triton.jit
 def _merge_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
                   HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                  BLOCK_G: tl.constexpr):
+                  BLOCK_G: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_inputs(USE_PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     heads = tl.arange(0, BLOCK_G)  # [BG]
     dims = tl.arange(0, D)  # [D]
@@ -119,8 +122,9 @@ def _decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Ten
     common = dict(HKV=Hkv, G=G, D=D, SPLITS=splits, BLOCK_G=block_g)
     _partial_kernel[(B, Hkv, splits)](q, cache_k, cache_v, positions, acc, ml, scale, q.stride(0), q.stride(1),
                                       cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), **common,
-                                      CHUNK=chunk, BLOCK_T=BLOCK_T, IS_FP32=q.dtype == torch.float32 or INTERPRET)
-    _merge_kernel[(B, Hkv)](acc, ml, out, out.stride(0), out.stride(1), **common)
+                                      CHUNK=chunk, BLOCK_T=BLOCK_T, IS_FP32=q.dtype == torch.float32 or INTERPRET,
+                                      **pdl_options(q.device))
+    _merge_kernel[(B, Hkv)](acc, ml, out, out.stride(0), out.stride(1), **common, **pdl_options(q.device))
     return out
 
 

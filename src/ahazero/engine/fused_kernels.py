@@ -19,11 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..models.nf4_kernels import pdl_options, wait_for_inputs
+
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, res_ptr, H, eps,
-                         HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
     """Program row: res[row] = h[row] + delta[row]; out[row] = w * rmsnorm(res[row]) (torch's roundings)."""
+    wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -46,7 +49,7 @@ def _launch_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
     out = torch.empty(N, H, device=h.device, dtype=torch.promote_types(weight.dtype, h.dtype))  # as weight * x
     res = torch.empty_like(h) if delta is not None else h
     _add_rms_norm_kernel[(N,)](h, h if delta is None else delta.contiguous(), weight, out, res, H, eps,
-                               HAS_DELTA=delta is not None, BLOCK_H=triton.next_power_of_2(H))
+                               HAS_DELTA=delta is not None, BLOCK_H=triton.next_power_of_2(H), **pdl_options(h.device))
     return out, res
 
 
@@ -89,8 +92,9 @@ def _rotate(x_ptr, cos_ptr, sin_ptr, half, HALF: tl.constexpr):
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, ck_ptr, cv_ptr,
                        stride_qb, stride_kb, stride_cs, stride_ch, stride_ct,
-                       HQ: tl.constexpr, HALF: tl.constexpr):
+                       HQ: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (b, head): heads < HQ rotate q into q_out; the others rotate k and write k, v to the cache."""
+    wait_for_inputs(USE_PDL)
     b, head = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + b)
     half = tl.arange(0, HALF)
@@ -124,7 +128,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     q_out = torch.empty(B, HQ, D, device=q.device, dtype=q.dtype)
     _rope_cache_kernel[(B, HQ + HKV)](q, k, v, cos, sin, positions, q_out, cache_k, cache_v,
                                       q.stride(0), k.stride(0), cache_k.stride(0), cache_k.stride(1),
-                                      cache_k.stride(2), HQ=HQ, HALF=D // 2)
+                                      cache_k.stride(2), HQ=HQ, HALF=D // 2, **pdl_options(q.device))
     return q_out
 
 
@@ -134,7 +138,8 @@ def _(q, k, v, cos, sin, positions, cache_k, cache_v):
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_inputs(USE_PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -149,7 +154,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     n, block = gate.numel(), 1024
-    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block)
+    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, **pdl_options(gate.device))
     return out
 
 

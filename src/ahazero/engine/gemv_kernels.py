@@ -13,10 +13,13 @@ rows, the small B operand. Tiles run over the group's projections one after anot
 cdiv(O_0, BLOCK_O) tiles are projection 0's, and so on), so one grid covers q, k and v. K is split until
 about PROGRAMS_PER_SM programs per SM (a down projection has only 24 tiles of 64 rows); each split stores
 its float32 partial and bumps its tile's counter, and the last split of a tile to arrive adds the
-partials in split order (deterministic) and finishes the tile (models/nf4_kernels.py's split_k_sum):
+partials in split order (deterministic) and finishes the tile (models/nf4_kernels.py's end_tile):
   y = (acc + bias) rounded to x's dtype                         (cuBLAS's rounding: one, after the bias)
   y = (y + s * (xa @ B^T)) rounded, xa = x A^T from the LoRA shrink, in float32
      (engine/lora_kernels.py's expand, the same math: PEFT's float32 adapter, one rounding of y)
+
+4-bit weights (models/linear4bit.py's Linear4bit) take models/nf4_kernels.py's NF4 GEMV instead, launched
+the same way: one launch per group, the same epilogue (`nf4_lora_gemv`).
 
 kernel -> launcher -> torch.library custom op (opaque to torch.compile, captured by CUDA graphs). Without a
 GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1), as the tests do; there the dot runs
@@ -37,7 +40,9 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ..models.nf4_kernels import sm_count, split_k, split_k_sum, split_k_workspace
+from ..models import nf4_kernels
+from ..models.linear4bit import Linear4bit
+from ..models.nf4_kernels import end_tile, pdl_options, pick, sm_count, split_k, split_k_workspace, wait_for_inputs
 from . import lora_kernels
 
 logger = logging.getLogger("ahazero")
@@ -61,16 +66,16 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, lb0, lb1, lb2, y0, y1, 
                  end0, end1, xa_ptr, partial_ptr, count_ptr, N, K, R, x_row_stride,
                  K_PER_SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     """Program (tile, split s). Projection g owns tiles [end_{g-1}, end_g); its y_g [N, O_g] is finished
     by the tile's last split (see the module docstring). xa_ptr: the LoRA shrink's x A_g^T, [G, N, R]."""
+    wait_for_inputs(USE_PDL)
     tile = tl.program_id(0)
     s = tl.program_id(1)
     g = tl.where(tile < end0, 0, tl.where(tile < end1, 1, 2))
     start = tl.where(g == 0, 0, tl.where(g == 1, end0, end1))
-    w_ptr, bias_ptr = lora_kernels._pick(g, w0, w1, w2), lora_kernels._pick(g, bias0, bias1, bias2)
-    b_ptr, y_ptr = lora_kernels._pick(g, lb0, lb1, lb2), lora_kernels._pick(g, y0, y1, y2)
-    scale, O = lora_kernels._pick(g, s0, s1, s2), lora_kernels._pick(g, o0, o1, o2)
+    w_ptr, O = pick(g, w0, w1, w2), pick(g, o0, o1, o2)
     cols = (tile - start) * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO] output features of projection g
     col_ok = cols < O
     n = tl.arange(0, BLOCK_N)  # [BN] rows of x
@@ -89,27 +94,9 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, lb0, lb1, lb2, y0, y1, 
         else:
             acc = tl.dot(w, xt, acc)
 
-    ok = col_ok[:, None] & n_ok[None, :]
-    S = tl.num_programs(1)
-    done = S == 1
-    if S > 1:  # partials [S, tiles, BLOCK_O, BLOCK_N]
-        tile_at = tl.arange(0, BLOCK_O)[:, None] * BLOCK_N + n[None, :]  # [BO, BN]
-        tile_size = BLOCK_O * BLOCK_N
-        done, acc = split_k_sum(acc, partial_ptr + tile * tile_size + tile_at, tl.num_programs(0) * tile_size, ok,
-                                s, S, count_ptr + tile)
-    if done:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-        y = acc.to(y_ptr.dtype.element_ty)  # [BO, BN]
-        if HAS_LORA:
-            ranks = tl.arange(0, BLOCK_R)  # [BR]
-            xa = tl.load(xa_ptr + (g * N + n[None, :]) * R + ranks[:, None], mask=(ranks[:, None] < R) & n_ok[None, :],
-                         other=0.0)  # [BR, BN] = (x A_g^T)^T
-            b = tl.load(b_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & (ranks[None, :] < R),
-                        other=0.0)  # [BO, BR]
-            delta = tl.dot(b.to(tl.float32), xa, input_precision=PRECISION)  # [BO, BN]
-            y = (y.to(tl.float32) + scale * delta).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + n[None, :] * O + cols[:, None], y, mask=ok)
+    end_tile(acc, tile, s, partial_ptr, count_ptr, pick(g, y0, y1, y2), pick(g, bias0, bias1, bias2), xa_ptr,
+             pick(g, lb0, lb1, lb2), pick(g, s0, s1, s2), g, N, O, R, cols, col_ok, n, n_ok,
+             HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION)
 
 
 def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None,
@@ -146,7 +133,7 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
         HAS_BIAS=biases is not None, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_K=block_k,
         BLOCK_R=lora_kernels._block_r(R), DOT_F32=INTERPRET or x.dtype == torch.float32,
         PRECISION=lora_kernels.DOT_PRECISION,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **pdl_options(x.device))
     return ys
 
 
@@ -164,64 +151,105 @@ def _(x, weights, biases, xa, lora_b, scales):
     return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
 
 
-def _servable(x: torch.Tensor, projections) -> bool:
-    """Plain 16/32-bit linears of x's dtype with contiguous weights, biases on all or none, one LoRA rank."""
+@torch.library.custom_op("ahazero::nf4_lora_gemv", mutates_args=())
+def nf4_lora_gemv(x: torch.Tensor, packed: list[torch.Tensor], absmax_q: list[torch.Tensor],
+                  absmax2: list[torch.Tensor], offset: list[torch.Tensor], code: list[torch.Tensor],
+                  dyn: list[torch.Tensor], outs: list[int], biases: list[torch.Tensor], xa: torch.Tensor | None,
+                  lora_b: list[torch.Tensor], scales: list[float]) -> list[torch.Tensor]:
+    """lora_gemv for G <= 3 NF4 weights (models/nf4_kernels.py's NF4Weight fields, one list per field)."""
+    fields = zip(packed, absmax_q, absmax2, offset, code, dyn, outs, list(biases) or [None] * len(outs))
+    weights = [nf4_kernels.NF4Weight(*f) for f in fields]
+    return nf4_kernels.nf4_gemv(x, weights, xa, list(lora_b) or None, list(scales), lora_kernels.DOT_PRECISION)
+
+
+@nf4_lora_gemv.register_fake
+def _(x, packed, absmax_q, absmax2, offset, code, dyn, outs, biases, xa, lora_b, scales):
+    return [x.new_empty(x.shape[0], o) for o in outs]
+
+
+def _weight_kind(x: torch.Tensor, projections) -> str | None:
+    """"dense" (16/32-bit linears of x's dtype with contiguous weights), "nf4" (4-bit linears that take the
+    fused NF4 kernel) or None (not servable): one kind and width, biases on all or none, one LoRA rank."""
     if x.dim() != 2 or x.shape[0] > MAX_ROWS or not 1 <= len(projections) <= MAX_GROUP:
-        return False
+        return None
     bases = [p.base for p in projections]
-    if any(type(b) is not nn.Linear or b.weight.dtype != x.dtype or not b.weight.is_contiguous() for b in bases):
-        return False
+    if all(type(b) is nn.Linear and b.weight.dtype == x.dtype and b.weight.is_contiguous() for b in bases):
+        kind = "dense"
+    elif all(type(b) is Linear4bit and b.use_fused_kernel(x.device) for b in bases):
+        kind = "nf4"
+    else:
+        return None
     if len({b.bias is None for b in bases}) > 1 or len({b.in_features for b in bases}) > 1:
-        return False
+        return None
     ranks = {None if p.lora_a is None else p.lora_a.shape[0] for p in projections}
-    return len(ranks) == 1 and all(p.lora_b is None or p.lora_b.is_contiguous() for p in projections)
+    if len(ranks) > 1 or not all(p.lora_b is None or p.lora_b.is_contiguous() for p in projections):
+        return None
+    return kind
+
+
+def _run(x: torch.Tensor, kind: str, bases: list[nn.Module], lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
+         scales: list[float]) -> list[torch.Tensor]:
+    """The shrink (with adapters: lora_a non-empty) and the one launch of `kind` over the group's bases."""
+    biases = [] if bases[0].bias is None else [b.bias for b in bases]
+    xa = lora_kernels.lora_shrink(x, lora_a) if lora_a else None  # [G, N, R]
+    if kind == "dense":
+        return lora_gemv(x, [b.weight for b in bases], biases, xa, lora_b, scales)
+    ws = [b.nf4_weight() for b in bases]
+    return nf4_lora_gemv(x, [w.packed for w in ws], [w.absmax_q for w in ws], [w.absmax2 for w in ws],
+                         [w.offset for w in ws], [w.code for w in ws], [w.dyn for w in ws],
+                         [b.out_features for b in bases], biases, xa, lora_b, scales)
 
 
 @functools.cache
-def checked(device: torch.device, dtype: torch.dtype) -> bool:
-    """Once per device and dtype, before lora_gemv serves: its output on random inputs (a q/k/v-like group
-    with biases, LoRA, split K) against PyTorch's math. A failure (e.g. a GPU without the shared memory
-    its tiles need) or a mismatch turns it off for the process with a warning: decode then runs cuBLAS
-    + the LoRA kernels, never a wrong result. (The first call runs eagerly: the CUDA graphs' warm-up.)"""
+def checked(device: torch.device, dtype: torch.dtype, kind: str = "dense") -> bool:
+    """Once per device, dtype and kind, before the one-launch projections serve: their output on random
+    inputs (a q/k/v-like group with biases, LoRA, split K) against PyTorch's math (on the dequantised weights
+    for "nf4"). A failure (e.g. a GPU without the shared memory its tiles need) or a mismatch turns that kind
+    off for the process with a warning: decode then runs the per-projection path (cuBLAS or the NF4 module's
+    kernel) + the LoRA kernels, never a wrong result. (The first call runs eagerly: the CUDA graphs' warm-up.)"""
     gen = torch.Generator(device=device).manual_seed(0)
-    N, K, outs, R = 6, 1024, (130, 64), 8
+    N, K, outs, R, scales = 6, 1024, (130, 64), 8, [0.5, 2.0]
 
     def rand(*shape, dt=torch.float32):
         return torch.randn(*shape, device=device, generator=gen).to(dt)
 
     x = rand(N, K, dt=dtype)  # [N, K]
-    weights = [rand(o, K, dt=dtype) * K ** -0.5 for o in outs]  # each [O, K]
-    biases = [rand(o, dt=dtype) for o in outs]
+    bases = [nn.Linear(K, o, device=device, dtype=dtype) for o in outs]
+    with torch.no_grad():
+        for base in bases:
+            base.weight.copy_(rand(base.out_features, K) * K ** -0.5)  # [O, K]
+            base.bias.copy_(rand(base.out_features))
+    if kind == "nf4":
+        bases = [Linear4bit.from_linear(b) for b in bases]
     a, b = [rand(R, K) * K ** -0.5 for _ in outs], [rand(o, R) for o in outs]  # float32, as PEFT's adapters
     try:
-        got = _launch(x, weights, biases, lora_kernels.lora_shrink(x, a), b, [0.5, 2.0])
+        got = _run(x, kind, bases, a, b, scales)
         worst = 0.0
-        for g, w in enumerate(weights):
-            want = ((x.float() @ w.float().t() + biases[g].float()).to(dtype).float()
-                    + (x.float() @ a[g].t()) @ b[g].t() * [0.5, 2.0][g])  # [N, O]
+        for g, base in enumerate(bases):
+            w = base.dequantized_weight() if kind == "nf4" else base.weight  # [O, K]
+            want = ((x.float() @ w.float().t() + base.bias.float()).to(dtype).float()
+                    + (x.float() @ a[g].t()) @ b[g].t() * scales[g])  # [N, O]
             worst = max(worst, ((got[g].float() - want).norm() / want.norm()).item())
     except Exception as err:  # noqa: BLE001 - e.g. the kernel does not compile for this GPU
-        logger.warning("the one-launch projections (engine/gemv_kernels.py) failed on %s (%s: %s); decode uses "
-                       "cuBLAS + the LoRA kernels", device, type(err).__name__, err)
+        logger.warning("the one-launch %s projections (engine/gemv_kernels.py) failed on %s (%s: %s); decode "
+                       "runs each projection + the LoRA kernels", kind, device, type(err).__name__, err)
         return False
     if not worst < 1e-2:  # the output's rounding gives ~3e-3 in bf16
-        logger.warning("the one-launch projections disagree with PyTorch on %s (relative error %.2e); decode "
-                       "uses cuBLAS + the LoRA kernels", device, worst)
+        logger.warning("the one-launch %s projections disagree with PyTorch on %s (relative error %.2e); decode "
+                       "runs each projection + the LoRA kernels", kind, device, worst)
         return False
     return True
 
 
 def project(x: torch.Tensor, projections, grouped_lora=None) -> list[torch.Tensor] | None:
     """engine/layers.project for a decode batch x [N, in] in (1 + 1) launches: the LoRA shrink (when the
-    group has adapters and `grouped_lora` is on), then lora_gemv. None where it can't serve (the caller
-    falls back to layers.project)."""
-    if not _servable(x, projections) or not checked(x.device, x.dtype):
+    group has adapters and `grouped_lora` is on), then lora_gemv (16-bit weights) or nf4_lora_gemv (4-bit).
+    None where it can't serve (the caller falls back to layers.project)."""
+    kind = _weight_kind(x, projections)
+    if kind is None or not checked(x.device, x.dtype, kind):
         return None
     with_lora = projections[0].lora_a is not None
     if with_lora and grouped_lora is None:
         return None
-    bases = [p.base for p in projections]
-    biases = [] if bases[0].bias is None else [b.bias for b in bases]
-    xa = lora_kernels.lora_shrink(x, [p.lora_a for p in projections]) if with_lora else None  # [G, N, R]
-    return lora_gemv(x, [b.weight for b in bases], biases, xa,
-                     [p.lora_b for p in projections] if with_lora else [], [p.scale for p in projections])
+    return _run(x, kind, [p.base for p in projections], [p.lora_a for p in projections] if with_lora else [],
+                [p.lora_b for p in projections] if with_lora else [], [p.scale for p in projections])

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.nf4_kernels import split_k_workspace
+from ..models.nf4_kernels import pdl_options, pick, split_k_workspace, wait_for_inputs
 
 MAX_GROUP = 3  # q, k, v
 BLOCK_N = 16  # rows per program: small batches are the point, and a row block re-reads A and B from L2
@@ -46,25 +46,15 @@ EXPAND_WARPS = 4
 
 
 @triton.jit
-def _pick(g, p0, p1, p2):
-    if g == 0:
-        p = p0
-    elif g == 1:
-        p = p1
-    else:
-        p = p2
-    return p
-
-
-@triton.jit
 def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, stride_x,
                    K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (row block, adapter g, split s): the partial x[rows, ks] @ A_g[:, ks]^T; the row block's last
     split to arrive writes out[g, rows, :], the sum of the SPLITS partials in split order."""
+    wait_for_inputs(USE_PDL)
     pid_n, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G = tl.num_programs(1)
-    a_ptr = _pick(g, a0, a1, a2)
+    a_ptr = pick(g, a0, a1, a2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     ranks = tl.arange(0, BLOCK_R)  # [BR]
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
@@ -94,11 +84,13 @@ def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, 
 
 @triton.jit
 def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R,
-                   BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     """Program (row block, column block, adapter g): y_g[rows, cols] += s_g * xa[g, rows] @ B_g[cols]^T."""
+    wait_for_inputs(USE_PDL)
     pid_n, pid_o, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b_ptr, y_ptr = _pick(g, b0, b1, b2), _pick(g, y0, y1, y2)
-    scale, O = _pick(g, s0, s1, s2), _pick(g, o0, o1, o2)
+    b_ptr, y_ptr = pick(g, b0, b1, b2), pick(g, y0, y1, y2)
+    scale, O = pick(g, s0, s1, s2), pick(g, o0, o1, o2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
     ranks = tl.arange(0, BLOCK_R)  # [BR]
@@ -142,7 +134,8 @@ def _shrink(x: torch.Tensor, a: list[torch.Tensor], split_k: int | None = None, 
     a = a + [a[0]] * (MAX_GROUP - G)
     _shrink_kernel[(row_blocks, G, splits)](x, *a, partial, counts, out, N, K, R, x.stride(0), split_k, splits,
                                             BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), BLOCK_K=block_k,
-                                            PRECISION=precision or DOT_PRECISION, num_warps=num_warps)
+                                            PRECISION=precision or DOT_PRECISION, num_warps=num_warps,
+                                            **pdl_options(x.device))
     return out
 
 
@@ -155,7 +148,7 @@ def _expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tensor], 
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(max(outs), block_o), G)
     _expand_kernel[grid](xa, *(b + [b[0]] * pad), *(y + [y[0]] * pad), *(list(scales) + [0.0] * pad),
                          *(outs + [0] * pad), N, R, BLOCK_N=BLOCK_N, BLOCK_O=block_o, BLOCK_R=_block_r(R),
-                         PRECISION=precision or DOT_PRECISION, num_warps=num_warps)
+                         PRECISION=precision or DOT_PRECISION, num_warps=num_warps, **pdl_options(xa.device))
 
 
 @torch.library.custom_op("ahazero::lora_shrink", mutates_args=())

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.nf4_kernels import sm_count, split_k, split_k_workspace
+from ..models.nf4_kernels import pdl_options, sm_count, split_k, split_k_workspace, wait_for_inputs
 
 logger = logging.getLogger("ahazero")
 
@@ -37,7 +37,8 @@ STATS = 5  # per split: max, sum of exp(scaled - max), best score, its index, it
 
 @triton.jit
 def _sample_kernel(logits_ptr, tokens_ptr, logprobs_ptr, partial_ptr, count_ptr, V, stride_row, inv_temperature,
-                   seed, GREEDY: tl.constexpr, V_PER_SPLIT: tl.constexpr, BLOCK_V: tl.constexpr):
+                   seed, GREEDY: tl.constexpr, V_PER_SPLIT: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
     s = tl.program_id(1)
     S = tl.num_programs(1)
@@ -124,7 +125,7 @@ def sample_unfiltered(logits: torch.Tensor, temperature: float, seed: int,
     greedy = temperature == 0
     _sample_kernel[(B, splits)](logits, tokens, logprobs, partial, counts, V, logits.stride(0),
                                 1.0 if greedy else 1.0 / temperature, seed % (2 ** 31 - 1), GREEDY=greedy,
-                                V_PER_SPLIT=per_split, BLOCK_V=BLOCK_V)
+                                V_PER_SPLIT=per_split, BLOCK_V=BLOCK_V, **pdl_options(logits.device))
     return tokens, logprobs
 
 

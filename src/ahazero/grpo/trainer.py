@@ -184,7 +184,11 @@ class GRPOTrainer:
             self.state.global_step += 1
             self.state.epoch = self.consumed_prompts / len(self.train_dataset)
             step_metrics.update(metrics)
-            step_metrics["step_time"] = time.perf_counter() - t1 + (generation_time if iteration == 0 else 0.0)
+            update_time = time.perf_counter() - t1  # forward, backward and optimizer step (synchronised by .item())
+            step_metrics["step_time"] = update_time + (generation_time if iteration == 0 else 0.0)
+            step_metrics["timing/update_s"] = update_time
+            if iteration == 0:
+                step_metrics["timing/rollout_s"] = generation_time  # generation, rewards and the batch
             step_metrics["epoch"] = self.state.epoch
             self._callback("on_step_end")
             step = self.state.global_step

@@ -54,9 +54,7 @@ class _NF4Matmul(torch.autograd.Function):
         ctx.module = module
         rows = x.numel() // x.shape[-1]
         if module.use_fused_kernel(x.device) and rows <= _fused().MAX_ROWS:  # decode: the fused GEMV
-            y = _fused().nf4_linear_small(x.reshape(rows, -1), module.weight.view(-1), module.absmax,
-                                          module.nested_absmax, module.offset, module.code, module.nested_code,
-                                          module.out_features, module.bias)
+            y = _fused().nf4_gemv(x.reshape(rows, -1), [module.nf4_weight()])[0]  # [rows, out]
             return y.view(*x.shape[:-1], module.out_features)
         weight = module.dequantized_weight(x.dtype)  # [out, in], a temporary
         bias = None if module.bias is None else module.bias.to(x.dtype)
@@ -85,8 +83,7 @@ def _fused_kernel_checked(device: torch.device) -> bool:
     try:
         for rows in (1, 7, 32, 32, 32):
             x = torch.randn(rows, 1152, device=device, dtype=torch.bfloat16, generator=gen)  # [rows, 1152]
-            got = _fused().nf4_linear_small(x, layer.weight.view(-1), layer.absmax, layer.nested_absmax,
-                                            layer.offset, layer.code, layer.nested_code, 200, layer.bias).float()
+            got = _fused().nf4_gemv(x, [layer.nf4_weight()])[0].float()
             want = x.float() @ weight.t() + layer.bias.float()  # [rows, 200]
             worst = max(worst, ((got - want).norm() / want.norm()).item())
     except Exception as err:  # noqa: BLE001 - e.g. the kernel does not compile for this GPU
@@ -164,6 +161,11 @@ class Linear4bit(nn.Linear):
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.quant_meta["dtype"]
+
+    def nf4_weight(self):
+        """The weight as the fused kernel takes it (models/nf4_kernels.py's NF4Weight): views, no copies."""
+        return _fused().NF4Weight(self.weight.view(-1), self.absmax, self.nested_absmax, self.offset, self.code,
+                                  self.nested_code, self.out_features, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [out, in] in its original dtype (bit-identical to bnb), cast to `dtype` if given."""

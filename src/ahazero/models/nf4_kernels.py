@@ -1,4 +1,5 @@
-"""Fused NF4 dequantise-and-multiply for small batches (the engine's decode step): y = x W^T (+ b).
+"""Fused NF4 dequantise-and-multiply for small batches (the engine's decode step): y = x W^T (+ b), for up
+to three weights of one input in one launch (q/k/v; gate/up), with the LoRA term in the epilogue.
 
 Decode reads every weight once per step for a handful of rows, so its speed is the bytes read. The
 plain path (`Linear4bit`: dequantise the whole weight into a 16-bit temporary, then a GEMM) reads the
@@ -12,10 +13,11 @@ Layout: the weight is [O, K] flattened row-major into blocks of 64, two codes pe
 element in the high nibble. The kernel takes K % 64 == 0 (every real model's widths), so a quantisation
 block never spans two rows: block b of weight row o is the 32 contiguous bytes at (o * K/64 + b) * 32,
 with one absmax code. One step of a program reads block b of BLOCK_O rows as a [32, BLOCK_O] byte tile
-(a 16-byte vector load per thread), looks each byte up in a [256, 2] table of its two NF4 values
-(nf4[b >> 4], nf4[b & 15]; one 8-byte L1-resident gather per byte, the table built once per `code`
-tensor), scales by the rows' absmax and rounds to x's dtype. The high nibbles are the block's even
-columns and the low nibbles its odd ones, so instead of interleaving them the step does two dots of
+(a 16-byte vector load per thread), looks each byte up (LOOKUP: in a [256, 2] table of its two NF4
+values, nf4[b >> 4], nf4[b & 15], one 8-byte L1-resident gather per byte over 2 KB, the table built once
+per `code` tensor; or two 4-byte gathers from the [16] code itself, within one 64-byte line), scales by
+the rows' absmax and rounds to x's dtype. The high nibbles are the block's even columns and the low
+nibbles its odd ones, so instead of interleaving them the step does two dots of
 K = 32: W_even x_even^T + W_odd x_odd^T, with x's even/odd columns read as one 32-bit load per pair.
 The dot is "swapped", out^T [BLOCK_O, BLOCK_N] = W [BLOCK_O, 32] @ x^T [32, BLOCK_N], so the weight tile
 is the MMA's A operand, which Hopper's wgmma reads from registers (Triton moves the gathered values into
@@ -25,13 +27,16 @@ only the dequantisation: about 8 SASS instructions per weight in the loop (sm_90
 80 registers, 8 KB shared memory, no spills). Each step issues the next step's loads (bytes, absmax
 codes, x) before its own work, into registers: no shared-memory pipelining; occupancy hides the rest.
 
-Grid: (column tiles of BLOCK_O output features, splits of K). K is split until there are about
-PROGRAMS_PER_SM programs per SM, keeping at least MIN_BLOCKS_PER_SPLIT blocks each. A split writes
-its float32 partial [BLOCK_O, N] to a workspace and bumps its tile's counter; the last split of a
+Grid: (column tiles of BLOCK_O output features, splits of K). The tiles run over the group's weights
+one after another (the first cdiv(O_0, BLOCK_O) are weight 0's, and so on). K is split until there are
+about PROGRAMS_PER_SM programs per SM, keeping at least MIN_BLOCKS_PER_SPLIT blocks each. A split writes
+its float32 partial [BLOCK_O, BLOCK_N] to a workspace and bumps its tile's counter; the last split of a
 tile to arrive (the counter reaches S - 1) adds the partials in split order (deterministic), adds the
-bias, casts to x's dtype, stores y and resets the counter to 0. So one launch does everything
-(no zero-fill, sum or cast kernels; the counters live in a per-device buffer kept between calls,
-always 0 between launches on a stream; concurrent launches on two streams would race on them).
+bias, casts to x's dtype, adds the LoRA term s * (x A^T) B^T in float32 when the engine passes the
+shrink's x A^T (engine/lora_kernels.py), stores y and resets the counter to 0 (`end_tile`). So one launch
+does everything (no zero-fill, sum, cast or expand kernels; the counters live in a per-device buffer kept
+between calls, always 0 between launches on a stream; concurrent launches on two streams would race on
+them). engine/gemv_kernels.py runs the same epilogue over 16-bit weights.
 
 Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1), as the tests do; there the
 dot runs in float32 (the interpreter's bf16 dot is wrong), as it does for float32 inputs.
@@ -48,8 +53,10 @@ defaults below were the fastest of those tried, at 1.7-2.0x the time of the bf16
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import weakref
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -63,11 +70,44 @@ BLOCK_O = 64  # output features per program: the wgmma M (64 per warpgroup)
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 4  # split K until about this many programs per SM
 MIN_BLOCKS_PER_SPLIT = 4  # at least this many 64-blocks (32 bytes of each row) per program
+PREFETCH = 2  # blocks whose loads are in flight while one is dequantised (1 to 3). H100, seventh session: W1 at
+# batch 32, 4-bit, 7,786 / 7,998 / 7,314 tokens/s with 1 / 2 / 3; W2 0.865 / - / 0.799 s (as noisy as the table)
+LOOKUP = "nibbles"  # NF4 values per byte: "nibbles" (two 4-byte loads from the [16] code, one 64-byte line) or
+# "pairs" (one 8-byte load from a [256, 2] table over 2 KB: more L1 wavefronts per gather). H100, seventh session
+# (bench/kernels.py, one layer's 4 groups with LoRA): 90.4 / 99.1 / 108.3 us against 100.5 / 115.8 / 121.0 at N = 1 /
+# 6 / 32; W1 at batch 32, 4-bit: 7,671 against 7,186 tokens/s
 FMA_MAX_ROWS = 1  # up to this many rows, multiply on the CUDA cores instead of the tensor cores. H100,
 # bench/kernels.py, one Qwen2.5-1.5B layer: 94.5 against 104.7 us at N = 1; at N = 6 152 against 108 us and at
 # N = 32 the [32, BO, BN] products spill (14 ms), so the tensor cores take every batch above 1
 COUNTERS = 1 << 14  # per-device tile counters for the split-K reduction (grown on demand)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Programmatic dependent launch (Hopper and later): the decode step's kernels launch while the kernel before
+# them runs, do what needs none of its output (the prologue; here the first blocks' weight loads) and wait
+# for it (griddepcontrol.wait) before reading their inputs: the launch latency and the first loads overlap the
+# previous kernel's tail instead of following it. AHAZERO_PDL=0 turns it off.
+PDL = os.environ.get("AHAZERO_PDL", "1") != "0"
+
+
+@functools.cache
+def _pdl(device: torch.device) -> bool:
+    return PDL and not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_options(device: torch.device) -> dict:
+    """A kernel launch's options for `wait_for_inputs`: USE_PDL, and launch_pdl where it is on."""
+    return dict(USE_PDL=True, launch_pdl=True) if _pdl(device) else dict(USE_PDL=False)
+
+
+@triton.jit
+def wait_for_inputs(USE_PDL: tl.constexpr):
+    """Under programmatic dependent launch: wait until the previous kernel on the stream has finished and
+    its writes are visible, then let the next kernel launch. Nothing before this may read what an earlier
+    kernel writes, or write anything (only immutable weights may be read before it)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def supports(in_features: int, blocksize: int, nested_blocksize: int) -> bool:
@@ -100,9 +140,10 @@ def split_k_sum(acc, partial_at, split_stride, mask, s, S, counter):
 
 
 @triton.jit
-def _load_step(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, valid):
-    """Block blk of each row: bytes [32, BO] (uint8), absmax code [BO] (int32) and absmax2 [BO]."""
-    ok = tl.where(valid, col_ok, False)  # (a vector & a scalar bool is int32 in Triton 3.9's interpreter)
+def _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, last):
+    """Block blk of each row (masked off from `last` on): bytes [32, BO] (uint8), absmax code [BO] (int32)
+    and absmax2 [BO]."""
+    ok = tl.where(blk < last, col_ok, False)  # (a vector & a scalar bool is int32 in Triton 3.9's interpreter)
     byte = tl.load(byte_at + blk * 32, mask=ok[None, :], other=0)  # uint8
     q = tl.load(absmax_q_ptr + block_of_row + blk, mask=ok, other=0).to(tl.int32)
     a2 = tl.load(absmax2_ptr + (block_of_row + blk) // 256, mask=ok, other=0.0)
@@ -110,9 +151,20 @@ def _load_step(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, va
 
 
 @triton.jit
-def _load_x(x_ptr, x_at, n_ok, j, blk, X_PAIRS: tl.constexpr):
-    """Load x's columns of block blk, transposed: X_PAIRS (16-bit x): the [32, BN] int32 (even, odd)
-    pairs, twice; else the even and odd columns, [32, BN] each. `_split_x` makes them operands."""
+def _load_block(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, x_ptr, x_at, n_ok, j, blk, last,
+                X_PAIRS: tl.constexpr):
+    """`_load_weights` and `_load_x` of block blk."""
+    byte, q, a2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, last)
+    xa, xb = _load_x(x_ptr, x_at, n_ok, j, blk, last, X_PAIRS)
+    return byte, q, a2, xa, xb
+
+
+@triton.jit
+def _load_x(x_ptr, x_at, n_ok, j, blk, last, X_PAIRS: tl.constexpr):
+    """Load x's columns of block blk (masked off from `last` on), transposed: X_PAIRS (16-bit x): the
+    [32, BN] int32 (even, odd) pairs, twice; else the even and odd columns, [32, BN] each. `_split_x` makes
+    them operands."""
+    n_ok = tl.where(blk < last, n_ok, False)
     if X_PAIRS:
         pair = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + x_at[None, :] + blk * 32 + j[:, None],
                        mask=n_ok[None, :], other=0)
@@ -132,17 +184,74 @@ def _split_x(a, b, dtype: tl.constexpr, X_PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, pairs_ptr, dyn_ptr, bias_ptr,
-                     partial_ptr, count_ptr, out_ptr, N, O, row_blocks, x_row_stride, blocks_per_split,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
-                     X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr):
-    """Program (column tile, split s): acc [BO, BN] = W[cols, blocks of s] @ x[:, blocks of s]^T, then the
-    split-K reduction and the store of out [N, O]. pairs_ptr: float32 [256, 2], (nf4[b >> 4], nf4[b & 15])
-    of byte b. x_row_stride is in 32-bit pairs when X_PAIRS, else in elements."""
+def pick(g, p0, p1, p2):
+    """The g-th of three kernel arguments (a group of projections in one launch: q/k/v)."""
+    if g == 0:
+        p = p0
+    elif g == 1:
+        p = p1
+    else:
+        p = p2
+    return p
+
+
+@triton.jit
+def end_tile(acc, tile, s, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_ptr, b_ptr, scale, g, N, O, R, cols, col_ok,
+             n, n_ok, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """The end of program (tile, split s) of a split-K GEMV over projection g: acc^T [BO, BN] float32, its
+    sums for rows `cols` of W_g and rows `n` of x. With several splits, `split_k_sum` over the partials
+    [S, tiles, BO, BN]; the tile's last split then stores y_g [N, O] = (acc + bias) rounded to y's dtype
+    (cuBLAS's rounding: one, after the bias), and with LoRA y = (y + scale * (xa_g B_g^T)) rounded once, in
+    float32 (PEFT's float32 adapter; the grouped expand's math, engine/lora_kernels.py). xa_ptr: the LoRA
+    shrink's x A_g^T [G, N, R] float32; b_ptr: B_g [O, R]. Shared by this NF4 GEMV and engine/gemv_kernels.py."""
+    BLOCK_O: tl.constexpr = acc.shape[0]
+    BLOCK_N: tl.constexpr = acc.shape[1]
+    S = tl.num_programs(1)
+    done = S == 1
+    if S > 1:
+        tile_at = tl.arange(0, BLOCK_O)[:, None] * BLOCK_N + n[None, :]  # [BO, BN]
+        tile_size = BLOCK_O * BLOCK_N
+        done, acc = split_k_sum(acc, partial_ptr + tile * tile_size + tile_at, tl.num_programs(0) * tile_size,
+                                col_ok[:, None] & n_ok[None, :], s, S, count_ptr + tile)
+    if done:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        y = acc.to(y_ptr.dtype.element_ty)  # [BO, BN]
+        if HAS_LORA:
+            ranks = tl.arange(0, BLOCK_R)  # [BR]
+            xa = tl.load(xa_ptr + (g * N + n[None, :]) * R + ranks[:, None],
+                         mask=(ranks[:, None] < R) & n_ok[None, :], other=0.0)  # [BR, BN] = (x A_g^T)^T
+            b = tl.load(b_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & (ranks[None, :] < R),
+                        other=0.0)  # [BO, BR]
+            delta = tl.dot(b.to(tl.float32), xa, input_precision=PRECISION)  # [BO, BN]
+            y = (y.to(tl.float32) + scale * delta).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + n[None, :] * O + cols[:, None], y, mask=col_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2_0, abs2_1, abs2_2,
+                     offset0, offset1, offset2, table0, table1, table2, dyn0, dyn1, dyn2, bias0, bias1, bias2,
+                     lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr,
+                     N, R, row_blocks, x_row_stride, blocks_per_split,
+                     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+                     BLOCK_R: tl.constexpr, X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr,
+                     NIBBLES: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    """Program (column tile, split s): acc [BO, BN] = W_g[cols, blocks of s] @ x[:, blocks of s]^T, then the
+    split-K reduction and `finish_tile` into y_g [N, O_g]. Projection g owns tiles [end_{g-1}, end_g).
+    table_g: NIBBLES: the float32 [16] NF4 code (two loads per byte, within one 64-byte line); else float32
+    [256, 2], (nf4[b >> 4], nf4[b & 15]) of byte b (one 8-byte load per byte, over 2 KB). x_row_stride is in
+    32-bit pairs when X_PAIRS, else in elements."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     tile = tl.program_id(0)
     s = tl.program_id(1)
-    cols = tile * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO] weight rows = output features
+    g = tl.where(tile < end0, 0, tl.where(tile < end1, 1, 2))
+    start = tl.where(g == 0, 0, tl.where(g == 1, end0, end1))
+    packed_ptr, absmax_q_ptr = pick(g, packed0, packed1, packed2), pick(g, absq0, absq1, absq2)
+    absmax2_ptr, offset_ptr = pick(g, abs2_0, abs2_1, abs2_2), pick(g, offset0, offset1, offset2)
+    table_ptr, dyn_ptr = pick(g, table0, table1, table2), pick(g, dyn0, dyn1, dyn2)
+    O = pick(g, o0, o1, o2)
+    cols = (tile - start) * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO] weight rows = output features of projection g
     col_ok = cols < O
     j = tl.arange(0, 32)  # [32] byte within a block
     n = tl.arange(0, BLOCK_N)  # [BN] rows of x
@@ -155,20 +264,45 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, p
     block_of_row = cols * row_blocks  # [BO] each row's first block (int32: the launcher checks the size)
     byte_at = packed_ptr + block_of_row[None, :] * 32 + j[:, None]  # [32, BO] byte j of block 0, contiguous in j
     x_at = n * x_row_stride  # [BN]
-    table = pairs_ptr.to(tl.pointer_type(tl.int64))  # one 64-bit load per byte: both of its values
+    pairs = table_ptr.to(tl.pointer_type(tl.int64))  # (not NIBBLES) one 64-bit load per byte: both of its values
     acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
-    byte, q, a2 = _load_step(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first, first < last)
-    xa, xb = _load_x(x_ptr, x_at, n_ok, j, first, X_PAIRS)
+    # the loads of the next PREFETCH blocks are in flight while a block is dequantised and multiplied; the
+    # first ones' weights before the wait for x (the previous kernel's output)
+    byte, q, a2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first, last)
+    if PREFETCH >= 2:
+        byte2, q2, a2_2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first + 1, last)
+    if PREFETCH >= 3:
+        byte3, q3, a2_3 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first + 2, last)
+    wait_for_inputs(USE_PDL)
+    xa, xb = _load_x(x_ptr, x_at, n_ok, j, first, last, X_PAIRS)
+    if PREFETCH >= 2:
+        xa2, xb2 = _load_x(x_ptr, x_at, n_ok, j, first + 1, last, X_PAIRS)
+    if PREFETCH >= 3:
+        xa3, xb3 = _load_x(x_ptr, x_at, n_ok, j, first + 2, last, X_PAIRS)
     blk = first
     while blk < last:  # (a while loop: the interpreter can't take range() bounds derived from program_id)
         cur_byte, cur_q, cur_a2, cur_xa, cur_xb = byte, q, a2, xa, xb
-        # the next step's loads, in flight during this one (the last step's are masked off)
-        byte, q, a2 = _load_step(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk + 1, blk + 1 < last)
-        xa, xb = _load_x(x_ptr, x_at, tl.where(blk + 1 < last, n_ok, False), j, blk + 1, X_PAIRS)
+        if PREFETCH == 1:
+            byte, q, a2, xa, xb = _load_block(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, x_ptr, x_at,
+                                              n_ok, j, blk + 1, last, X_PAIRS)
+        elif PREFETCH == 2:
+            byte, q, a2, xa, xb = byte2, q2, a2_2, xa2, xb2
+            byte2, q2, a2_2, xa2, xb2 = _load_block(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, x_ptr,
+                                                    x_at, n_ok, j, blk + 2, last, X_PAIRS)
+        else:
+            byte, q, a2, xa, xb = byte2, q2, a2_2, xa2, xb2
+            byte2, q2, a2_2, xa2, xb2 = byte3, q3, a2_3, xa3, xb3
+            byte3, q3, a2_3, xa3, xb3 = _load_block(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, x_ptr,
+                                                    x_at, n_ok, j, blk + 3, last, X_PAIRS)
         absmax = (tl.load(dyn_ptr + cur_q) * cur_a2 + offset)[None, :]  # [1, BO] float32
-        both = tl.load(table + cur_byte)  # [32, BO] int64: nf4[byte >> 4] in the low half, nf4[byte & 15] high
-        hi = (both.to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)  # the block's even columns
-        lo = ((both >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)  # its odd columns
+        if NIBBLES:
+            code = cur_byte.to(tl.int32)  # [32, BO]
+            hi = (tl.load(table_ptr + (code >> 4)) * absmax).to(dtype)  # the block's even columns
+            lo = (tl.load(table_ptr + (code & 15)) * absmax).to(dtype)  # its odd columns
+        else:
+            both = tl.load(pairs + cur_byte)  # [32, BO] int64: nf4[byte >> 4] in the low half, nf4[byte & 15] high
+            hi = (both.to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)
+            lo = ((both >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)
         even, odd = _split_x(cur_xa, cur_xb, dtype, X_PAIRS)  # [32, BN] each
         if FMA:  # CUDA cores: [32, BO, BN] products summed over the block's bytes, mostly within a thread
             acc += tl.sum(hi.to(tl.float32)[:, :, None] * even.to(tl.float32)[:, None, :]
@@ -181,16 +315,9 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, p
             acc = tl.dot(tl.trans(lo), odd, acc)
         blk += 1
 
-    ok = col_ok[:, None] & n_ok[None, :]
-    at = n[None, :] * O + cols[:, None]  # [BO, BN] into [N, O]
-    S = tl.num_programs(1)
-    done = S == 1
-    if S > 1:  # partials [S, N, O]
-        done, acc = split_k_sum(acc, partial_ptr + at, N * O, ok, s, S, count_ptr + tile)
-    if done:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    end_tile(acc, tile, s, partial_ptr, count_ptr, pick(g, y0, y1, y2), pick(g, bias0, bias1, bias2), xa_ptr,
+             pick(g, lb0, lb1, lb2), pick(g, s0, s1, s2), g, N, O, R, cols, col_ok, n, n_ok,
+             HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION)
 
 
 @functools.cache
@@ -246,39 +373,70 @@ def split_k_workspace(device: torch.device, tiles: int) -> tuple[torch.Tensor, t
     return ws
 
 
-def nf4_linear_small(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, absmax2: torch.Tensor,
-                     offset: torch.Tensor, code: torch.Tensor, dyn: torch.Tensor, out_features: int,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, K] (K % 64 == 0; any N, but above MAX_ROWS the module dequantises instead) with the NF4
-    weight [out_features, K] in the bitsandbytes layout (blocksize 64, nested blocksize 256) -> [N, O]
-    in x's dtype.
+@dataclass(frozen=True)
+class NF4Weight:
+    """One NF4 weight [out_features, K] in the bitsandbytes layout (blocksize 64, nested blocksize 256), on
+    the input's device: packed uint8 [ceil(O*K/2)], absmax_q uint8 [nb], absmax2 float32 [nb2], offset
+    float32 [], code float32 [16], dyn float32 [256]; bias [O] or None."""
+    packed: torch.Tensor
+    absmax_q: torch.Tensor
+    absmax2: torch.Tensor
+    offset: torch.Tensor
+    code: torch.Tensor
+    dyn: torch.Tensor
+    out_features: int
+    bias: torch.Tensor | None = None
 
-    packed uint8 [ceil(O*K/2)], absmax_q uint8 [nb], absmax2 float32 [nb2], offset float32 [],
-    code float32 [16], dyn float32 [256], all on x's device; bias [O] or None.
-    """
+
+def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None = None,
+             lora_b: list[torch.Tensor] | None = None, scales: list[float] | None = None,
+             precision: str = "ieee") -> list[torch.Tensor]:
+    """x [N, K] (K % 64 == 0; N <= MAX_ROWS is the point) times G <= 3 NF4 weights of width K in one launch
+    -> [y_g [N, O_g] in x's dtype]: y_g = x W_g^T (+ b_g) (+ s_g xa[g] B_g^T). The biases are on all
+    weights or none. With LoRA: xa [G, N, R] float32, x A_g^T (engine/lora_kernels.py's shrink); lora_b: G
+    tensors [O_g, R]; scales: G floats; `precision` the float32 dot's ("ieee", "tf32x3")."""
     N, K = x.shape
     if K % QBLOCK:
         raise ValueError(f"the fused NF4 kernel takes K % {QBLOCK} == 0, got K = {K}")
-    if packed.numel() >= 2 ** 31:
+    if any(w.packed.numel() >= 2 ** 31 for w in weights):
         raise ValueError("the fused NF4 kernel indexes the weight with int32")
+    if len({w.bias is None for w in weights}) > 1:
+        raise ValueError("the fused NF4 kernel takes biases on all weights of a group or on none")
+    outs = [w.out_features for w in weights]
     if N == 0:
-        return x.new_empty(0, out_features)
+        return [x.new_empty(0, o) for o in outs]
     pairs = x.element_size() == 2  # x's (even, odd) columns read as one 32-bit word
     if x.stride(-1) != 1 or (pairs and (x.stride(0) % 2 or x.data_ptr() % 4)):
         x = x.clone(memory_format=torch.contiguous_format)
     row_blocks = K // QBLOCK
     fma = N <= FMA_MAX_ROWS
-    tiles = triton.cdiv(out_features, BLOCK_O)
+    block_n = max(2 if fma else 16, triton.next_power_of_2(N))
+    ends = list(itertools.accumulate(triton.cdiv(o, BLOCK_O) for o in outs))  # each weight's last tile + 1
+    tiles = ends[-1]
     splits, per_split = _splits(tiles, row_blocks, sm_count(x.device))
     counts, partial = split_k_workspace(x.device, tiles)
     if splits > 1:
-        partial = torch.empty(splits, N, out_features, device=x.device, dtype=torch.float32)  # [S, N, O]
-    out = torch.empty(N, out_features, device=x.device, dtype=x.dtype)
+        partial = torch.empty(splits, tiles, BLOCK_O, block_n, device=x.device, dtype=torch.float32)
+    ys = [torch.empty(N, o, device=x.device, dtype=x.dtype) for o in outs]  # each [N, O_g]
+    has_bias, has_lora = weights[0].bias is not None, xa is not None
+    R = lora_b[0].shape[1] if has_lora else 0
+
+    def three(values):  # the kernel takes 3 of each: a smaller group repeats its first
+        values = list(values)
+        return values + [values[0]] * (3 - len(values))
+
+    tables = [w.code if LOOKUP == "nibbles" else _pair_table(w.code) for w in weights]
     _nf4_gemv_kernel[(tiles, splits)](
-        x, packed, absmax_q, absmax2, offset, _pair_table(code), dyn, out if bias is None else bias, partial,
-        counts, out,
-        N, out_features, row_blocks, x.stride(0) // 2 if pairs else x.stride(0), per_split,
-        HAS_BIAS=bias is not None, BLOCK_N=max(2 if fma else 16, triton.next_power_of_2(N)), BLOCK_O=BLOCK_O,
-        X_PAIRS=pairs, DOT_F32=INTERPRET or x.dtype == torch.float32, FMA=fma, num_warps=NUM_WARPS, num_stages=1,
+        x, *three(w.packed for w in weights), *three(w.absmax_q for w in weights),
+        *three(w.absmax2 for w in weights), *three(w.offset for w in weights), *three(tables),
+        *three(w.dyn for w in weights), *three(w.bias if has_bias else y for w, y in zip(weights, ys)),
+        *three(lora_b if has_lora else ys), *three(ys), *three(scales if has_lora else [0.0]), *three(outs),
+        *three(ends)[:2], xa if has_lora else partial, partial, counts,
+        N, R, row_blocks, x.stride(0) // 2 if pairs else x.stride(0), per_split,
+        HAS_BIAS=has_bias, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=BLOCK_O,
+        BLOCK_R=max(16, triton.next_power_of_2(R)), X_PAIRS=pairs, DOT_F32=INTERPRET or x.dtype == torch.float32,
+        FMA=fma, NIBBLES=LOOKUP == "nibbles", PREFETCH=PREFETCH, PRECISION=precision, num_warps=NUM_WARPS,
+        num_stages=1, **pdl_options(x.device),
         enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
-    return out
+    return ys
+
