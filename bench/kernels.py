@@ -10,8 +10,8 @@ per kernel configuration, beside the torch path it replaces. GPU only.
         and cuBLAS alone (no LoRA: the weights' floor).
   nf4   models/nf4_kernels.py's fused dequantise-GEMV for the layer's 4 groups with LoRA, one launch per group
         (engine/gemv_kernels.py's nf4 path), by (LOOKUP, BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM,
-        MIN_BLOCKS_PER_SPLIT, PREFETCH); beside it the same groups on 16-bit weights through the one-launch projections,
-        and the NF4 kernel launched per projection + the LoRA kernels.
+        MIN_BLOCKS_PER_SPLIT, PREFETCH); beside it the same groups on 16-bit weights through the
+        one-launch projections, and the NF4 kernel launched per projection + the LoRA kernels.
 
 Each time is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph: GPU time, as the
 engine's graphs run it) over LAYERS distinct layers (so the weights come from memory, not from L2),
@@ -41,10 +41,11 @@ GEMV_CONFIGS = [  # (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM). 
     # gate/up alone preferred 64/64/4/6/2, o alone 16/512/4/3/1
     (64, 128, 4, 4, 1), (64, 64, 4, 6, 1), (32, 128, 4, 4, 1), (32, 128, 4, 4, 2), (16, 512, 4, 3, 1),
     (64, 128, 8, 4, 1)]
-NF4_CONFIGS = [  # (LOOKUP, BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT, PREFETCH). H100, seventh
-    # session (RESULTS.md): the [16] code ("nibbles") 85.6-113 us a layer against the pair table's 100-121
-    ("nibbles", 64, 4, 4, 4, 1), ("nibbles", 64, 4, 4, 4, 2), ("nibbles", 64, 4, 4, 4, 3), ("nibbles", 64, 4, 2, 8, 3),
-    ("nibbles", 64, 4, 8, 2, 2), ("nibbles", 128, 8, 2, 4, 2), ("pairs", 64, 4, 4, 4, 3)]
+NF4_CONFIGS = [  # (LOOKUP, BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT, PREFETCH). H100, seventh session
+    # (RESULTS.md): the [16] code ("nibbles") 85.6-113 us a layer against the pair table's 100-121; PREFETCH 1-3 within
+    # noise. (A `for` loop that Triton software-pipelines, 2-4 stages, took 284-572 us on an H200: dropped.)
+    ("nibbles", 64, 4, 4, 4, 2), ("nibbles", 64, 4, 4, 4, 1), ("nibbles", 64, 4, 2, 8, 2), ("nibbles", 64, 4, 8, 2, 2),
+    ("nibbles", 128, 8, 2, 4, 2), ("pairs", 64, 4, 4, 4, 2)]
 
 
 def bench(fn) -> float:

@@ -51,8 +51,9 @@ import torch
 from .tiled_mlp import has_active_dropout
 
 LAYER_GRAPHS = os.environ.get("AHAZERO_LAYER_GRAPHS", "1") != "0"
-BUCKET_TOKENS = 1  # > 1: packed rows padded to a multiple of this where the layers may be graphed, and the
-# longest packed sequence rounded up to one (as attention's bound), so that rows of near lengths share graphs
+# > 1: packed rows padded to a multiple of this where the layers may be graphed, and the longest packed sequence
+# rounded up to one (as attention's bound), so that rows of near lengths share graphs (env AHAZERO_BUCKET_TOKENS)
+BUCKET_TOKENS = int(os.environ.get("AHAZERO_BUCKET_TOKENS", "1"))
 MAX_SHAPES = 4  # static inputs/outputs kept for this many shapes (least recently used dropped with their graphs)
 MAX_EVICTIONS = 8  # shapes dropped before no new graphs are captured (the shapes vary too much to pay back)
 _evictions = 0

@@ -229,6 +229,34 @@ def end_tile(acc, tile, s, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_ptr, b_pt
 
 
 @triton.jit
+def _nf4_step(acc, byte, q, a2, xa, xb, dyn_ptr, offset, table_ptr, dtype: tl.constexpr, X_PAIRS: tl.constexpr,
+              DOT_F32: tl.constexpr, FMA: tl.constexpr, NIBBLES: tl.constexpr):
+    """acc [BO, BN] + one block: its bytes [32, BO] dequantised (absmax from the codes q and absmax2 a2)
+    times x's columns of the block (`_load_x`'s xa, xb)."""
+    absmax = (tl.load(dyn_ptr + q) * a2 + offset)[None, :]  # [1, BO] float32
+    if NIBBLES:
+        code = byte.to(tl.int32)  # [32, BO]
+        hi = (tl.load(table_ptr + (code >> 4)) * absmax).to(dtype)  # the block's even columns
+        lo = (tl.load(table_ptr + (code & 15)) * absmax).to(dtype)  # its odd columns
+    else:
+        pairs = table_ptr.to(tl.pointer_type(tl.int64))  # one 64-bit load per byte: both of its values
+        both = tl.load(pairs + byte)  # [32, BO] int64: nf4[byte >> 4] in the low half, nf4[byte & 15] high
+        hi = (both.to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)
+        lo = ((both >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)
+    even, odd = _split_x(xa, xb, dtype, X_PAIRS)  # [32, BN] each
+    if FMA:  # CUDA cores: [32, BO, BN] products summed over the block's bytes, mostly within a thread
+        acc += tl.sum(hi.to(tl.float32)[:, :, None] * even.to(tl.float32)[:, None, :]
+                      + lo.to(tl.float32)[:, :, None] * odd.to(tl.float32)[:, None, :], axis=0)
+    elif DOT_F32:
+        acc = tl.dot(tl.trans(hi).to(tl.float32), even.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(lo).to(tl.float32), odd.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(tl.trans(hi), even, acc)
+        acc = tl.dot(tl.trans(lo), odd, acc)
+    return acc
+
+
+@triton.jit
 def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2_0, abs2_1, abs2_2,
                      offset0, offset1, offset2, table0, table1, table2, dyn0, dyn1, dyn2, bias0, bias1, bias2,
                      lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr,
@@ -264,7 +292,6 @@ def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
     block_of_row = cols * row_blocks  # [BO] each row's first block (int32: the launcher checks the size)
     byte_at = packed_ptr + block_of_row[None, :] * 32 + j[:, None]  # [32, BO] byte j of block 0, contiguous in j
     x_at = n * x_row_stride  # [BN]
-    pairs = table_ptr.to(tl.pointer_type(tl.int64))  # (not NIBBLES) one 64-bit load per byte: both of its values
     acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
     # the loads of the next PREFETCH blocks are in flight while a block is dequantised and multiplied; the
     # first ones' weights before the wait for x (the previous kernel's output)
@@ -294,25 +321,8 @@ def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
             byte2, q2, a2_2, xa2, xb2 = byte3, q3, a2_3, xa3, xb3
             byte3, q3, a2_3, xa3, xb3 = _load_block(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, x_ptr,
                                                     x_at, n_ok, j, blk + 3, last, X_PAIRS)
-        absmax = (tl.load(dyn_ptr + cur_q) * cur_a2 + offset)[None, :]  # [1, BO] float32
-        if NIBBLES:
-            code = cur_byte.to(tl.int32)  # [32, BO]
-            hi = (tl.load(table_ptr + (code >> 4)) * absmax).to(dtype)  # the block's even columns
-            lo = (tl.load(table_ptr + (code & 15)) * absmax).to(dtype)  # its odd columns
-        else:
-            both = tl.load(pairs + cur_byte)  # [32, BO] int64: nf4[byte >> 4] in the low half, nf4[byte & 15] high
-            hi = (both.to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)
-            lo = ((both >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)
-        even, odd = _split_x(cur_xa, cur_xb, dtype, X_PAIRS)  # [32, BN] each
-        if FMA:  # CUDA cores: [32, BO, BN] products summed over the block's bytes, mostly within a thread
-            acc += tl.sum(hi.to(tl.float32)[:, :, None] * even.to(tl.float32)[:, None, :]
-                          + lo.to(tl.float32)[:, :, None] * odd.to(tl.float32)[:, None, :], axis=0)
-        elif DOT_F32:
-            acc = tl.dot(tl.trans(hi).to(tl.float32), even.to(tl.float32), acc, input_precision="ieee")
-            acc = tl.dot(tl.trans(lo).to(tl.float32), odd.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(hi), even, acc)
-            acc = tl.dot(tl.trans(lo), odd, acc)
+        acc = _nf4_step(acc, cur_byte, cur_q, cur_a2, cur_xa, cur_xb, dyn_ptr, offset, table_ptr, dtype, X_PAIRS,
+                        DOT_F32, FMA, NIBBLES)
         blk += 1
 
     end_tile(acc, tile, s, partial_ptr, count_ptr, pick(g, y0, y1, y2), pick(g, bias0, bias1, bias2), xa_ptr,
@@ -435,8 +445,8 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
         N, R, row_blocks, x.stride(0) // 2 if pairs else x.stride(0), per_split,
         HAS_BIAS=has_bias, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=BLOCK_O,
         BLOCK_R=max(16, triton.next_power_of_2(R)), X_PAIRS=pairs, DOT_F32=INTERPRET or x.dtype == torch.float32,
-        FMA=fma, NIBBLES=LOOKUP == "nibbles", PREFETCH=PREFETCH, PRECISION=precision, num_warps=NUM_WARPS,
-        num_stages=1, **pdl_options(x.device),
+        FMA=fma, NIBBLES=LOOKUP == "nibbles", PREFETCH=PREFETCH, PRECISION=precision,
+        num_warps=NUM_WARPS, num_stages=1, **pdl_options(x.device),
         enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
     return ys
 
