@@ -248,3 +248,65 @@ def test_the_fused_nf4_kernel_is_checked_before_it_serves_by_default(monkeypatch
         assert not linear4bit._fused_kernel_checked(device)
     assert "no kernel image" in caplog.text
     linear4bit._fused_kernel_checked.cache_clear()
+
+
+@pytest.mark.parametrize("shape,dtype", [((200, 1152), torch.float32), ((7, 99), torch.float32),
+                                         ((130, 192), torch.bfloat16), ((3, 64), torch.float16)])
+def test_one_launch_dequantise_equals_the_torch_path(shape, dtype):
+    """nf4_kernels.dequantize against nf4.dequantize_nf4 (bit-identical to bitsandbytes): float32 bit for bit,
+    a last block of 35 weights and a half-used last byte (7 x 99); 16-bit bit for bit on a GPU (Triton's
+    interpreter truncates float32 -> bfloat16 instead of rounding it: there, within one step of the dtype)."""
+    from ahazero.models import nf4_kernels
+    from ahazero.models.linear4bit import Linear4bit
+    from ahazero.models.nf4 import dequantize_nf4
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(torch.nn.Linear(shape[1], shape[0], dtype=dtype)).to(DEVICE)
+    meta = layer.quant_meta
+    got = nf4_kernels.dequantize(layer.weight, layer.absmax, layer.nested_absmax, layer.offset, layer.code,
+                                 layer.nested_code, meta["shape"], meta["dtype"], meta["blocksize"],
+                                 meta["nested_blocksize"])
+    want = dequantize_nf4(layer.weight, layer.quant_state)
+    assert got.shape == want.shape == shape and got.dtype == want.dtype == dtype
+    if dtype == torch.float32 or DEVICE == "cuda":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=0, rtol=torch.finfo(dtype).eps)
+
+
+def test_4bit_layers_dequantise_through_the_kernel_and_fall_back_when_it_disagrees(monkeypatch, caplog):
+    from ahazero.models import linear4bit, nf4_kernels
+    torch.manual_seed(0)
+    layer = linear4bit.Linear4bit.from_linear(torch.nn.Linear(128, 64)).to(DEVICE)
+    calls, original = [], nf4_kernels.dequantize
+    monkeypatch.setattr(nf4_kernels, "dequantize",  # (on a GPU the fused GEMV's own check dequantises too)
+                        lambda *args: calls.append(args[0] is layer.weight) or original(*args))
+    monkeypatch.setattr(linear4bit.Linear4bit, "dequant_kernel", True)
+    x = torch.randn(40, 128, device=DEVICE, requires_grad=True)  # 40 rows: the dequantise-then-matmul path
+    y = layer(x)
+    y.sum().backward()
+    assert sum(calls) == 2  # the forward and the backward's input gradient
+    weight = linear4bit.dequantize_nf4(layer.weight, layer.quant_state)  # [64, 128]
+    torch.testing.assert_close(y, x @ weight.t() + layer.bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, torch.ones(40, 64, device=DEVICE) @ weight, atol=1e-5, rtol=1e-5)
+
+    device = torch.device(DEVICE)
+    linear4bit._dequant_kernel_checked.cache_clear()
+    try:
+        if DEVICE == "cuda":  # (in the interpreter its bf16 check fails: it truncates float32 -> bfloat16)
+            assert linear4bit._dequant_kernel_checked(device)
+            linear4bit._dequant_kernel_checked.cache_clear()
+        monkeypatch.setattr(nf4_kernels, "dequantize", lambda *args: torch.zeros(args[6], dtype=args[7]))
+        with caplog.at_level("WARNING", logger="ahazero"):
+            assert not linear4bit._dequant_kernel_checked(device)
+        assert "disagrees" in caplog.text
+        linear4bit._dequant_kernel_checked.cache_clear()
+
+        def broken(*args):
+            raise RuntimeError("no kernel image for this device")
+
+        monkeypatch.setattr(nf4_kernels, "dequantize", broken)
+        with caplog.at_level("WARNING", logger="ahazero"):
+            assert not linear4bit._dequant_kernel_checked(device)
+        assert "no kernel image" in caplog.text
+    finally:
+        linear4bit._dequant_kernel_checked.cache_clear()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -98,6 +99,26 @@ def _fused_kernel_checked(device: torch.device) -> bool:
 
 
 @functools.cache
+def _dequant_kernel_checked(device: torch.device) -> bool:
+    """Once per device, before the one-launch dequantise kernel serves by default: its output on random
+    weights (bf16 and float32, a short last block) against nf4.dequantize_nf4, bit for bit. A failure or a
+    mismatch turns it off for the process, with a warning: the torch path serves, never a different weight."""
+    try:
+        for shape, dtype in (((200, 1152), torch.bfloat16), ((7, 99), torch.float32)):
+            layer = Linear4bit.from_linear(nn.Linear(shape[1], shape[0], dtype=dtype, device=device))
+            got = layer.dequantize_with_kernel()
+            if not torch.equal(got, dequantize_nf4(layer.weight, layer.quant_state)):
+                logger.warning("the NF4 dequantise kernel disagrees with the torch path on %s; 4-bit layers "
+                               "dequantise with torch", device)
+                return False
+    except Exception as err:  # noqa: BLE001 - e.g. the kernel does not compile for this GPU
+        logger.warning("the NF4 dequantise kernel failed on %s (%s: %s); 4-bit layers dequantise with torch",
+                       device, type(err).__name__, err)
+        return False
+    return True
+
+
+@functools.cache
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -112,6 +133,8 @@ class Linear4bit(nn.Linear):
     """
 
     fused_kernel: bool | None = None
+    # the same choice for the one-launch dequantise (nf4_kernels.dequantize); env AHAZERO_DEQUANT_KERNEL=0: False
+    dequant_kernel: bool | None = None if os.environ.get("AHAZERO_DEQUANT_KERNEL", "1") != "0" else False
 
     def use_fused_kernel(self, device: torch.device) -> bool:
         if self.fused_kernel is False or (self.fused_kernel is None and (device.type != "cuda" or not _has_triton())):
@@ -169,8 +192,25 @@ class Linear4bit(nn.Linear):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [out, in] in its original dtype (bit-identical to bnb), cast to `dtype` if given."""
-        w = dequantize_nf4(self.weight, self.quant_state)
+        if self.use_dequant_kernel(self.weight.device):
+            w = self.dequantize_with_kernel()
+        else:
+            w = dequantize_nf4(self.weight, self.quant_state)
         return w if dtype is None or dtype == w.dtype else w.to(dtype)
+
+    def use_dequant_kernel(self, device: torch.device) -> bool:
+        """`dequant_kernel`: None (default) dequantises in one Triton launch on CUDA where Triton is installed
+        and the kernel passed its check; True forces it on any device (the CPU tests, through Triton's
+        interpreter); False keeps the torch path."""
+        if self.dequant_kernel is not None:
+            return self.dequant_kernel
+        return device.type == "cuda" and _has_triton() and _dequant_kernel_checked(device)
+
+    def dequantize_with_kernel(self) -> torch.Tensor:
+        meta = self.quant_meta
+        return _fused().dequantize(self.weight, self.absmax, self.nested_absmax, self.offset, self.code,
+                                   self.nested_code, meta["shape"], meta["dtype"], meta["blocksize"],
+                                   meta["nested_blocksize"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):

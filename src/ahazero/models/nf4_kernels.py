@@ -24,8 +24,9 @@ is the MMA's A operand, which Hopper's wgmma reads from registers (Triton moves 
 that layout through shared memory; the tile is transposed, never reshaped or joined) and x (N <= 32
 rows, padded to BLOCK_N) is the small B operand. The tensor cores do the multiply-adds, the CUDA cores
 only the dequantisation: about 8 SASS instructions per weight in the loop (sm_90, BLOCK_O 64, 4 warps,
-80 registers, 8 KB shared memory, no spills). Each step issues the next step's loads (bytes, absmax
-codes, x) before its own work, into registers: no shared-memory pipelining; occupancy hides the rest.
+80 registers, 8 KB shared memory, no spills). Each step issues the loads of the block PREFETCH steps ahead
+(bytes, absmax codes, x) before its own work, into registers: no shared-memory pipelining (a `for` loop that
+Triton software-pipelines was 3x slower, bench/RESULTS.md seventh session); occupancy hides the rest.
 
 Grid: (column tiles of BLOCK_O output features, splits of K). The tiles run over the group's weights
 one after another (the first cdiv(O_0, BLOCK_O) are weight 0's, and so on). K is split until there are
@@ -47,8 +48,10 @@ MIN_BLOCKS_PER_SPLIT (4; fewer splits cut the partials' traffic, which grows wit
 rounded up to a power of 2, at least 16; 8 would take mma.sync instead of wgmma), FMA_MAX_ROWS (the rows
 up to which the products run on the CUDA cores, a [32, BO, BN] multiply summed over the block's bytes,
 instead of the dot) and MAX_ROWS (the crossover with dequantise + GEMM, likely above 32 now).
-`python bench/kernels.py --only nf4` times configurations per decoder layer; on an H100 (2026-11-27) the
-defaults below were the fastest of those tried, at 1.7-2.0x the time of the bf16 matmuls (bench/RESULTS.md).
+`python bench/kernels.py --only nf4` times configurations per decoder layer (4 group launches with LoRA); on
+an H100 (2026-11-27, seventh session) the defaults below were the fastest of those tried, at 1.15-1.3x the
+time of the same launches over bf16 weights, which read 3.9x the bytes (bench/RESULTS.md): the kernel is
+bound by its own latency (the dequantisation of each block between the loads and the MMA), not by memory.
 """
 from __future__ import annotations
 
@@ -266,7 +269,7 @@ def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
                      NIBBLES: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
                      USE_PDL: tl.constexpr):
     """Program (column tile, split s): acc [BO, BN] = W_g[cols, blocks of s] @ x[:, blocks of s]^T, then the
-    split-K reduction and `finish_tile` into y_g [N, O_g]. Projection g owns tiles [end_{g-1}, end_g).
+    split-K reduction and `end_tile` into y_g [N, O_g]. Projection g owns tiles [end_{g-1}, end_g).
     table_g: NIBBLES: the float32 [16] NF4 code (two loads per byte, within one 64-byte line); else float32
     [256, 2], (nf4[b >> 4], nf4[b & 15]) of byte b (one 8-byte load per byte, over 2 KB). x_row_stride is in
     32-bit pairs when X_PAIRS, else in elements."""
@@ -449,4 +452,41 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
         num_warps=NUM_WARPS, num_stages=1, **pdl_options(x.device),
         enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
     return ys
+
+
+DEQUANT_BYTES = 2048  # packed bytes per program of the dequantise kernel
+
+
+@triton.jit
+def _dequantize_kernel(packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, code_ptr, dyn_ptr, out_ptr, n,
+                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr):
+    """Program: BYTES packed bytes -> their 2 * BYTES weights, each (code[nibble] * absmax) in float32 rounded
+    once to out's dtype, absmax = dyn[q] * absmax2 + offset (`nf4.dequantize_nf4`'s math and roundings)."""
+    i = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)  # [BYTES] byte index
+    even = 2 * i  # [BYTES] index of the byte's high-nibble weight (the low nibble is the next one)
+    ok = even < n
+    byte = tl.load(packed_ptr + i, mask=ok, other=0).to(tl.int32)
+    block = even // BLOCKSIZE  # both weights of a byte are in one block (BLOCKSIZE is even)
+    q = tl.load(absmax_q_ptr + block, mask=ok, other=0).to(tl.int32)
+    absmax = tl.load(dyn_ptr + q) * tl.load(absmax2_ptr + block // NESTED, mask=ok, other=0.0) + tl.load(offset_ptr)
+    tl.store(out_ptr + even, (tl.load(code_ptr + (byte >> 4)) * absmax).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + even + 1, (tl.load(code_ptr + (byte & 15)) * absmax).to(out_ptr.dtype.element_ty),
+             mask=even + 1 < n)
+
+
+def dequantize(packed: torch.Tensor, absmax_q: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor,
+               code: torch.Tensor, dyn: torch.Tensor, shape: torch.Size, dtype: torch.dtype, blocksize: int,
+               nested_blocksize: int) -> torch.Tensor:
+    """`nf4.dequantize_nf4` in one launch, bit-identical: the weight [shape] in `dtype` from its packed bytes
+    (uint8, ceil(n / 2)) and double-quantised absmax (the fields of `NF4Weight`). Its only full-size tensor
+    is the output, where the torch path also makes int32 codes, float32 values and float32 products."""
+    shape = torch.Size(shape)
+    n = shape.numel()
+    out = torch.empty(n, device=packed.device, dtype=dtype)  # [n]
+    if n:
+        _dequantize_kernel[(triton.cdiv(triton.cdiv(n, 2), DEQUANT_BYTES),)](
+            packed.reshape(-1), absmax_q, absmax2, offset, code, dyn, out, n, BLOCKSIZE=blocksize,
+            NESTED=nested_blocksize, BYTES=DEQUANT_BYTES, num_warps=4,
+            enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
+    return out.view(shape)
 
