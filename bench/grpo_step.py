@@ -219,10 +219,11 @@ class Run:
             r.update(mean_completion_tokens=sum(self.lengths) / len(self.lengths),
                      min_completion_tokens=min(self.lengths), max_completion_tokens=max(self.lengths),
                      completions=len(self.lengths))
-        for key in ("timing/rollout_s", "timing/update_s"):  # ahazero's split of each step
+        for key in ("timing/rollout_s", "timing/update_s", "memory/peak_after_rollout_gib",
+                    "memory/peak_after_update_gib"):  # ahazero's split of each step
             split = [log[key] for log in c.logs if key in log]
             if split:
-                r[key.replace("timing/", "")] = split
+                r[key.split("/")[1]] = split
         logged = [log["completions/mean_length"] for log in c.logs if "completions/mean_length" in log]
         if logged:
             r["logged_mean_length"] = sum(logged) / len(logged)

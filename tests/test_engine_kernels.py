@@ -220,6 +220,21 @@ def test_engine_decodes_a_4bit_model_through_the_fused_kernel():
     assert outs[True] == outs[False]
 
 
+def assert_check_falls_back(check, device, module, name, wrong, monkeypatch, caplog):
+    """A kernel's self-check (a functools.cache'd function of the device) turns the kernel off with a warning
+    when module.name gives `wrong` results ("disagrees") and when it raises ("no kernel image")."""
+    def broken(*args):
+        raise RuntimeError("no kernel image for this device")
+
+    for fake, message in ((wrong, "disagrees"), (broken, "no kernel image")):
+        check.cache_clear()
+        monkeypatch.setattr(module, name, fake)
+        with caplog.at_level("WARNING", logger="ahazero"):
+            assert not check(device)
+        assert message in caplog.text
+    check.cache_clear()
+
+
 def test_the_fused_nf4_kernel_is_checked_before_it_serves_by_default(monkeypatch, caplog):
     """Default (fused_kernel None) on a device: the kernel is compared with dequantise-then-matmul once;
     a kernel that disagrees is turned off with a warning, and the plain path serves."""
@@ -228,26 +243,17 @@ def test_the_fused_nf4_kernel_is_checked_before_it_serves_by_default(monkeypatch
     linear4bit._fused_kernel_checked.cache_clear()
     assert linear4bit._fused_kernel_checked(device)
     linear4bit._fused_kernel_checked.cache_clear()
-    monkeypatch.setattr(nf4_kernels, "nf4_gemv", lambda x, ws: [torch.zeros(x.shape[0], ws[0].out_features,
-                                                                            dtype=x.dtype, device=x.device)])
     monkeypatch.setattr(linear4bit, "_has_triton", lambda: True)
     layer = linear4bit.Linear4bit.from_linear(torch.nn.Linear(128, 64)).to(DEVICE)
-    with caplog.at_level("WARNING", logger="ahazero"):
-        if DEVICE == "cuda":
-            assert not layer.use_fused_kernel(device)
-        else:
-            assert not linear4bit._fused_kernel_checked(device)
-    assert "disagrees" in caplog.text
-    linear4bit._fused_kernel_checked.cache_clear()
 
-    def broken(*args):
-        raise RuntimeError("no kernel image for this device")
+    def wrong(x, weights):
+        return [torch.zeros(x.shape[0], weights[0].out_features, dtype=x.dtype, device=x.device)]
 
-    monkeypatch.setattr(nf4_kernels, "nf4_gemv", broken)
-    with caplog.at_level("WARNING", logger="ahazero"):
-        assert not linear4bit._fused_kernel_checked(device)
-    assert "no kernel image" in caplog.text
-    linear4bit._fused_kernel_checked.cache_clear()
+    if DEVICE == "cuda":  # the module asks the check before it serves
+        monkeypatch.setattr(nf4_kernels, "nf4_gemv", wrong)
+        assert not layer.use_fused_kernel(device)
+    assert_check_falls_back(linear4bit._fused_kernel_checked, device, nf4_kernels, "nf4_gemv", wrong, monkeypatch,
+                            caplog)
 
 
 @pytest.mark.parametrize("shape,dtype", [((200, 1152), torch.float32), ((7, 99), torch.float32),
@@ -295,18 +301,8 @@ def test_4bit_layers_dequantise_through_the_kernel_and_fall_back_when_it_disagre
         if DEVICE == "cuda":  # (in the interpreter its bf16 check fails: it truncates float32 -> bfloat16)
             assert linear4bit._dequant_kernel_checked(device)
             linear4bit._dequant_kernel_checked.cache_clear()
-        monkeypatch.setattr(nf4_kernels, "dequantize", lambda *args: torch.zeros(args[6], dtype=args[7]))
-        with caplog.at_level("WARNING", logger="ahazero"):
-            assert not linear4bit._dequant_kernel_checked(device)
-        assert "disagrees" in caplog.text
-        linear4bit._dequant_kernel_checked.cache_clear()
-
-        def broken(*args):
-            raise RuntimeError("no kernel image for this device")
-
-        monkeypatch.setattr(nf4_kernels, "dequantize", broken)
-        with caplog.at_level("WARNING", logger="ahazero"):
-            assert not linear4bit._dequant_kernel_checked(device)
-        assert "no kernel image" in caplog.text
+        assert_check_falls_back(linear4bit._dequant_kernel_checked, device, nf4_kernels, "dequantize",
+                                lambda *args: torch.zeros(args[6], dtype=args[7], device=args[0].device),
+                                monkeypatch, caplog)
     finally:
         linear4bit._dequant_kernel_checked.cache_clear()

@@ -178,6 +178,7 @@ class GRPOTrainer:
         rows = self._next_prompts(a.prompts_per_step * a.gradient_accumulation_steps)
         batches, metrics = self.generate_and_score(rows)
         generation_time = time.perf_counter() - t0
+        rollout_peak = self._peak_gib()  # the most allocated so far, once the rollout is done
         for iteration in range(a.num_iterations):
             t1 = time.perf_counter()
             step_metrics = self.optimizer_step(batches, first_iteration=iteration == 0)
@@ -189,6 +190,9 @@ class GRPOTrainer:
             step_metrics["timing/update_s"] = update_time
             if iteration == 0:
                 step_metrics["timing/rollout_s"] = generation_time  # generation, rewards and the batch
+            if rollout_peak is not None:  # where the run's peak memory was reached: rollout or update
+                step_metrics["memory/peak_after_rollout_gib"] = rollout_peak
+                step_metrics["memory/peak_after_update_gib"] = self._peak_gib()
             step_metrics["epoch"] = self.state.epoch
             self._callback("on_step_end")
             step = self.state.global_step
@@ -202,6 +206,12 @@ class GRPOTrainer:
                 self.save_checkpoint()
             if step >= total:
                 break
+
+    def _peak_gib(self) -> float | None:
+        """torch.cuda.max_memory_allocated of the trainer's device in GiB (never reset here), None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2 ** 30
 
     def _next_prompts(self, k: int) -> list[dict]:
         """The next k dataset rows in the seeded per-epoch shuffle; the position is saved in checkpoints.
