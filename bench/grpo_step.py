@@ -31,7 +31,9 @@ Measured per backend, each in its own subprocess (peaks do not mix; --timeout bo
   steady s      the median of the later steps' times (on_step_end to on_step_end, synchronised)
 ahazero's JSON line also names its rollout backend (LLMEngine: its engine; HFGenerator: the fallback), the
 engine's KV-cache size (kv_cache_gib, kv_slots: sized by --gpu-memory-utilization, counted in the peak) and
-how many linear layers load_in_4bit kept in 16 bit (nf4_kept_16bit).
+how many linear layers load_in_4bit kept in 16 bit (nf4_kept_16bit), and from its trainer's logs each step's
+rollout_s / update_s (generation with rewards; forward, backward and optimizer) and peak_after_rollout_gib /
+peak_after_update_gib (the most allocated at each point: which phase sets the peak).
 The times come from a transformers TrainerCallback (on_train_begin / on_step_end / on_log), which TRL's,
 Unsloth's and ahazero's trainers all call. A worker writes its record after every step, so a backend
 stopped by --timeout still reports the steps it finished. Memory outside PyTorch's allocator is not counted

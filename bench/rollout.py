@@ -13,8 +13,9 @@ other, with the peak memory of each:
   ahazero-cublas   as `ahazero` with cuBLAS per projection + the LoRA expand kernel instead of
                    engine/gemv_kernels.py (the default before 2026-11-27, sixth session); with --load-in-4bit,
                    the NF4 kernel per projection instead of one NF4 launch per group (before the seventh)
-  ahazero-nibbles  as `ahazero` with the NF4 kernel looking each nibble up in the [16] code (two 4-byte loads
-                   per byte) instead of a [256, 2] pair table (one 8-byte load); 4-bit only
+  ahazero-pairs    as `ahazero` with the NF4 kernel looking each byte up in a [256, 2] pair table (one 8-byte
+                   load) instead of the [16] code (two 4-byte loads: the default since 2026-11-27, seventh
+                   session); 4-bit only
   ahazero-gemv-all as `ahazero` with engine/gemv_kernels.py serving every decode batch (MAX_ROWS 512)
   ahazero-ieee     as `ahazero` with the LoRA kernels' float32 dots as IEEE FMAs on the CUDA cores instead of
                    three TF32 products on the tensor cores (lora_kernels.DOT_PRECISION "ieee", the default
@@ -269,8 +270,8 @@ BACKENDS = {
                                                        m, t, p, wl, L),
     "ahazero-ieee": lambda m, t, p, wl, L: patched("ahazero.engine.lora_kernels.DOT_PRECISION", "ieee", run_engine,
                                                    m, t, p, wl, L),
-    "ahazero-nibbles": lambda m, t, p, wl, L: patched("ahazero.models.nf4_kernels.LOOKUP", "nibbles", run_engine,
-                                                      m, t, p, wl, L),
+    "ahazero-pairs": lambda m, t, p, wl, L: patched("ahazero.models.nf4_kernels.LOOKUP", "pairs", run_engine,
+                                                    m, t, p, wl, L),
     "ahazero-torch-sampler": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, sample_kernel=False),
     "ahazero-unfused": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, fused_kernels=False),
     "ahazero-compile": lambda m, t, p, wl, L: run_engine(m, t, p, wl, L, compile=True, fused_kernels=False),
