@@ -52,6 +52,11 @@ instead of the dot) and MAX_ROWS (the crossover with dequantise + GEMM, likely a
 an H100 (2026-11-27, seventh session) the defaults below were the fastest of those tried, at 1.15-1.3x the
 time of the same launches over bf16 weights, which read 3.9x the bytes (bench/RESULTS.md): the kernel is
 bound by its own latency (the dequantisation of each block between the loads and the MMA), not by memory.
+
+Also here: `dequantize`, the whole weight in one launch (the training step's forward and backward), and
+the pieces the engine's other kernels share with this one: the split rule and the split-K reduction
+(`split_k`, `split_k_sum`, `split_k_workspace`), a group's tile epilogue (`end_tile`, `pick`) and
+programmatic dependent launch (`pdl_options`, `wait_for_inputs`).
 """
 from __future__ import annotations
 
