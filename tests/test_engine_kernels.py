@@ -306,3 +306,29 @@ def test_4bit_layers_dequantise_through_the_kernel_and_fall_back_when_it_disagre
                                 monkeypatch, caplog)
     finally:
         linear4bit._dequant_kernel_checked.cache_clear()
+
+
+def test_the_kernels_self_checks_leave_the_random_state_alone():
+    """They run once, in the middle of a user's run: their random inputs come from a generator of their own,
+    so a seeded run draws the same numbers with the kernels on or off."""
+    from ahazero.engine import gemv_kernels, sample_kernels
+    from ahazero.models import linear4bit
+    device = torch.device(DEVICE)
+    checks = [lambda: gemv_kernels.checked(device, torch.float32),
+              lambda: gemv_kernels.checked(device, torch.bfloat16, "nf4"),
+              lambda: sample_kernels.checked(device),
+              lambda: linear4bit._fused_kernel_checked(device),
+              lambda: linear4bit._dequant_kernel_checked(device)]
+    caches = [gemv_kernels.checked, sample_kernels.checked, linear4bit._fused_kernel_checked,
+              linear4bit._dequant_kernel_checked]
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        before = torch.cuda.get_rng_state(device) if DEVICE == "cuda" else torch.get_rng_state()
+        for check in checks:
+            check()
+        after = torch.cuda.get_rng_state(device) if DEVICE == "cuda" else torch.get_rng_state()
+        assert torch.equal(before, after)
+    finally:
+        for cache in caches:
+            cache.cache_clear()

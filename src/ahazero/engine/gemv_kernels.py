@@ -41,7 +41,7 @@ import triton.language as tl
 from torch import nn
 
 from ..models import nf4_kernels
-from ..models.linear4bit import Linear4bit
+from ..models.linear4bit import Linear4bit, random_linear
 from ..models.nf4_kernels import end_tile, pdl_options, pick, sm_count, split_k, split_k_workspace, wait_for_inputs
 from . import lora_kernels
 
@@ -214,11 +214,7 @@ def checked(device: torch.device, dtype: torch.dtype, kind: str = "dense") -> bo
         return torch.randn(*shape, device=device, generator=gen).to(dt)
 
     x = rand(N, K, dt=dtype)  # [N, K]
-    bases = [nn.Linear(K, o, device=device, dtype=dtype) for o in outs]
-    with torch.no_grad():
-        for base in bases:
-            base.weight.copy_(rand(base.out_features, K) * K ** -0.5)  # [O, K]
-            base.bias.copy_(rand(base.out_features))
+    bases = [random_linear(K, o, dtype, device, gen) for o in outs]  # (the caller's random state untouched)
     if kind == "nf4":
         bases = [Linear4bit.from_linear(b) for b in bases]
     a, b = [rand(R, K) * K ** -0.5 for _ in outs], [rand(o, R) for o in outs]  # float32, as PEFT's adapters

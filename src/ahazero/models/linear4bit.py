@@ -72,13 +72,25 @@ def _fused():
     return nf4_kernels
 
 
+def random_linear(in_features: int, out_features: int, dtype: torch.dtype, device: torch.device,
+                  generator: torch.Generator) -> nn.Linear:
+    """An nn.Linear with weight ~ N(0, 1/in) and bias ~ N(0, 1) drawn from `generator` only (the kernels'
+    self-checks: the caller's random state is left as it was)."""
+    linear = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, dtype=dtype, device=device)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, device=device, generator=generator)
+                            * in_features ** -0.5)
+        linear.bias.copy_(torch.randn(out_features, device=device, generator=generator))
+    return linear
+
+
 @functools.cache
 def _fused_kernel_checked(device: torch.device) -> bool:
     """Once per device, before the fused kernel serves by default: its output on random inputs (several
     batch sizes, split K, repeated calls) against dequantise-then-matmul. A mismatch turns it off for the
     process, with a warning: 4-bit decode then runs the slower plain path, never a wrong one."""
     gen = torch.Generator(device=device).manual_seed(0)
-    layer = Linear4bit.from_linear(nn.Linear(1152, 200, dtype=torch.bfloat16, device=device))
+    layer = Linear4bit.from_linear(random_linear(1152, 200, torch.bfloat16, device, gen))
     weight = layer.dequantized_weight().float()  # [200, 1152]
     worst = 0.0
     try:
@@ -103,9 +115,10 @@ def _dequant_kernel_checked(device: torch.device) -> bool:
     """Once per device, before the one-launch dequantise kernel serves by default: its output on random
     weights (bf16 and float32, a short last block) against nf4.dequantize_nf4, bit for bit. A failure or a
     mismatch turns it off for the process, with a warning: the torch path serves, never a different weight."""
+    gen = torch.Generator(device=device).manual_seed(0)
     try:
         for shape, dtype in (((200, 1152), torch.bfloat16), ((7, 99), torch.float32)):
-            layer = Linear4bit.from_linear(nn.Linear(shape[1], shape[0], dtype=dtype, device=device))
+            layer = Linear4bit.from_linear(random_linear(shape[1], shape[0], dtype, device, gen))
             got = layer.dequantize_with_kernel()
             if not torch.equal(got, dequantize_nf4(layer.weight, layer.quant_state)):
                 logger.warning("the NF4 dequantise kernel disagrees with the torch path on %s; 4-bit layers "
