@@ -42,13 +42,13 @@ from torch import nn
 
 from ..models import nf4_kernels
 from ..models.linear4bit import Linear4bit, random_linear
-from ..models.nf4_kernels import end_tile, pdl_options, pick, sm_count, split_k, split_k_workspace, wait_for_inputs
+from ..models.nf4_kernels import (MAX_GROUP, as_group, block_r, end_tile, pdl_options, pick, sm_count, split_k,
+                                  split_k_workspace, wait_for_inputs)
 from . import lora_kernels
 
 logger = logging.getLogger("ahazero")
 
 MAX_ROWS = 32  # batches above this go to cuBLAS + the LoRA kernels (a GEMM, no longer a GEMV)
-MAX_GROUP = lora_kernels.MAX_GROUP
 BLOCK_O = 64
 BLOCK_K = 128
 NUM_WARPS = 4
@@ -105,33 +105,26 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
             num_stages: int = NUM_STAGES, programs_per_sm: int = PROGRAMS_PER_SM,
             min_k_per_split: int = MIN_K_PER_SPLIT) -> list[torch.Tensor]:
     N, K = x.shape
-    G = len(weights)
     outs = [w.shape[0] for w in weights]
     ys = [torch.empty(N, o, device=x.device, dtype=x.dtype) for o in outs]  # each [N, O_g]
     if N == 0:
         return ys
     ends = list(itertools.accumulate(triton.cdiv(o, block_o) for o in outs))  # each projection's last tile + 1
     tiles = ends[-1]
-    ends = ends + [tiles] * (MAX_GROUP - len(ends))
     splits, per_split = split_k(tiles, K, sm_count(x.device), programs_per_sm, min_k_per_split, block_k)
     block_n = max(16, triton.next_power_of_2(N))
     counts, partial = split_k_workspace(x.device, tiles)
     if splits > 1:
         partial = torch.empty(splits, tiles, block_o, block_n, device=x.device, dtype=torch.float32)
-    pad = MAX_GROUP - G
-
-    def padded(ts):
-        return list(ts) + [ts[0]] * pad
-
     has_lora = xa is not None
     R = lora_b[0].shape[1] if has_lora else 0
     _gemv_kernel[(tiles, splits)](
-        x, *padded(weights), *padded(biases if biases is not None else weights),
-        *padded(lora_b if has_lora else weights), *padded(ys), *(list(scales) + [0.0] * pad),
-        *(outs + [0] * pad), ends[0], ends[1], xa if has_lora else partial, partial, counts,
+        x, *as_group(weights), *as_group(biases if biases is not None else weights),
+        *as_group(lora_b if has_lora else weights), *as_group(ys), *as_group(scales), *as_group(outs),
+        *as_group(ends)[:2], xa if has_lora else partial, partial, counts,
         N, K, R, x.stride(0), K_PER_SPLIT=per_split,
         HAS_BIAS=biases is not None, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_K=block_k,
-        BLOCK_R=lora_kernels._block_r(R), DOT_F32=INTERPRET or x.dtype == torch.float32,
+        BLOCK_R=block_r(R), DOT_F32=INTERPRET or x.dtype == torch.float32,
         PRECISION=lora_kernels.DOT_PRECISION,
         num_warps=num_warps, num_stages=num_stages, **pdl_options(x.device))
     return ys

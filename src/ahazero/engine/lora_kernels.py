@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.nf4_kernels import pdl_options, pick, split_k_workspace, wait_for_inputs
+from ..models.nf4_kernels import as_group, block_r, pdl_options, pick, split_k_workspace, wait_for_inputs
 
-MAX_GROUP = 3  # q, k, v
 BLOCK_N = 16  # rows per program: small batches are the point, and a row block re-reads A and B from L2
 # The shrink is latency-bound at decode sizes (A is 32 x 1536 to 32 x 8960, x a few rows): its time is
 # the serial K loop of one program, so K is split finely and each program does one tile. H100, 2026-11-27,
@@ -105,10 +104,6 @@ def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R,
     tl.store(y_at, (y + scale * delta).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def _block_r(R: int) -> int:
-    return max(16, triton.next_power_of_2(R))
-
-
 def split_k_for(N: int) -> int:
     return SPLIT_K if N <= DECODE_ROWS else PREFILL_SPLIT_K
 
@@ -131,9 +126,9 @@ def _shrink(x: torch.Tensor, a: list[torch.Tensor], split_k: int | None = None, 
     counts, partial = split_k_workspace(x.device, row_blocks * G)
     if splits > 1:
         partial = torch.empty(splits, G, N, R, device=x.device, dtype=torch.float32)  # [S, G, N, R]
-    a = a + [a[0]] * (MAX_GROUP - G)
-    _shrink_kernel[(row_blocks, G, splits)](x, *a, partial, counts, out, N, K, R, x.stride(0), split_k, splits,
-                                            BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), BLOCK_K=block_k,
+    _shrink_kernel[(row_blocks, G, splits)](x, *as_group(a), partial, counts, out, N, K, R, x.stride(0), split_k,
+                                            splits,
+                                            BLOCK_N=BLOCK_N, BLOCK_R=block_r(R), BLOCK_K=block_k,
                                             PRECISION=precision or DOT_PRECISION, num_warps=num_warps,
                                             **pdl_options(x.device))
     return out
@@ -144,10 +139,9 @@ def _expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tensor], 
     """xa [G, N, R]; b: G tensors [O_g, R]; y: G tensors [N, O_g], updated in place."""
     G, N, R = xa.shape
     outs = [t.shape[1] for t in y]
-    pad = MAX_GROUP - G
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(max(outs), block_o), G)
-    _expand_kernel[grid](xa, *(b + [b[0]] * pad), *(y + [y[0]] * pad), *(list(scales) + [0.0] * pad),
-                         *(outs + [0] * pad), N, R, BLOCK_N=BLOCK_N, BLOCK_O=block_o, BLOCK_R=_block_r(R),
+    _expand_kernel[grid](xa, *as_group(b), *as_group(y), *as_group(scales), *as_group(outs), N, R,
+                         BLOCK_N=BLOCK_N, BLOCK_O=block_o, BLOCK_R=block_r(R),
                          PRECISION=precision or DOT_PRECISION, num_warps=num_warps, **pdl_options(xa.device))
 
 

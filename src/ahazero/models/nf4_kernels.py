@@ -191,6 +191,21 @@ def _split_x(a, b, dtype: tl.constexpr, X_PAIRS: tl.constexpr):
         return a, b
 
 
+MAX_GROUP = 3  # projections of one input per launch (q, k, v): `pick`'s three arguments
+
+
+def as_group(values) -> list:
+    """A group's per-projection kernel arguments as `pick`'s MAX_GROUP: a smaller group repeats its first
+    (never read: the kernels pick g < G)."""
+    values = list(values)
+    return values + [values[0]] * (MAX_GROUP - len(values))
+
+
+def block_r(R: int) -> int:
+    """The LoRA rank's block in the kernels' dots: R rounded up to a power of 2, at least 16 (tl.dot's least)."""
+    return max(16, triton.next_power_of_2(R))
+
+
 @triton.jit
 def pick(g, p0, p1, p2):
     """The g-th of three kernel arguments (a group of projections in one launch: q/k/v)."""
@@ -439,20 +454,16 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
     has_bias, has_lora = weights[0].bias is not None, xa is not None
     R = lora_b[0].shape[1] if has_lora else 0
 
-    def three(values):  # the kernel takes 3 of each: a smaller group repeats its first
-        values = list(values)
-        return values + [values[0]] * (3 - len(values))
-
     tables = [w.code if LOOKUP == "nibbles" else _pair_table(w.code) for w in weights]
     _nf4_gemv_kernel[(tiles, splits)](
-        x, *three(w.packed for w in weights), *three(w.absmax_q for w in weights),
-        *three(w.absmax2 for w in weights), *three(w.offset for w in weights), *three(tables),
-        *three(w.dyn for w in weights), *three(w.bias if has_bias else y for w, y in zip(weights, ys)),
-        *three(lora_b if has_lora else ys), *three(ys), *three(scales if has_lora else [0.0]), *three(outs),
-        *three(ends)[:2], xa if has_lora else partial, partial, counts,
+        x, *as_group(w.packed for w in weights), *as_group(w.absmax_q for w in weights),
+        *as_group(w.absmax2 for w in weights), *as_group(w.offset for w in weights), *as_group(tables),
+        *as_group(w.dyn for w in weights), *as_group(w.bias if has_bias else y for w, y in zip(weights, ys)),
+        *as_group(lora_b if has_lora else ys), *as_group(ys), *as_group(scales if has_lora else [0.0]), *as_group(outs),
+        *as_group(ends)[:2], xa if has_lora else partial, partial, counts,
         N, R, row_blocks, x.stride(0) // 2 if pairs else x.stride(0), per_split,
         HAS_BIAS=has_bias, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=BLOCK_O,
-        BLOCK_R=max(16, triton.next_power_of_2(R)), X_PAIRS=pairs, DOT_F32=INTERPRET or x.dtype == torch.float32,
+        BLOCK_R=block_r(R), X_PAIRS=pairs, DOT_F32=INTERPRET or x.dtype == torch.float32,
         FMA=fma, NIBBLES=LOOKUP == "nibbles", PREFETCH=PREFETCH, PRECISION=precision,
         num_warps=NUM_WARPS, num_stages=1, **pdl_options(x.device),
         enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
