@@ -90,7 +90,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from memory import (ASSETS, GIB, ROOT, SYSTEM_PROMPT, TARGETS, TOKENIZER, Meter,  # noqa: E402
-                    append_jsonl, importable, save_random_model)
+                    append_jsonl, importable, peak_composition, save_random_model)
 
 BACKENDS = ("ahazero", "unsloth", "trl")
 PEERS = ("unsloth", "trl")
@@ -191,10 +191,18 @@ class Run:
         torch.cuda.reset_peak_memory_stats = reset_peak_memory_stats
 
     def train(self, trainer) -> None:
+        recording = self.args.snapshot is not None and self.cuda
+        if recording:  # the whole run's allocation history (slows it: its times are not comparable)
+            self.torch.cuda.memory._record_memory_history(max_entries=2_000_000)
         t0 = time.perf_counter()
         trainer.train()
         self.meter.sync()
         self.record["train_s"] = time.perf_counter() - t0
+        if recording:
+            path = Path(self.args.snapshot) / f"{self.args.worker}.peak.txt"
+            path.write_text(peak_composition(self.torch.cuda.memory._snapshot()))
+            self.torch.cuda.memory._record_memory_history(enabled=None)
+            self.record["snapshot"] = str(path)
         self.update()
         self.record["status"] = "ok"
 
@@ -446,6 +454,7 @@ def worker_argv(args) -> list[str]:
             "--workdir", args.workdir]
     return (argv + (["--no-4bit"] if not args.load_in_4bit else []) + (["--smoke"] if args.smoke else [])
             + (["--lora-autocast"] if args.lora_autocast else [])
+            + (["--snapshot", str(Path(args.snapshot).resolve())] if args.snapshot else [])
             + (["--peer-path", str(Path(args.peer_path).resolve())] if args.peer_path else []))
 
 
@@ -502,6 +511,8 @@ def parent(args) -> None:
     if unknown:
         raise SystemExit(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    if args.snapshot:
+        Path(args.snapshot).mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--prepare"] + worker_argv(args)
     failure = run_subprocess(cmd, backend_env("ahazero", args), args.workdir, args.timeout)
     if failure:
@@ -556,6 +567,8 @@ def main(argv=None) -> None:
     p.add_argument("--peer-path", default=None, help="folder of unpacked peer wheels, first on the peers' PYTHONPATH")
     p.add_argument("--timeout", type=float, default=240, help="seconds per backend subprocess")
     p.add_argument("--out", default=None, help="JSONL file to append one line per backend to")
+    p.add_argument("--snapshot", default=None, help="folder for each backend's <backend>.peak.txt: what is "
+                   "allocated at the run's peak, by allocation site (records the whole run, which slows it)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ahazero-bench-grpo-step"))
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

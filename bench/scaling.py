@@ -86,13 +86,14 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| GPUs | steps/s | s/step | speed-up | peak GiB (max over ranks) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| GPUs | steps/s | s/step | rollout s | update s | speed-up | peak GiB (max over ranks) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "steps_per_s" not in r:
-            print(f"| {r['gpus']} | {r.get('error', '')[:80]} | | | |")
+            print(f"| {r['gpus']} | {r.get('error', '')[:80]} | | | | | |")
             continue
-        print(f"| {r['gpus']} | {r['steps_per_s']:.3f} | {1 / r['steps_per_s']:.2f} | {r['speedup']:.2f}x | "
+        split = " | ".join("" if r.get(k) is None else f"{r[k]:.2f}" for k in ("rollout_s", "update_s"))
+        print(f"| {r['gpus']} | {r['steps_per_s']:.3f} | {1 / r['steps_per_s']:.2f} | {split} | {r['speedup']:.2f}x | "
               f"{r['peak_gib']:.1f} |")
 
 
@@ -137,12 +138,17 @@ class StepClock:
 
     def __init__(self, warmup: int, meter):
         self.warmup, self.meter, self.ends = warmup, meter, []
+        self.split: list[tuple[float, float]] = []  # this rank's (rollout s, update s) of each measured step
 
     def on_step_end(self, args, state, control, **kwargs):
         self.meter.sync()
         self.ends.append(time.perf_counter())
         if state.global_step == self.warmup:
             self.meter.reset()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.global_step > self.warmup and logs and "timing/rollout_s" in logs:
+            self.split.append((logs["timing/rollout_s"], logs["timing/update_s"]))
 
 
 def build_model(args, device):
@@ -220,7 +226,9 @@ def worker_result(args, wl: dict, world: int, clock: StepClock, peak: float, dev
     seconds = clock.ends[-1] - clock.ends[args.warmup - 1] if args.warmup else None
     steps_per_s = args.steps / seconds if seconds else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rollout_s, update_s = (sum(x) / len(x) for x in zip(*clock.split)) if clock.split else (None, None)
     return dict(gpus=world, steps_per_s=steps_per_s, step_s=[b - a for a, b in zip(clock.ends, clock.ends[1:])],
+                rollout_s=rollout_s, update_s=update_s,  # rank 0's mean over the measured steps
                 completion_tokens_per_s=steps_per_s * wl["prompts"] * wl["n"] * wl["new_tokens"] if steps_per_s else None,
                 peak_gib=peak, device=name, backend="nccl" if device.type == "cuda" else "gloo",
                 sharding="fsdp2" if args.mode == "full" and world > 1 else ("ddp" if world > 1 else "none"),

@@ -311,17 +311,36 @@ def test_split_chunks_to_count_splits_the_chunk_of_most_tokens():
         assert [i for a, b in chunks for i in range(a, b)] == list(range(30))  # every row once, in order
 
 
-def test_an_out_of_memory_chunk_is_split_and_its_partial_gradients_undone(model_dir, tmp_path, monkeypatch):
-    """A chunk of more than 2 rows 'runs out of memory' halfway through its backward (a LoRA gradient
-    already polluted): it is split until it fits, and the step equals one run in chunks of 2 rows."""
+def test_capped_chunks_cuts_long_chunks_into_pieces_of_at_most_max_rows():
+    from ahazero.grpo.packing import capped_chunks
+    assert capped_chunks([(0, 5), (5, 6), (6, 9)], 2) == [(0, 2), (2, 4), (4, 5), (5, 6), (6, 8), (8, 9)]
+    assert capped_chunks([(0, 5), (5, 6)], None) == [(0, 5), (5, 6)]
+    for max_rows in range(1, 8):
+        chunks = [(0, 3), (3, 10), (10, 11)]
+        capped = capped_chunks(chunks, max_rows)
+        assert [i for a, b in capped for i in range(a, b)] == list(range(11))  # every row once, in order
+        assert all(0 < b - a <= max_rows for a, b in capped)
+        assert all(any(a >= c and b <= d for c, d in chunks) for a, b in capped)  # no piece spans two chunks
+
+
+@pytest.mark.parametrize("failing_pass", ["policy", "reference"])
+def test_an_out_of_memory_chunk_runs_again_in_smaller_chunks(model_dir, tmp_path, monkeypatch, failing_pass):
+    """A chunk of more than 2 rows 'runs out of memory'. In the policy pass it does so halfway through its
+    backward (a LoRA gradient already polluted): the step's gradients are dropped and its chunks run again,
+    at most half as many rows each, until they fit (no gradient copy is kept to undo one chunk). In the
+    reference pass (no gradients) the chunk is retried in halves. Either way the step equals one run in
+    chunks of 2 rows."""
     import ahazero.grpo.trainer as trainer_module
     real, attempts = trainer_module.policy_logps, []
 
     def flaky(model, batch, *args, **kwargs):
+        if torch.is_grad_enabled() != (failing_pass == "policy"):
+            return real(model, batch, *args, **kwargs)
         attempts.append(len(batch))
         if len(batch) > 2:
-            lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
-            (lora_b * 1000.0).sum().backward()  # a backward that got halfway
+            if torch.is_grad_enabled():
+                lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+                (lora_b * 1000.0).sum().backward()  # a backward that got halfway
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(model, batch, *args, **kwargs)
 
@@ -334,17 +353,18 @@ def test_an_out_of_memory_chunk_is_split_and_its_partial_gradients_undone(model_
         args = GRPOConfig(output_dir=str(tmp_path / mode), max_steps=1, num_generations=4,
                           per_device_train_batch_size=8, max_prompt_length=None, max_completion_length=12,
                           optim="sgd", learning_rate=1.0, seed=7, disable_tqdm=True, micro_batch_tokens=10**6,
-                          micro_batch_size=None if mode == "split" else 2)
+                          micro_batch_size=None if mode == "split" else 2,
+                          beta=0.04 if failing_pass == "reference" else 0.0)
         trainer = GRPOTrainer(model=model, processing_class=tok, args=args, train_dataset=data,
                               reward_funcs=odd_token_reward, generator=VariedLengths(model, tok))
         if mode == "split":
             trainer.split_on_oom = True  # as on CUDA
             monkeypatch.setattr(trainer_module, "policy_logps", flaky)
-            with pytest.warns(UserWarning, match="out of memory on a chunk of 8 rows"):
+            with pytest.warns(UserWarning, match="out of memory on a chunk of 8 rows: chunks of at most 4 rows"):
                 trainer.train()
             monkeypatch.undo()
-            assert attempts == [8, 4, 2, 2, 4, 2, 2]
-            assert trainer.micro_batch_tokens == 10**6 // 8
+            assert attempts == [8, 4, 2, 2, 2, 2]
+            assert trainer.max_chunk_rows == 2 and trainer.micro_batch_tokens == 10**6 // 4
         else:
             trainer.train()
         adapters[mode] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}

@@ -205,6 +205,14 @@ def token_budget_chunks(row_tokens: list[int], budget: int) -> list[tuple[int, i
     return chunks
 
 
+def capped_chunks(chunks: list[tuple[int, int]], max_rows: int | None) -> list[tuple[int, int]]:
+    """`chunks` with each of more than `max_rows` rows cut into consecutive pieces of at most `max_rows`
+    rows (the last may be shorter); all of them as they are when `max_rows` is None."""
+    if max_rows is None:
+        return list(chunks)
+    return [(i, min(i + max_rows, stop)) for start, stop in chunks for i in range(start, stop, max_rows)]
+
+
 def split_chunks_to_count(chunks: list[tuple[int, int]], row_tokens: list[int],
                           count: int) -> list[tuple[int, int]]:
     """`chunks` with the one of most tokens (of 2+ rows) split into two halves of its rows, again and

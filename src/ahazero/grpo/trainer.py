@@ -45,8 +45,8 @@ from .batch import RolloutBatch, build_batch
 from .config import GRPOConfig
 from .logprobs import chunked_token_logprobs
 from .loss import aggregate_loss, loss_normalizers, normalizers_from_counts, per_token_loss
-from .packing import (pack_rollouts, packing_fallback_reason, padded_to_multiple, split_chunks_to_count,
-                      token_budget_chunks, unpack_to_rows, varlen_context)
+from .packing import (capped_chunks, pack_rollouts, packing_fallback_reason, padded_to_multiple,
+                      split_chunks_to_count, token_budget_chunks, unpack_to_rows, varlen_context)
 from .optimizers import AdamW8bit
 from .progress import MetricsLogger, NullLogger
 
@@ -87,6 +87,7 @@ class GRPOTrainer:
         self.optimizer = self.scheduler = None
         self._warned_truncation = False
         self.micro_batch_tokens = self.args.micro_batch_tokens  # halved after an out-of-memory split
+        self.max_chunk_rows: int | None = None  # rows per chunk at most, once a chunk ran out of memory
         self.split_on_oom = self.device.type == "cuda"  # out-of-memory chunks are split and retried
         self.autocast_dtype = _autocast_dtype(model) if self.args.lora_autocast else None
         self.padding_free_reason: str | None = None  # why the padded forward is used (set at the first forward)
@@ -337,32 +338,36 @@ class GRPOTrainer:
         if fsdp.is_sharded(self.model):
             count = int(dist.all_reduce_max(torch.tensor([len(chunks)])).item())  # the most of any rank
             chunks = split_chunks_to_count(chunks, row_tokens, count)
-        return chunks
+        return capped_chunks(chunks, self.max_chunk_rows)
 
-    def _for_each_chunk(self, b: RolloutBatch, run, restore_grads: bool = False) -> None:
+    def _for_each_chunk(self, b: RolloutBatch, run, with_grads: bool = False) -> None:
         """`run(start, stop)` over `_chunks(b)`. Where `split_on_oom` (CUDA), a chunk of several rows that
-        runs out of memory is split in two and retried, after undoing its partial gradients (kept only
-        when the trainable parameters are small, as LoRA's are); the token budget is halved from then on.
+        runs out of memory makes every later chunk at most half its rows (and halves the token budget).
+        Without gradients the chunk is retried in halves. With gradients (`with_grads`) its backward may
+        have added to some of them, so `_RestartStep` asks the caller to zero them and run the step's
+        chunks again: nothing is copied to undo a chunk, so no second set of gradients is ever held.
         Never under FSDP2: the other ranks would wait for collectives of chunks they do not have."""
         pending = self._chunks(b)
         while pending:
             start, stop = pending.pop(0)
             can_split = self.split_on_oom and not fsdp.is_sharded(self.model) and stop - start > 1
-            saved = _grad_snapshot(self.trainable_parameters) if can_split and restore_grads else None
             try:
                 run(start, stop)
                 continue
             except torch.OutOfMemoryError:
-                if not can_split or (restore_grads and saved is None):
+                if not can_split:
                     raise
             # out of the except block, so the traceback's frames (and their tensors) are gone
-            _grad_restore(self.trainable_parameters, saved)
             _free_cuda_memory()
+            rows = max(1, (stop - start) // 2)
+            self.max_chunk_rows = min(rows, self.max_chunk_rows or rows)
             self.micro_batch_tokens = max(1, self.micro_batch_tokens // 2)
-            warnings.warn(f"out of memory on a chunk of {stop - start} rows: split in two and retried; "
-                          f"micro_batch_tokens is {self.micro_batch_tokens} from now on", stacklevel=2)
-            mid = (start + stop) // 2
-            pending[:0] = [(start, mid), (mid, stop)]
+            warnings.warn(f"out of memory on a chunk of {stop - start} rows: chunks of at most {self.max_chunk_rows} "
+                          f"rows and micro_batch_tokens={self.micro_batch_tokens} from now on"
+                          + ("; the step's chunks run again" if with_grads else ""), stacklevel=2)
+            if with_grads:
+                raise _RestartStep
+            pending = capped_chunks([(start, stop)] + pending, self.max_chunk_rows)
 
     # ---------------------------------------------------------------------------------------------
     def optimizer_step(self, batches: list[RolloutBatch], first_iteration: bool = True) -> dict:
@@ -375,7 +380,41 @@ class GRPOTrainer:
                                                   a.max_completion_length)
         else:
             normalizers = loss_normalizers(a.loss_type, [b.completion_mask for b in batches], a.max_completion_length)
-        sums = _StatSums()
+        while True:
+            sums = _StatSums()
+            try:
+                self._accumulate_gradients(batches, normalizers, sums, first_iteration)
+                break
+            except _RestartStep:  # a chunk ran out of memory: drop its partial gradients, run in smaller chunks
+                self.optimizer.zero_grad(set_to_none=True)
+                _free_cuda_memory()
+        if self.world_size > 1:
+            dist.all_reduce_grads_(self.trainable_parameters)
+            sums.reduce_over_ranks()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters,
+                                                         a.max_grad_norm if a.max_grad_norm else float("inf")))
+        lr = self.optimizer.param_groups[0]["lr"]
+        finite = math.isfinite(grad_norm) and math.isfinite(sums.loss)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {**sums.metrics(with_kl=a.beta > 0), "grad_norm": grad_norm, "learning_rate": lr,
+                   "nonfinite_skipped": 0 if finite else 1}
+        if self.nonfinite_in_a_row >= a.max_nonfinite_steps:
+            raise FloatingPointError(f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                                     f"(loss={sums.loss}, grad_norm={grad_norm}); each was skipped, so the weights "
+                                     "are those of the last finite step. Lower learning_rate or max_grad_norm, or "
+                                     "check the reward functions for inf values.")
+        return metrics
+
+    def _accumulate_gradients(self, batches: list[RolloutBatch], normalizers: list, sums: "_StatSums",
+                              first_iteration: bool) -> None:
+        """Forward and backward of every chunk of every accumulation step: the step's gradients, summed."""
+        a = self.args
         for s, batch in enumerate(batches):
             def run(start: int, stop: int, s=s, batch=batch) -> None:
                 chunk = batch.rows(start, stop).to(self.device)
@@ -400,29 +439,7 @@ class GRPOTrainer:
                 with varlen_context(decoder_and_head(self.model)[0]) if packed else contextlib.nullcontext():
                     run(start, stop)
 
-            self._for_each_chunk(batch, run_packed_or_padded, restore_grads=True)
-        if self.world_size > 1:
-            dist.all_reduce_grads_(self.trainable_parameters)
-            sums.reduce_over_ranks()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters,
-                                                         a.max_grad_norm if a.max_grad_norm else float("inf")))
-        lr = self.optimizer.param_groups[0]["lr"]
-        finite = math.isfinite(grad_norm) and math.isfinite(sums.loss)
-        if finite:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.nonfinite_in_a_row = 0
-        else:
-            self.nonfinite_in_a_row += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        metrics = {**sums.metrics(with_kl=a.beta > 0), "grad_norm": grad_norm, "learning_rate": lr,
-                   "nonfinite_skipped": 0 if finite else 1}
-        if self.nonfinite_in_a_row >= a.max_nonfinite_steps:
-            raise FloatingPointError(f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
-                                     f"(loss={sums.loss}, grad_norm={grad_norm}); each was skipped, so the weights "
-                                     "are those of the last finite step. Lower learning_rate or max_grad_norm, or "
-                                     "check the reward functions for inf values.")
-        return metrics
+            self._for_each_chunk(batch, run_packed_or_padded, with_grads=True)
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes (every rank holds the same weights and optimizer state, or, with FSDP2, every rank
@@ -452,6 +469,10 @@ _OOM_ADVICE = ("out of GPU memory. The knobs, from most to least effective: max_
                "num_generations ({g}), per_device_train_batch_size ({b}; raise gradient_accumulation_steps to keep "
                "the batch), micro_batch_size, use_gradient_checkpointing='offload' in get_peft_model, and a lower "
                "gpu_memory_utilization in from_pretrained (less for the rollout KV cache).")
+
+
+class _RestartStep(Exception):
+    """A chunk ran out of memory after its backward may have added to the gradients: run the step again."""
 
 
 class _StopOnSignal:
@@ -667,23 +688,6 @@ def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     return torch.randperm(n, generator=g)
-
-
-_SNAPSHOT_LIMIT_BYTES = 2**30  # gradients this small are copied before each chunk, to undo an OOM'd backward
-
-
-def _grad_snapshot(params) -> list | None:
-    """Copies of the parameters' gradients (None where unset), or None when they are too big to copy."""
-    if sum(p.numel() * p.element_size() for p in params) > _SNAPSHOT_LIMIT_BYTES:
-        return None
-    return [None if p.grad is None else p.grad.clone() for p in params]
-
-
-def _grad_restore(params, saved) -> None:
-    if saved is None:
-        return
-    for p, g in zip(params, saved):
-        p.grad = g
 
 
 def _free_cuda_memory() -> None:
