@@ -293,6 +293,7 @@ def run_ahazero(args, run: Run, folder: Path) -> None:
                           train_dataset=rows, callbacks=[run.clock])
     run.record.update(prompt_tokens_max=longest, **ahazero_details(model, trainer))
     run.train(trainer)
+    run.record.update(ahazero_details(model, trainer))  # the KV cache exists once a rollout ran
 
 
 def ahazero_details(model, trainer) -> dict:
@@ -300,10 +301,12 @@ def ahazero_details(model, trainer) -> dict:
     engine's KV-cache size, and how many linear layers load_in_4bit kept in 16 bit."""
     gen = trainer.generator
     out = dict(rollout_backend=type(gen).__name__, version=f"ahazero {_version('ahazero')}")
-    kv = getattr(getattr(getattr(gen, "runner", None), "kv", None), "data", None)
-    if kv is not None:
-        out["kv_cache_gib"] = kv.numel() * kv.element_size() / GIB
-        out["kv_slots"] = gen.runner.allocated_slots
+    runner = getattr(gen, "runner", None)
+    if runner is not None:  # the cache may be released between calls (EngineConfig.release_kv): its size
+        slots = runner.allocated_slots
+        out["kv_cache_gib"] = slots * runner.kv_shape.slot_bytes(runner.config.max_seq_length, runner.config.dtype) / GIB
+        out["kv_slots"] = slots
+        out["kv_moves"] = runner.kv_moves
     report = getattr(model, "ahazero_quantization", None)
     if report is not None:
         out["nf4_kept_16bit"] = len(report.kept_16bit)

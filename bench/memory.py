@@ -243,7 +243,7 @@ def measure(step, meter: Meter, warmup: int, snapshot: str | None = None, profil
 
 def peak_composition(snapshot: dict, rows: int = 25) -> str:
     """What is allocated at the recorded history's peak: the live blocks at that moment, summed by the
-    innermost frame of ahazero, transformers or peft code (else the innermost Python frame), largest first;
+    innermost three frames of ahazero, transformers or peft code (else the innermost Python frame), largest first;
     blocks already freed by Python but waiting for another stream to reach the free (record_stream) are
     counted apart. `snapshot`: torch.cuda.memory._snapshot() (events alloc / free_requested /
     free_completed, with sizes and frames)."""
@@ -279,13 +279,14 @@ def peak_composition(snapshot: dict, rows: int = 25) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _site(frames: list[dict]) -> str:
-    """The innermost frame in ahazero, transformers or peft (file:line function), else the innermost one."""
+def _site(frames: list[dict], depth: int = 3) -> str:
+    """The innermost `depth` frames in ahazero, transformers or peft (file:line function, innermost first,
+    joined by " < "), else the innermost Python frame."""
     def name(f):
         return f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
-    for f in frames:
-        if any(k in f["filename"] for k in ("ahazero", "transformers", "peft")):
-            return name(f)
+    ours = [name(f) for f in frames if any(k in f["filename"] for k in ("ahazero", "transformers", "peft"))]
+    if ours:
+        return " < ".join(ours[:depth])
     python = [f for f in frames if f["filename"].endswith(".py")]
     return name(python[0]) if python else "?"
 

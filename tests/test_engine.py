@@ -90,6 +90,47 @@ def test_padded_bucket_path_matches_eager(tok):
                                    torch.tensor([c.logprobs for c in b.outputs]))
 
 
+@pytest.mark.parametrize("same_address", [True, False])
+def test_released_kv_cache_keeps_its_graphs_only_at_the_same_address(tok, monkeypatch, same_address):
+    """release_kv frees the cache after each call and the next call allocates it again. The decode graphs
+    (which hold the cache's address) are kept when the new cache lands where the old one was, as the
+    caching allocator places it when nothing kept part of the freed block, and rebuilt when it does not;
+    after MAX_KV_MOVES moves the cache is kept. The outputs equal an engine that keeps its cache."""
+    from ahazero.engine import runner as runner_module
+    kept = []  # same_address: the one block every cache gets; else every cache, kept alive so none repeats
+
+    class Placed(runner_module.KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            if same_address and kept:
+                self.data = kept[0].zero_()
+            kept.append(self.data)
+
+    m = model("qwen2")
+    prompts = prompt_ids(tok)[:3]
+    params = SamplingParams(temperature=0.9, max_tokens=10, n=2, seed=3, ignore_eos=True)
+    options = dict(cuda_graphs=True, graph_batch_sizes=(1, 2, 4, 6), kv_len_bucket=8)
+    keeping = engine(m, tok, release_kv=False, **options)
+    monkeypatch.setattr(runner_module, "KVCache", Placed)
+    releasing = engine(m, tok, release_kv=True, **options)
+    graphs = []
+    for call in range(runner_module.MAX_KV_MOVES + 2):
+        expected, got = keeping.generate(prompts, params), releasing.generate(prompts, params)
+        for a, b in zip(expected, got):
+            assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+            assert [c.logprobs for c in a.outputs] == [c.logprobs for c in b.outputs]
+        assert releasing.runner.allocated_slots == 6
+        graphs.append(releasing.runner.graphs)
+        moves = 0 if same_address else min(call, runner_module.MAX_KV_MOVES)
+        assert releasing.runner.kv_moves == moves
+        assert (releasing.runner.kv is None) == (moves < runner_module.MAX_KV_MOVES)  # released, or kept for good
+    if same_address:
+        assert all(g is graphs[0] for g in graphs)
+    else:
+        assert len({id(g) for g in graphs[:runner_module.MAX_KV_MOVES + 1]}) == runner_module.MAX_KV_MOVES + 1
+        assert graphs[-1] is graphs[-2]  # kept: no more moves
+
+
 def test_decode_step_traces_with_dynamo(tok):
     """torch.compile(dynamic=True) of the decoder layer gives the eager tokens, and its graphs are as
     large for 4 layers as for 2: one trace serves every layer (compile time does not grow with depth)."""

@@ -39,6 +39,30 @@ def test_attention_function_matches_dense_masked_attention(lengths):
         varlen.varlen_attention_forward(None, q, k, v, None, position_ids=positions, sliding_window=max(lengths) - 1)
 
 
+def test_one_sequence_runs_causal_sdpa_with_the_dense_gradients(monkeypatch):
+    """A packed row of one sequence goes to SDPA with is_causal (not the varlen or batched path), with
+    grouped-query K/V as they are; its output and gradients equal the dense masked reference's."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(varlen.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
+    monkeypatch.setattr(varlen, "batched_attention", None)  # must not be reached
+    torch.manual_seed(3)
+    S, Hq, Hkv, D = 11, 6, 2, 8
+    q, k, v = (torch.randn(1, h, S, D, dtype=torch.float64, requires_grad=True) for h in (Hq, Hkv, Hkv))
+    out, _ = varlen.varlen_attention_forward(None, q, k, v, None, scaling=0.4, position_ids=torch.arange(S)[None])
+    assert out.shape == (1, S, Hq, D) and len(calls) == 1 and calls[0]["is_causal"]
+    assert calls[0].get("enable_gqa", False) == (torch.__version__ >= "2.5")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+    want_out = dense_reference(qd[0].transpose(0, 1), kd[0].transpose(0, 1), vd[0].transpose(0, 1), [S], 0.4)
+    want = torch.autograd.grad(want_out, (qd, kd, vd), grad[0])
+    torch.testing.assert_close(out[0], want_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("arch", tiny.ARCHS)
 def test_packed_forward_runs_varlen_and_equals_each_sequence_alone(arch, monkeypatch):
     calls, found = [], []

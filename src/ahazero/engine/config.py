@@ -43,6 +43,11 @@ class EngineConfig:
     `kv_len_bucket`: decode attends over the first multiple of this many cache positions that covers
     the longest running sequence (one graph per bucket), not over the whole slot.
     `graph_batch_sizes`: the batch-size buckets; a batch runs in the smallest bucket that holds it.
+    `release_kv` frees the KV cache when a `generate` call returns (on CUDA by default), so that what runs
+    between calls (a GRPO update) has its memory; the next call allocates it again. The decode graphs hold
+    the cache's address: they are kept when the new cache lands at the old address (the caching allocator
+    gives the freed block back when nothing kept part of it) and captured again when it does not; after
+    `MAX_KV_MOVES` such moves the cache is kept for good.
     """
     max_seq_length: int
     device: torch.device
@@ -60,6 +65,7 @@ class EngineConfig:
     gemv_kernels: bool | None = None
     sample_kernel: bool | None = None
     kv_len_bucket: int = 128
+    release_kv: bool | None = None
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192,
                                                         224, 256, 320, 384, 448, 512))
 
@@ -78,6 +84,8 @@ class EngineConfig:
         self.max_prefill_tokens = max(self.max_prefill_tokens, self.max_seq_length)
         if self.cuda_graphs is None:
             self.cuda_graphs = on_cuda
+        if self.release_kv is None:
+            self.release_kv = on_cuda
         if self.compile is None:
             self.compile = False  # slower than the fused kernels on an H100, and 15-18 s to compile
         triton_kernels = on_cuda and importlib.util.find_spec("triton") is not None

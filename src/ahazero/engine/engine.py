@@ -116,6 +116,8 @@ class LLMEngine:
         finally:
             self.inflight = None  # only finished sequences are left in it (or an error stopped us)
             self.scheduler.clear()
+            if self.config.release_kv:
+                self.runner.release()  # its memory goes to what runs until the next call (a GRPO update)
         return [self._output(group, params) for group in groups]
 
     def step(self, call: _Call) -> None:

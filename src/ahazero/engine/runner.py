@@ -15,6 +15,11 @@ from .models import llama
 from .sequence import Sequence
 
 
+# KV caches that landed at a new address (and so cost a re-capture of the decode graphs) before `release_kv`
+# stops releasing: the allocator keeps placing something in the freed block
+MAX_KV_MOVES = 3
+
+
 class ModelRunner:
 
     def __init__(self, model, config: EngineConfig):
@@ -23,6 +28,8 @@ class ModelRunner:
         self.kv_shape = llama.kv_shape(causal_lm)
         self.max_slots = num_slots_for(config, self.kv_shape, _workspace_bytes(causal_lm.config, config))
         self.kv: KVCache | None = None  # allocated by ensure_slots, for the sequences a call runs
+        self.released: tuple[int, int] | None = None  # (slots, address) of the cache release_kv freed
+        self.kv_moves = 0  # re-allocated caches that did not land at the released one's address
         self.rope = llama.rope_table(causal_lm, config.max_seq_length, config.device, config.dtype)
         self.attend = decode_attention_triton if config.attention == "triton" else decode_attention
         self.graphs: DecodeGraphs | None = None
@@ -32,17 +39,35 @@ class ModelRunner:
         """Hold a KV cache of at least min(wanted, max_slots) slots. The cache is sized to what a call
         runs (a GRPO step's rollouts), not to all the memory `gpu_memory_utilization` allows, so the
         training step keeps the rest; a larger call re-allocates it (and its graphs, which hold its
-        addresses)."""
+        addresses). A cache freed by `release` comes back at its own size."""
         wanted = min(wanted, self.max_slots)
         if self.kv is not None and self.kv.num_slots >= wanted:
             return
-        self.kv = self.graphs = None  # free the old cache before the new one is allocated
-        self.kv = KVCache(self.kv_shape, wanted, self.config.max_seq_length, self.config.device, self.config.dtype)
+        released, self.released = self.released, None
+        if self.kv is None and released is not None and released[0] >= wanted:
+            slots, address = released
+            self.kv = KVCache(self.kv_shape, slots, self.config.max_seq_length, self.config.device, self.config.dtype)
+            if self.kv.data.data_ptr() == address:
+                return  # the decode graphs read this very memory: they stay valid
+            self.kv_moves += 1
+        else:
+            self.kv = self.graphs = None  # free the old cache (and its graphs) before the new one is allocated
+            self.kv = KVCache(self.kv_shape, wanted, self.config.max_seq_length, self.config.device, self.config.dtype)
+        self.graphs = None  # they hold the old cache's address
+        wanted = self.kv.num_slots
         if self.use_graphs:
             sizes = [b for b in self.config.graph_batch_sizes if b < wanted] + [wanted]
             self.graphs = DecodeGraphs(self._decode_step(self.config), sizes, self.config.max_seq_length,
                                        self.config.device, capture=self.config.device.type == "cuda",
                                        eager_step=self._decode_step(None))
+
+    def release(self) -> None:
+        """Free the KV cache between calls (`EngineConfig.release_kv`); ensure_slots allocates it again,
+        keeping the decode graphs where it lands at the same address. A no-op once MAX_KV_MOVES caches moved."""
+        if self.kv is None or self.kv_moves >= MAX_KV_MOVES:
+            return
+        self.released = (self.kv.num_slots, self.kv.data.data_ptr())
+        self.kv = None
 
     def _decode_step(self, config: EngineConfig | None):
         """The function the graphs capture: (weights, ids [B], meta) -> logits [B, V]. When asked, the
@@ -60,7 +85,10 @@ class ModelRunner:
 
     @property
     def allocated_slots(self) -> int:
-        return 0 if self.kv is None else self.kv.num_slots
+        """Slots of the cache held, or of the one released between calls."""
+        if self.kv is not None:
+            return self.kv.num_slots
+        return 0 if self.released is None else self.released[0]
 
     @torch.no_grad()
     def prefill(self, weights, seqs: list[Sequence]) -> torch.Tensor:
