@@ -266,6 +266,9 @@ def make_step_clock(run: Run):
             if logs:
                 self.logs.append({k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
+        def on_save(self, args, state, control, **kwargs):  # does writing a checkpoint raise the peak?
+            run.record.setdefault("peak_after_save_gib", []).append(run.meter.peak())
+
     return StepClock()
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..models.layer_graphs import capture_stream
 from .attention import DecodeMetadata
 
 
@@ -63,7 +64,7 @@ class DecodeGraphs:
             return _Graph(weights, replay, output)
         self._warm_up(weights, ids, meta)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream()):  # the warm-up's stream
             output.append(self.step(weights, ids, meta))  # [bucket, V]
         self.pool = graph.pool()
         return _Graph(weights, graph.replay, output)
@@ -71,7 +72,7 @@ class DecodeGraphs:
     def _warm_up(self, weights, ids, meta) -> None:
         """Run once on a side stream before capture (compiles, picks kernels); falls back to eager
         if torch.compile fails. The run writes the same KV the real step will write, so it is harmless."""
-        stream = torch.cuda.Stream()
+        stream = capture_stream()  # one for every warm-up and capture: cuBLAS keeps a workspace per stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             try:

@@ -209,12 +209,21 @@ def _get_statics(shape_key, hidden, kw_tensors, cu) -> _Statics:
     return statics
 
 
-def _streams():
-    global _pool, _capture_stream
+def capture_stream() -> torch.cuda.Stream:
+    """The one side stream on which every CUDA graph of this process is warmed up and captured (these layer
+    graphs and the engine's decode graphs). cuBLAS keeps a workspace (32 MiB on Hopper) for each stream it
+    ever ran on, for the life of the process: a new stream per capture would leave one behind each time."""
+    global _capture_stream
     if _capture_stream is None:
         _capture_stream = torch.cuda.Stream()
-        _pool = torch.cuda.graph_pool_handle()
     return _capture_stream
+
+
+def _streams():
+    global _pool
+    if _pool is None:
+        _pool = torch.cuda.graph_pool_handle()
+    return capture_stream()
 
 
 def _packed(function) -> tuple[torch.Tensor, torch.Tensor, int] | None:
