@@ -281,6 +281,10 @@ def max_seq_length(args) -> int:
 def run_ahazero(args, run: Run, folder: Path) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from ahazero import FastLanguageModel, GRPOConfig, GRPOTrainer
+    if args.tile_tokens:
+        from ahazero.models import tiled_mlp
+        tiled_mlp.TILE_TOKENS = args.tile_tokens
+        run.record["tile_tokens"] = args.tile_tokens
     model, tok = FastLanguageModel.from_pretrained(
         model_name=str(folder), max_seq_length=max_seq_length(args), load_in_4bit=args.load_in_4bit,
         fast_inference=True, max_lora_rank=args.lora_rank, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -461,6 +465,7 @@ def worker_argv(args) -> list[str]:
     return (argv + (["--no-4bit"] if not args.load_in_4bit else []) + (["--smoke"] if args.smoke else [])
             + (["--lora-autocast"] if args.lora_autocast else [])
             + (["--snapshot", str(Path(args.snapshot).resolve())] if args.snapshot else [])
+            + (["--tile-tokens", str(args.tile_tokens)] if args.tile_tokens else [])
             + (["--peer-path", str(Path(args.peer_path).resolve())] if args.peer_path else []))
 
 
@@ -573,6 +578,8 @@ def main(argv=None) -> None:
     p.add_argument("--peer-path", default=None, help="folder of unpacked peer wheels, first on the peers' PYTHONPATH")
     p.add_argument("--timeout", type=float, default=240, help="seconds per backend subprocess")
     p.add_argument("--out", default=None, help="JSONL file to append one line per backend to")
+    p.add_argument("--tile-tokens", type=int, default=0, help="ahazero's MLP token tile (models/tiled_mlp.py "
+                   "TILE_TOKENS; 0: its default)")
     p.add_argument("--snapshot", default=None, help="folder for each backend's <backend>.peak.txt: what is "
                    "allocated at the run's peak, by allocation site (records the whole run, which slows it)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ahazero-bench-grpo-step"))

@@ -230,6 +230,37 @@ def test_state_dict_round_trip(through_disk):
                                             for k in a)
 
 
+def test_paged_state_stays_in_its_own_buffers_and_updates_as_unpaged(monkeypatch):
+    """paged=True (CUDA parameters: state in pinned CPU memory, copied in and back inside step): the same
+    parameters and state as unpaged, every state tensor written back into the buffer it started in, and a
+    state dict that loads back paged. On the CPU the paging is forced (no pinning) to run that path."""
+    from ahazero.grpo import optimizers
+    monkeypatch.setattr(optimizers, "_pages", lambda p, paged: paged)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    kw = dict(lr=3e-3, weight_decay=0.05)
+    plain, paged = make_params(), make_params()
+    opt_plain, opt_paged = AdamW8bit(plain, **kw), AdamW8bit(paged, paged=True, **kw)
+    run_steps(plain, opt_plain, 1, seed=5)
+    run_steps(paged, opt_paged, 1, seed=5)
+    buffers = {id(p): {k: v for k, v in opt_paged.state[p].items() if torch.is_tensor(v)} for p in paged}
+    run_steps(plain, opt_plain, 3, seed=6)
+    run_steps(paged, opt_paged, 3, seed=6)
+    for a, b in zip(paged, plain):
+        assert torch.equal(a, b)
+    for p, q in zip(paged, plain):
+        state, want = opt_paged.state[p], opt_plain.state[q]
+        assert state["step"] == want["step"] == 4
+        for key, buffer in buffers[id(p)].items():
+            assert state[key] is buffer and torch.equal(buffer, want[key])
+    resumed = [p.detach().clone().requires_grad_() for p in paged]
+    opt_resumed = AdamW8bit(resumed, paged=True, **kw)
+    opt_resumed.load_state_dict(opt_paged.state_dict())
+    run_steps(resumed, opt_resumed, 2, seed=7)
+    run_steps(plain, opt_plain, 2, seed=7)
+    for a, b in zip(resumed, plain):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("optim, cls", [("adamw_8bit", AdamW8bit), ("paged_adamw_8bit", AdamW8bit),
                                         ("paged_adamw_32bit", torch.optim.AdamW)])
 def test_make_optimizer(tmp_path, optim, cls):
@@ -237,5 +268,6 @@ def test_make_optimizer(tmp_path, optim, cls):
                       adam_epsilon=1e-7, weight_decay=0.1)
     opt = make_optimizer([torch.zeros(8, requires_grad=True)], args)
     assert type(opt) is cls
+    assert getattr(opt, "paged", False) == (optim == "paged_adamw_8bit")
     group = opt.param_groups[0]
     assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == (3e-4, (0.8, 0.95), 1e-7, 0.1)

@@ -663,9 +663,9 @@ class _StatSums:
 
 
 def make_optimizer(params, args: GRPOConfig) -> torch.optim.Optimizer:
-    """Optimizers by TRL's `optim` names. The 8-bit ones are our `AdamW8bit` (no bitsandbytes): "paged"
-    (bnb's paging of the state to the CPU under GPU memory pressure) has no separate meaning here, so
-    `paged_adamw_8bit` is `adamw_8bit` and `paged_adamw_32bit` is torch's AdamW."""
+    """Optimizers by TRL's `optim` names. The 8-bit ones are our `AdamW8bit` (no bitsandbytes);
+    `paged_adamw_8bit` keeps its state in pinned CPU memory between steps (AdamW8bit's `paged`), and
+    `paged_adamw_32bit` is torch's AdamW (unpaged)."""
     if not params:
         raise ValueError("the model has no trainable parameters (call FastLanguageModel.get_peft_model?)")
     kw = dict(lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -674,7 +674,7 @@ def make_optimizer(params, args: GRPOConfig) -> torch.optim.Optimizer:
         fused = args.optim == "adamw_torch_fused" or params[0].is_cuda
         return torch.optim.AdamW(params, betas=betas, eps=args.adam_epsilon, fused=fused or None, **kw)
     if args.optim in ("adamw_8bit", "paged_adamw_8bit"):
-        return AdamW8bit(params, betas=betas, eps=args.adam_epsilon, **kw)
+        return AdamW8bit(params, betas=betas, eps=args.adam_epsilon, paged=args.optim == "paged_adamw_8bit", **kw)
     if args.optim == "sgd":
         return torch.optim.SGD(params, **kw)
     raise ValueError(f"unknown optim {args.optim!r}")
