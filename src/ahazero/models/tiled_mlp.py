@@ -34,7 +34,11 @@ import torch
 from .fused_math import swiglu, swiglu_backward_
 from .lora import cast_adapters, lora_add, lora_backward, scaled_cast
 
-TILE_TOKENS = 2048  # at most this many tokens per tile: [2048, 8960] bf16 intermediates are 35 MiB each
+# at most this many tokens per tile: [1024, 8960] bf16 intermediates are 17.5 MiB each. On an H100 with the
+# layer graphs (2026-11-27, bench/RESULTS.md eighth session) 1,024 against 2,048: 8 x 4,096 1.53 against 1.74 s
+# and 0.03 GiB less; 8 x 16,384 as fast; the seed notebook's 4-bit step (one chunk of ~1,700 tokens, untiled at
+# 2,048) 0.07 GiB less at its peak
+TILE_TOKENS = 1024
 TILED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # layer output = residual + mlp(norm(h))
 
 _local = threading.local()
