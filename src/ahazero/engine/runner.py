@@ -44,19 +44,18 @@ class ModelRunner:
         if self.kv is not None and self.kv.num_slots >= wanted:
             return
         released, self.released = self.released, None
-        if self.kv is None and released is not None and released[0] >= wanted:
-            slots, address = released
-            self.kv = KVCache(self.kv_shape, slots, self.config.max_seq_length, self.config.device, self.config.dtype)
-            if self.kv.data.data_ptr() == address:
+        back = self.kv is None and released is not None and released[0] >= wanted  # the released cache returns
+        if not back:
+            self.kv = self.graphs = None  # free the old cache (and its graphs) before the new one is allocated
+        slots = released[0] if back else wanted
+        self.kv = KVCache(self.kv_shape, slots, self.config.max_seq_length, self.config.device, self.config.dtype)
+        if back:
+            if self.kv.data.data_ptr() == released[1]:
                 return  # the decode graphs read this very memory: they stay valid
             self.kv_moves += 1
-        else:
-            self.kv = self.graphs = None  # free the old cache (and its graphs) before the new one is allocated
-            self.kv = KVCache(self.kv_shape, wanted, self.config.max_seq_length, self.config.device, self.config.dtype)
         self.graphs = None  # they hold the old cache's address
-        wanted = self.kv.num_slots
         if self.use_graphs:
-            sizes = [b for b in self.config.graph_batch_sizes if b < wanted] + [wanted]
+            sizes = [b for b in self.config.graph_batch_sizes if b < slots] + [slots]
             self.graphs = DecodeGraphs(self._decode_step(self.config), sizes, self.config.max_seq_length,
                                        self.config.device, capture=self.config.device.type == "cuda",
                                        eager_step=self._decode_step(None))

@@ -11,9 +11,9 @@ packed that way against 100 s padded). This attention, registered with transform
            causal), with its autograd; no flash-attn package;
   elsewhere: one SDPA call over the sequences laid out as a padded batch (`batched_attention`);
   a row of one sequence (a chunk of one completion, as every long completion is): SDPA with is_causal
-           (`one_sequence_attention`), where PyTorch picks its fastest causal kernel. On an H100 (torch
-           2.11, 2026-11-27) a training step at 8 x 16,384 took 7.36 s through varlen_attn (FlashAttention 2)
-           and 5.93 s through SDPA.
+           (`one_sequence_attention`), where PyTorch picks its fastest causal kernel (cuDNN's on Hopper).
+           On an H100 (torch 2.11, 2026-11-27) a training step at 8 x 16,384 took 7.45 s through
+           varlen_attn (FlashAttention 2) and 5.97 s through this path (bench/RESULTS.md, eighth session).
 
 The sequences are found once per packed forward, not once per layer: `packed_attention` keeps them
 for the position_ids tensor every layer (and the backward's recompute) receives, so the host waits
