@@ -302,8 +302,58 @@ def profile_step(step, meter: Meter, path: str, rows: int = 40) -> None:
     keys = (["self_device_time_total"] if meter.cuda else []) + ["self_cpu_time_total"]
     text = "\n\n".join(f"sorted by {key}:\n" + prof.key_averages().table(sort_by=key, row_limit=rows,
                                                                         max_name_column_width=60) for key in keys)
+    if meter.cuda:
+        text = device_timeline(prof) + "\n\n" + text
     Path(path).write_text(text)
     print("\n".join(text.splitlines()[:22]), file=sys.stderr, flush=True)
+
+
+KERNEL_KINDS = (("attention", ("sdpa", "flash", "fmha", "attn")), ("gemm", ("nvjet", "gemm", "cutlass", "splitk")),
+                ("triton", ("triton",)), ("elementwise", ("elementwise", "reduce", "vectorized", "catarray", "index")),
+                ("copy", ("memcpy", "memset", "copy")))
+
+
+def kernel_kind(name: str) -> str:
+    """A device activity's coarse kind, from its name (first match in KERNEL_KINDS)."""
+    low = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in low for m in marks)), "other")
+
+
+def busy_and_gaps(intervals: list[tuple[int, int]]) -> tuple[int, int, list[int]]:
+    """(busy ns of the union, span ns, the idle gaps in ns) of [start, end) intervals."""
+    intervals = sorted(intervals)
+    busy, gaps, end = 0, [], intervals[0][0]
+    for s, e in intervals:
+        if s > end:
+            gaps.append(s - end)
+        busy += max(0, e - max(s, end))
+        end = max(end, e)
+    return busy, end - intervals[0][0], gaps
+
+
+def device_timeline(prof) -> str:
+    """Per CUDA stream: busy time (the union of its activities), span, idle gaps, and time by kernel kind;
+    the union over all streams against the step's span (what overlaps, what waits)."""
+    from torch.autograd import DeviceType
+    by_stream: dict[int, list] = {}
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == DeviceType.CUDA and e.duration_ns() > 0:
+            by_stream.setdefault(e.device_resource_id(), []).append((e.start_ns(), e.end_ns(), e.name()))
+    if not by_stream:
+        return "device timeline: no CUDA activity recorded"
+    lines = ["device timeline (ms):"]
+    for stream, evs in sorted(by_stream.items(), key=lambda kv: -len(kv[1])):
+        busy, span, gaps = busy_and_gaps([(s, e) for s, e, _ in evs])
+        kinds: dict[str, int] = {}
+        for s, e, name in evs:
+            kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0) + e - s
+        big = sorted(gaps, reverse=True)
+        lines.append(f"  stream {stream}: {len(evs)} activities, busy {busy / 1e6:.1f} of span {span / 1e6:.1f}, "
+                     f"idle {sum(gaps) / 1e6:.1f} in {len(gaps)} gaps (largest {', '.join(f'{g / 1e6:.2f}' for g in big[:5])}); "
+                     + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    busy, span, gaps = busy_and_gaps([(s, e) for evs in by_stream.values() for s, e, _ in evs])
+    lines.append(f"  all streams: busy {busy / 1e6:.1f} of span {span / 1e6:.1f}, idle {sum(gaps) / 1e6:.1f}")
+    return "\n".join(lines)
 
 
 # --- ahazero ----------------------------------------------------------------------------------

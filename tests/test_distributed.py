@@ -151,6 +151,7 @@ def model_dir(tmp_path_factory):
     return tiny.save_tiny_model(tmp_path_factory.mktemp("qwen2") / "model", "qwen2")
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_with_twice_the_batch(model_dir, tmp_path):
     codes, _ = launch(model_dir, tmp_path, "odd_token_reward")
     errors = "\n".join(p.read_text() for p in tmp_path.glob("rank*.err"))
@@ -182,6 +183,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(model_dir, tmp_path):
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
 
 
+@pytest.mark.slow
 def test_full_finetuning_on_two_ranks_with_fsdp2_equals_one_process_with_twice_the_batch(model_dir, tmp_path):
     single, single_history, _ = train(model_dir, tmp_path / "single", odd_token_reward, 8, lora=False)
     # the ranks train 4 steps from scratch, then steps 3 and 4 resumed from the single process's checkpoint-2
@@ -224,6 +226,7 @@ UNEVEN = dict(rows=[4, 11, 14, 7], shuffle_dataset=False, max_prompt_length=None
               micro_batch_tokens=300, max_steps=2)
 
 
+@pytest.mark.slow
 def test_fsdp2_with_a_token_budget_splits_chunks_so_every_rank_runs_as_many(model_dir, tmp_path):
     from ahazero.grpo.packing import token_budget_chunks
     for C in range(1, 9):  # whatever the completions' padded width, the ranks' natural counts differ
@@ -243,6 +246,7 @@ def test_fsdp2_with_a_token_budget_splits_chunks_so_every_rank_runs_as_many(mode
             assert dist_row[key] == pytest.approx(row[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_a_reward_function_raising_on_one_rank_stops_both(model_dir, tmp_path):
     codes, elapsed = launch(model_dir, tmp_path, "raising_on_rank_1", timeout_s=30, wait_s=90)
     assert codes[0] not in (0, None) and codes[1] not in (0, None), codes
@@ -251,6 +255,7 @@ def test_a_reward_function_raising_on_one_rank_stops_both(model_dir, tmp_path):
     assert elapsed < 90
 
 
+@pytest.mark.slow
 def test_a_stuck_rank_makes_the_others_stop_after_ddp_timeout(model_dir, tmp_path):
     codes, elapsed = launch(model_dir, tmp_path, "stalling_on_rank_1", timeout_s=5, wait_s=60, wait_for=[0])
     assert codes[0] not in (0, None), codes  # rank 0 raised; rank 1, stuck in user code, is killed (torchrun does)

@@ -235,6 +235,7 @@ def assert_check_falls_back(check, device, module, name, wrong, monkeypatch, cap
     check.cache_clear()
 
 
+@pytest.mark.slow
 def test_the_fused_nf4_kernel_is_checked_before_it_serves_by_default(monkeypatch, caplog):
     """Default (fused_kernel None) on a device: the kernel is compared with dequantise-then-matmul once;
     a kernel that disagrees is turned off with a warning, and the plain path serves."""
@@ -308,6 +309,7 @@ def test_4bit_layers_dequantise_through_the_kernel_and_fall_back_when_it_disagre
         linear4bit._dequant_kernel_checked.cache_clear()
 
 
+@pytest.mark.slow
 def test_the_kernels_self_checks_leave_the_random_state_alone():
     """They run once, in the middle of a user's run: their random inputs come from a generator of their own,
     so a seeded run draws the same numbers with the kernels on or off."""

@@ -27,6 +27,7 @@ def test_greedy_is_the_first_argmax_with_its_log_prob(V, min_v, dtype):
     torch.testing.assert_close(logprobs, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_draws_follow_the_tempered_softmax():
     torch.manual_seed(1)
     V, draws, T = 300, 1200, 0.7

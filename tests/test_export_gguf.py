@@ -79,6 +79,7 @@ def f32_export(request, tmp_path_factory):
     return request.param, model, file, gguf.GGUFReader(file)
 
 
+@pytest.mark.slow
 def test_gguf_metadata_and_tokenizer(f32_export):
     arch, model, file, reader = f32_export
     tok, cfg = tiny.tokenizer(), model.get_base_model().config
@@ -106,6 +107,7 @@ def test_gguf_metadata_and_tokenizer(f32_export):
     assert tensors["blk.1.ffn_norm.weight"] == gguf.GGMLQuantizationType.F32
 
 
+@pytest.mark.slow
 def test_gguf_holds_the_merged_weights(f32_export):
     """Tensor by tensor: the file == PEFT's merge_and_unload (llama: after llama.cpp's q/k permutation)."""
     arch, model, _, reader = f32_export
@@ -118,6 +120,7 @@ def test_gguf_holds_the_merged_weights(f32_export):
         assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= {t.name for t in reader.tensors}
 
 
+@pytest.mark.slow
 def test_llama3_rope_scaling_is_written_as_rope_freqs(f32_export):
     arch, model, _, reader = f32_export
     if arch != "llama":

@@ -156,6 +156,7 @@ def test_qlora_step_trains_only_the_adapter_and_engine_decodes_the_4bit_weights(
     assert out[0].outputs[0].token_ids == ref
 
 
+@pytest.mark.slow
 def test_exports_of_a_4bit_model(model_dir, tmp_path):
     model, tok = load4(model_dir)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],

@@ -233,6 +233,7 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize("kw", [dict(beta=0.04, micro_batch_size=3, loss_type="grpo"),
                                 dict(num_iterations=2, max_steps=2, mask_truncated_completions=True,
                                      use_gradient_checkpointing=True)])
+@pytest.mark.slow
 def test_training_gives_the_same_adapter_packed_or_padded(model_dir, tmp_path, kw):
     """SGD, so that the adapters differ by the learning rate times the gradients' difference (Adam's first
     step is about lr * sign(g), which turns a 1e-10 difference on a 1e-8 gradient into 1e-5)."""
@@ -323,6 +324,7 @@ def test_capped_chunks_cuts_long_chunks_into_pieces_of_at_most_max_rows():
         assert all(any(a >= c and b <= d for c, d in chunks) for a, b in capped)  # no piece spans two chunks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing_pass", ["policy", "reference"])
 def test_an_out_of_memory_chunk_runs_again_in_smaller_chunks(model_dir, tmp_path, monkeypatch, failing_pass):
     """A chunk of more than 2 rows 'runs out of memory'. In the policy pass it does so halfway through its

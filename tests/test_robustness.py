@@ -298,6 +298,7 @@ def assert_checkpoint_readable(path: Path) -> None:
 
 # ---- SIGTERM ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(zygote, tmp_path):
     out = tmp_path / "out"
     pid = zygote.start(out, steps=1000, resume=False, save_steps=1000)

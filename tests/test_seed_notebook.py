@@ -15,6 +15,7 @@ QLORA_EDITS = [("load_in_4bit = False", "load_in_4bit = True"),
                ('save_method = "merged_16bit"', 'save_method = "merged_4bit"')]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edits", [[], QLORA_EDITS], ids=["16bit", "qlora"])
 def test_seed_notebook_runs_to_done(tmp_path, edits):
     shared = tmp_path / "shared"  # the layout the notebook expects beside itself

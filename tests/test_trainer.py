@@ -81,6 +81,7 @@ def test_three_steps_change_adapter_and_write_metrics_and_checkpoints(model_dir,
     assert saved and all(torch.isfinite(t).all() for t in saved.values())
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(model_dir, gsm8k, tmp_path):
     straight, tok = make_model(model_dir)
     GRPOTrainer(model=straight, processing_class=tok, args=config(tmp_path / "a", max_steps=4),
@@ -124,6 +125,7 @@ class _VocabTensorWatch(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow
 def test_training_step_never_materialises_batch_by_seq_by_vocab(model_dir, gsm8k, tmp_path):
     model, tok = make_model(model_dir)
     args = config(tmp_path, max_completion_length=64, gradient_accumulation_steps=1, num_generations=8,
