@@ -1,5 +1,6 @@
 """GRPOTrainer end to end on the CPU with tiny real-architecture models and real GSM8K rows."""
 import json
+import types
 import warnings
 
 import pytest
@@ -98,6 +99,81 @@ def test_resume_reproduces_the_uninterrupted_run(model_dir, gsm8k, tmp_path):
     a, b = adapter_weights(straight), adapter_weights(resumed)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def fails_in_step(holder: dict, step: int, reward=odd_token_reward):
+    """`reward`, except that it raises once, in the rollout of step `step` (1-based) of holder["trainer"]."""
+    def flaky(completion_ids, **kwargs):
+        if holder["trainer"].state.global_step == step - 1 and not holder.get("raised"):
+            holder["raised"] = True
+            raise ZeroDivisionError("boom")
+        return reward(completion_ids, **kwargs)
+    return flaky
+
+
+def train_until_step_3_fails(model_dir, gsm8k, out) -> GRPOTrainer:
+    model, tok = make_model(model_dir)
+    holder = {}
+    holder["trainer"] = trainer = GRPOTrainer(model=model, processing_class=tok,
+                                              args=config(out, max_steps=4, save_steps=100), train_dataset=gsm8k,
+                                              reward_funcs=fails_in_step(holder, 3))
+    with pytest.raises(RewardError), pytest.warns(UserWarning, match=r"step 3 failed \(RewardError\): wrote .*checkpoint-2"):
+        trainer.train()
+    return trainer
+
+
+def test_a_failed_step_writes_the_last_completed_steps_checkpoint(model_dir, gsm8k, tmp_path):
+    trainer = train_until_step_3_fails(model_dir, gsm8k, tmp_path)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]  # save_steps 100
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    prompts_per_step = trainer.args.prompts_per_step * trainer.args.gradient_accumulation_steps
+    assert state["global_step"] == 2 and state["consumed_prompts"] == 2 * prompts_per_step  # the failed step's start
+    assert [row["step"] for row in state["log_history"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_resuming_after_a_failed_step_reproduces_the_uninterrupted_run(model_dir, gsm8k, tmp_path):
+    straight, tok = make_model(model_dir)
+    GRPOTrainer(model=straight, processing_class=tok, args=config(tmp_path / "a", max_steps=4, save_steps=100),
+                train_dataset=gsm8k, reward_funcs=odd_token_reward).train()
+    train_until_step_3_fails(model_dir, gsm8k, tmp_path / "b")
+    resumed, tok = make_model(model_dir, seed=123)  # different init: everything must come from the checkpoint
+    GRPOTrainer(model=resumed, processing_class=tok, args=config(tmp_path / "b", max_steps=4, save_steps=100),
+                train_dataset=gsm8k, reward_funcs=odd_token_reward).train(resume_from_checkpoint=True)
+    a, b = adapter_weights(straight), adapter_weights(resumed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_failure_inside_the_optimizer_update_writes_no_checkpoint(model_dir, gsm8k, tmp_path, monkeypatch):
+    """Weights between two steps (one parameter updated, then the error) belong to no step: nothing is written."""
+    import ahazero.grpo.trainer as trainer_module
+    make_optimizer = trainer_module.make_optimizer
+
+    def failing_in_step_3(params, args):
+        optimizer, calls = make_optimizer(params, args), {"n": 0}
+        step = optimizer.step
+
+        def half_step(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                with torch.no_grad():
+                    params[0].add_(1.0)
+                raise RuntimeError("failed half-way through the update")
+            return step(*a, **k)
+        optimizer.step = types.MethodType(half_step, optimizer)  # a bound method, as the LR scheduler wraps it
+        return optimizer
+
+    monkeypatch.setattr(trainer_module, "make_optimizer", failing_in_step_3)
+    model, tok = make_model(model_dir)
+    trainer = GRPOTrainer(model=model, processing_class=tok, args=config(tmp_path, max_steps=4, save_steps=100),
+                          train_dataset=gsm8k, reward_funcs=odd_token_reward)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match="half-way"):
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not any("failed" in str(w.message) for w in caught)
+    assert not any(p.name.startswith("checkpoint") for p in (tmp_path / "out").iterdir())
 
 
 class _StopAt:

@@ -33,9 +33,10 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, scheduler, trainer_state: dict,
                     save_total_limit: int | None = None, weights: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, rng: dict | None = None) -> Path:
     """weights / optimizer_state: the trainable tensors and optimizer state dict when already gathered
-    (an FSDP2-sharded model: grpo/fsdp.py); else they are read from model and optimizer."""
+    (an FSDP2-sharded model: grpo/fsdp.py); else they are read from model and optimizer. rng: the random
+    states to resume with (`rng_state()` taken earlier); else the current ones."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
@@ -44,7 +45,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
         _save_weights(model, tmp, weights)
         torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng_state.pt")
+        torch.save(rng if rng is not None else rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         _fsync_tree(tmp)
         stale = None
@@ -160,7 +161,8 @@ def _torch_load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """Python's, numpy's, torch's and (where present) every CUDA device's random state."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
              "torch": torch.get_rng_state()}

@@ -94,6 +94,12 @@ class GRPOTrainer:
         self._padding_free: bool | None = None
         self.consumed_prompts = 0
         self.nonfinite_in_a_row = 0
+        # what a checkpoint written after a failed step holds (_checkpoint_after_failure): the step, data position
+        # and random states at the start of the last rollout; the step of the last checkpoint written or resumed;
+        # whether the optimizer has changed the weights of a step that is not counted yet
+        self._resume_point: tuple[int, int, dict] | None = None
+        self._saved_step = 0
+        self._mid_update = False
         if self.world_size > 1 and not is_peft_model(model):
             self._shard_for_full_finetuning()
 
@@ -138,6 +144,7 @@ class GRPOTrainer:
             self.state.global_step = saved["global_step"]
             self.state.log_history = saved["log_history"]
             self.consumed_prompts = saved["consumed_prompts"]
+            self._saved_step = self.state.global_step
         if self.rank == 0:
             logger = MetricsLogger(a.output_dir, total, self.reward_names, with_kl=a.beta > 0, report_to=a.report_to,
                                    logging_dir=a.logging_dir, live=None if not a.disable_tqdm else False)
@@ -152,8 +159,11 @@ class GRPOTrainer:
                     if self.world_size > 1:  # a signal or callback on any rank stops every rank at the same step
                         stop_flag = torch.tensor([float(self.control.should_training_stop)])
                         self.control.should_training_stop = bool(dist.all_reduce_max(stop_flag).item())
-        except torch.cuda.OutOfMemoryError as e:
-            raise torch.cuda.OutOfMemoryError(self._oom_advice()) from e
+        except Exception as e:
+            self._checkpoint_after_failure(e)
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise torch.cuda.OutOfMemoryError(self._oom_advice()) from e
+            raise
         finally:
             logger.close()
         if stop.signal_name:
@@ -162,6 +172,28 @@ class GRPOTrainer:
             self.save_checkpoint()
         self._callback("on_train_end")
         return self.state
+
+    def _checkpoint_after_failure(self, error: Exception) -> None:
+        """A step failed with an exception (not a signal: those stop at the step's end and save): write the
+        last completed step's checkpoint if none holds it yet, so that the steps since the last save are not
+        lost. Only where that state is whole: one process (under torchrun the other ranks may be inside a
+        collective), no optimizer update applied to a step not yet counted, and none of the failed rollout's
+        iterations done. The data position and random states are those at the failed step's start, so a
+        resumed run takes that step as the uninterrupted run would have."""
+        if self.world_size > 1 or self._resume_point is None or self._mid_update:
+            return
+        step, consumed, rng = self._resume_point
+        if step != self.state.global_step or step <= self._saved_step:
+            return
+        self.consumed_prompts = consumed
+        try:
+            path = self.save_checkpoint(rng=rng)
+        except Exception as e:  # noqa: BLE001 - the step's own error is raised next; say why nothing was written
+            warnings.warn(f"could not write a checkpoint after step {step + 1} failed ({type(e).__name__}: {e})",
+                          stacklevel=3)
+            return
+        warnings.warn(f"step {step + 1} failed ({type(error).__name__}): wrote {path}, the last completed step "
+                      "(resume_from_checkpoint=True continues from it)", stacklevel=3)
 
     def _oom_advice(self) -> str:
         a = self.args
@@ -175,6 +207,8 @@ class GRPOTrainer:
     # ---------------------------------------------------------------------------------------------
     def _rollout_and_update(self, total: int, logger: MetricsLogger) -> None:
         a = self.args
+        if self.world_size == 1:
+            self._resume_point = (self.state.global_step, self.consumed_prompts, ckpt.rng_state())
         t0 = time.perf_counter()
         rows = self._next_prompts(a.prompts_per_step * a.gradient_accumulation_steps)
         batches, metrics = self.generate_and_score(rows)
@@ -184,6 +218,7 @@ class GRPOTrainer:
             t1 = time.perf_counter()
             step_metrics = self.optimizer_step(batches, first_iteration=iteration == 0)
             self.state.global_step += 1
+            self._mid_update = False
             self.state.epoch = self.consumed_prompts / len(self.train_dataset)
             step_metrics.update(metrics)
             update_time = time.perf_counter() - t1  # forward, backward and optimizer step (synchronised by .item())
@@ -396,6 +431,7 @@ class GRPOTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         finite = math.isfinite(grad_norm) and math.isfinite(sums.loss)
         if finite:
+            self._mid_update = True  # the weights are past global_step until _rollout_and_update counts the step
             self.optimizer.step()
             self.scheduler.step()
             self.nonfinite_in_a_row = 0
@@ -441,9 +477,10 @@ class GRPOTrainer:
 
             self._for_each_chunk(batch, run_packed_or_padded, with_grads=True)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, rng: dict | None = None) -> Path:
         """Rank 0 writes (every rank holds the same weights and optimizer state, or, with FSDP2, every rank
-        first takes part in gathering them to rank 0); all return the path."""
+        first takes part in gathering them to rank 0); all return the path. rng: the random states to store
+        (checkpoint.rng_state() taken earlier), else the current ones."""
         state = {"global_step": self.state.global_step, "consumed_prompts": self.consumed_prompts,
                  "log_history": self.state.log_history, "config": self.args.to_dict()}
         weights = optimizer_state = None
@@ -452,9 +489,10 @@ class GRPOTrainer:
         if self.rank == 0:
             path = ckpt.save_checkpoint(self.args.output_dir, self.state.global_step, self.model, self.optimizer,
                                         self.scheduler, state, self.args.save_total_limit, weights=weights,
-                                        optimizer_state=optimizer_state)
+                                        optimizer_state=optimizer_state, rng=rng)
         else:
             path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        self._saved_step = self.state.global_step
         self._callback("on_save")
         return path
 
