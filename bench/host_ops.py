@@ -13,6 +13,12 @@ tensors); the CPU time it prints is not the GPU's.
   python bench/host_ops.py --tokens 512 --tile-tokens 256
   python bench/host_ops.py --tokens 512 --tile-tokens 256 --without tiled-mlp
   python bench/host_ops.py --tokens 512 --tile-tokens 256 --without fused-lora,lean-norm,tiled-mlp
+The seed notebook's update (6 rows of 100 + 200 tokens in one packed chunk, LoRA r=32, 16-bit or NF4 bases), with the
+kernel ops by the Python lines they come from (a TorchDispatchMode; the backward's included):
+  python bench/host_ops.py --rows 6 --tokens 200 --prompt-tokens 100 --micro-batch 0 --rank 32 [--load-in-4bit] --stacks 2 --table 40
+The optimizer is the fused AdamW, as make_optimizer picks on a GPU (before 2026-11-27's ninth session, the CPU's
+per-tensor AdamW: about 3,900 more ops a step at 28 layers, r=32). fused_math's functions, compiled into one or two
+kernels each on a GPU, run eagerly here (about ten ops a RMSNorm backward): the CPU counts overstate them.
 Memory at Qwen2.5-1.5B's widths (2 of its layers, LoRA r=32), one row of 74 + 4,096 tokens a micro-batch:
   python bench/host_ops.py --widths qwen2.5-1.5b --layers 2 --rank 32 --prompt-tokens 74 --tokens 4096 [--tile-tokens N]
 """
@@ -30,6 +36,10 @@ NOT_KERNELS = {  # aten ops that launch no work of their own on a GPU (views, wr
     "_to_copy", "linear", "matmul", "empty", "empty_strided", "empty_like", "_unsafe_view", "item",
     "_local_scalar_dense", "lift_fresh", "view_as", "chunk", "unbind", "flatten", "dropout", "zeros_like", "zeros",
     "new_empty", "new_zeros", "clone", "repeat", "result_type"}
+
+
+# seen whole by a TorchDispatchMode (the copy_ or fill_ inside them, which the profiler counts, is not)
+DISPATCHED_KERNELS = {"_to_copy", "clone", "zeros", "zeros_like", "repeat"}
 
 
 def count_ops(events) -> dict:
@@ -51,6 +61,12 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--rank", type=int, default=8, help="LoRA r (= alpha)")
     p.add_argument("--table", type=int, default=0, help="also print the N most frequent aten ops")
+    p.add_argument("--stacks", type=int, default=0,
+                   help="also print the most frequent aten ops by their N innermost Python frames (where they come from)")
+    p.add_argument("--micro-batch", type=int, default=1, help="rows per forward/backward (0: all in one chunk)")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="NF4 base weights (models/linear4bit.py); each dequantisation counted as one op, as the "
+                        "GPU's one-launch kernel (on the CPU it runs the torch path)")
     args = p.parse_args(argv)
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench"), str(ROOT / "tests")]
     _mmap_large_allocations()
@@ -76,13 +92,17 @@ def main(argv=None) -> None:
     config = tiny.tiny_config("qwen2", num_hidden_layers=args.layers, vocab_size=1000, pad_token_id=0,
                               bos_token_id=1, eos_token_id=2, **widths)
     torch.manual_seed(0)
-    model = attach_lora(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), r=args.rank,
-                        lora_alpha=args.rank, target_modules=memory.TARGETS, random_state=0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if args.load_in_4bit:
+        from ahazero.models import linear4bit
+        linear4bit.quantize_model(model, dynamic=False)
+        _dequantize_as_one_op(linear4bit.Linear4bit)
+    model = attach_lora(model, r=args.rank, lora_alpha=args.rank, target_modules=memory.TARGETS, random_state=0)
     enable_gradient_checkpointing(model, "offload")
     G, C = args.rows, args.tokens
     grpo = GRPOConfig(output_dir=str(ROOT / "outputs" / "host_ops"), num_generations=G, per_device_train_batch_size=G,
-                      micro_batch_size=1, max_completion_length=C, max_prompt_length=args.prompt_tokens, beta=0.0,
-                      loss_type="dapo", report_to=[])
+                      micro_batch_size=args.micro_batch or None, max_completion_length=C, max_prompt_length=args.prompt_tokens, beta=0.0,
+                      loss_type="dapo", report_to=[], optim="adamw_torch_fused")  # as on a GPU (make_optimizer)
     trainer = GRPOTrainer(model=model, processing_class=tiny.tokenizer(), args=grpo, generator=object(),
                           reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                           train_dataset=[{"prompt": "x"}])
@@ -101,11 +121,51 @@ def main(argv=None) -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.optimizer_step([batch])
     counts = count_ops(prof.key_averages())
-    if args.table:
+    if args.stacks:
+        for (name, where), n in op_sites(lambda: trainer.optimizer_step([batch]), args.stacks).most_common(args.table or 30):
+            print(f"{n:7,}  {name:22} {where}")
+    if args.table and not args.stacks:
         print(prof.key_averages().table(sort_by="count", row_limit=args.table))
-    print(f"| {args.without or '-'} | {tiled_mlp.TILE_TOKENS} | " + " | ".join(f"{v:,}" for v in counts.values())
+    print(f"| {args.without or '-'}{' nf4' if args.load_in_4bit else ''} | {tiled_mlp.TILE_TOKENS} | " + " | ".join(f"{v:,}" for v in counts.values())
           + f" | {rss_added:.0f} | {seconds:.2f} |")
     print("(columns: without | TILE_TOKENS | " + " | ".join(counts) + " | peak RSS added MiB | CPU step s)")
+
+
+def op_sites(step, frames: int) -> dict:
+    """Runs `step` once and counts its kernel ops (count_ops' sense) by op name and their `frames` innermost
+    Python frames outside torch's own files (a TorchDispatchMode sees every op, the backward's included)."""
+    import traceback
+    from collections import Counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+    sites = Counter()
+
+    class Sites(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in NOT_KERNELS or name in DISPATCHED_KERNELS:
+                own = [f for f in reversed(traceback.extract_stack())
+                       if "/torch/" not in f.filename and f.filename != __file__][:frames]
+                sites[(name, " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in own))] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Sites():
+        step()
+    return sites
+
+
+def _dequantize_as_one_op(linear4bit_cls) -> None:
+    """Linear4bit.dequantized_weight as one aten op (a copy of the weight dequantised once, per module), as on a
+    GPU where one Triton launch writes it: the torch path the CPU runs launches about eight."""
+    import torch
+    original, cache = linear4bit_cls.dequantized_weight, {}
+
+    def one_op(self, dtype=None):
+        key = (id(self), dtype)
+        if key not in cache:
+            with torch.profiler.record_function("dequantize (once, uncounted)"):
+                cache[key] = original(self, dtype)
+        return torch.empty_like(cache[key]).copy_(cache[key])  # one counted op (copy_), for the kernel's launch
+    linear4bit_cls.dequantized_weight = one_op
 
 
 def _status_mib(key: str) -> float | None:
