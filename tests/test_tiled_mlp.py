@@ -119,6 +119,29 @@ def test_written_out_backward_equals_autograd_on_one_mlp(dtype, monkeypatch):
             p.data = p.data.float()
     mlp = model.get_base_model().model.layers[1].mlp
     assert tiled_mlp.swiglu_lora_parts(mlp) is not None
+    bound = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: products of other row counts round apart by an ulp
+    assert_written_out_equals_autograd(mlp, dtype, bound)
+
+
+def test_written_out_tiles_over_nf4_weights_equal_autograd(monkeypatch):
+    """NF4 bases (load_in_4bit): the written-out tiles dequantise each weight where a product needs it; against
+    autograd through the untiled MLP over the same Linear4bit modules (their own forward and backward)."""
+    from ahazero.models.linear4bit import Linear4bit, quantize_model
+    monkeypatch.setattr(tiled_mlp, "TILE_TOKENS", 6)
+    base = tiny.tiny_model("llama", initializer_range=0.2)
+    quantize_model(base, dynamic=False)
+    model = attach_lora(base, r=4, lora_alpha=8, target_modules=MLP_AND_ATTENTION, random_state=0,
+                        init_lora_weights=False)
+    enable_gradient_checkpointing(model, "offload")
+    mlp = model.get_base_model().model.layers[1].mlp
+    parts = tiled_mlp.swiglu_lora_parts(mlp)
+    assert parts is not None and all(type(w) is Linear4bit for w, *_ in parts)
+    assert_written_out_equals_autograd(mlp, torch.float32, 1e-6)
+
+
+def assert_written_out_equals_autograd(mlp, dtype, bound):
+    """The tiled MLP's output, input gradient and six adapter gradients (float32) within `bound` (relative
+    norm) of autograd through the untiled MLP, on fresh random inputs."""
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 17, mlp.gate_proj.in_features, generator=g).to(dtype).requires_grad_(True)
     grad = torch.randn(2, 17, mlp.down_proj.out_features, generator=g).to(dtype)
@@ -132,7 +155,6 @@ def test_written_out_backward_equals_autograd_on_one_mlp(dtype, monkeypatch):
         y.backward(grad)
         results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in adapters]))
     (ref_y, ref_gx, ref_ga), (y, gx, ga) = results
-    bound = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: products of other row counts round apart by an ulp
     assert len(ga) == 6 and all(a.dtype == torch.float32 for a in ga)
     for got, ref in [(y, ref_y), (gx, ref_gx)] + list(zip(ga, ref_ga)):
         assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < bound

@@ -17,10 +17,13 @@ for one, would read it. MLPs with dropout are not tiled (their masks would be dr
 
 Tiles multiply the operations the host launches (measured on an H100 at 4,096-token rows: the step became
 bound by the CPU, at ~40 us an operation). So the common case, a SwiGLU MLP with the fused plain-LoRA
-forward on gate, up and down over frozen 16-bit weights (`swiglu_lora_parts`), has its tile forward and
-backward written out (`_TiledLoraSwiGLU`): the same products as autograd's without an autograd graph and
+forward on gate, up and down over frozen 16-bit or NF4 weights (`swiglu_lora_parts`), has its tile forward
+and backward written out (`_TiledLoraSwiGLU`): the same products as autograd's without an autograd graph and
 nested backward per tile, and the backward's recompute stops at the down projection's input (its output
-is not needed). Any other MLP takes autograd per tile (`_TiledMLP`).
+is not needed). Any other MLP takes autograd per tile (`_TiledMLP`). For NF4 weights, counted on the CPU
+(bench/host_ops.py, 2026-11-27 ninth session, 28 layers, r=32): 8 rows of 100 + 1,024 tokens launch 66,089
+kernel ops a step against 73,369 through autograd per tile (10,692 autograd nodes against 15,620), and each
+weight is dequantised 5 times a tile in the backward instead of 6.
 """
 from __future__ import annotations
 
@@ -117,23 +120,25 @@ class _TiledMLP(torch.autograd.Function):
 
 class _TiledLoraSwiGLU(torch.autograd.Function):
     """`_TiledMLP` for down(silu(gate(x)) * up(x)) with plain LoRA on all three projections over frozen 16-bit
-    weights (`swiglu_lora_parts`), its backward written out: no autograd graph per tile, no down projection in
-    the backward's recompute, and the adapters' gradients summed over the tiles (in float32) and returned
-    at once.
-    Inputs: x [..., H], then W [out, in], A [r, in], B [out, r] of gate, up and down (A and B float32)."""
+    or NF4 weights (`swiglu_lora_parts`), its backward written out: no autograd graph per tile, no down
+    projection in the backward's recompute, and the adapters' gradients summed over the tiles (in float32) and
+    returned at once. An NF4 weight is dequantised where a product needs it (`_dense`), one at a time, as its
+    own forward and backward do.
+    Inputs: x [..., H], the frozen bases of gate, up and down (16-bit W [out, in] or Linear4bit modules), then
+    A [r, in] and B [out, r] of each (float32)."""
 
     @staticmethod
-    def forward(ctx, x, tile_tokens, scalings, *weights):
-        ctx.tile_tokens, ctx.scalings = tile_tokens, scalings
-        ctx.save_for_backward(x, *weights)
+    def forward(ctx, x, tile_tokens, scalings, bases, *adapters):
+        ctx.tile_tokens, ctx.scalings, ctx.bases = tile_tokens, scalings, bases  # bases: frozen, never changed
+        ctx.save_for_backward(x, *adapters)
         if in_graph_only_recompute():
             return torch.empty_like(x)  # [..., H]
-        return _swiglu_lora_by_tiles(x, _cast_parts(_parts_of(weights, scalings), x.dtype), tile_tokens)
+        return _swiglu_lora_by_tiles(x, _cast_parts(_parts_of(bases, adapters, scalings), x.dtype), tile_tokens)
 
     @staticmethod
     def backward(ctx, grad):
-        x, *weights = ctx.saved_tensors
-        parts = _cast_parts(_parts_of(weights, ctx.scalings), x.dtype)
+        x, *adapters = ctx.saved_tensors
+        parts = _cast_parts(_parts_of(ctx.bases, adapters, ctx.scalings), x.dtype)
         flat, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]).to(x.dtype)  # [N, H]
         grad_x = torch.empty_like(flat)  # [N, H]
         totals = None  # float32 sums over the tiles of the six adapter gradients (A's not yet scaled)
@@ -145,12 +150,12 @@ class _TiledLoraSwiGLU(torch.autograd.Function):
             else:
                 for total, g in zip(totals, adapter_grads):
                     total.add_(g)
-        grads = [None] * len(weights)  # the frozen W (0, 3, 6) get none
+        grads = []
         for k in range(3):  # gate, up, down
-            a, b = weights[3 * k + 1], weights[3 * k + 2]
-            grads[3 * k + 1] = scaled_cast(totals[2 * k], ctx.scalings[k], a.dtype)  # dA = s dS^T x
-            grads[3 * k + 2] = totals[2 * k + 1].to(b.dtype)
-        return (grad_x.view_as(x) if ctx.needs_input_grad[0] else None), None, None, *grads
+            a, b = adapters[2 * k], adapters[2 * k + 1]
+            grads += [scaled_cast(totals[2 * k], ctx.scalings[k], a.dtype), totals[2 * k + 1].to(b.dtype)]  # dA = s dS^T x
+        ctx.bases = None
+        return (grad_x.view_as(x) if ctx.needs_input_grad[0] else None), None, None, None, *grads
 
 
 def _swiglu_lora_by_tiles(x: torch.Tensor, parts, tile_tokens: int) -> torch.Tensor:
@@ -162,9 +167,18 @@ def _swiglu_lora_by_tiles(x: torch.Tensor, parts, tile_tokens: int) -> torch.Ten
     return out.view_as(x)
 
 
-def _parts_of(weights, scalings) -> list[tuple]:
-    """[(W, A, B, s)] of gate, up, down from the Function's inputs (W, A, B of each in turn) and scalings."""
-    return [(*weights[3 * i:3 * i + 3], scalings[i]) for i in range(3)]
+def _parts_of(bases, adapters, scalings) -> list[tuple]:
+    """[(W, A, B, s)] of gate, up, down from the Function's inputs (A, B of each in turn)."""
+    return [(bases[i], adapters[2 * i], adapters[2 * i + 1], scalings[i]) for i in range(3)]
+
+
+def _dense(w, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [out, in] as a product takes it: a 16-bit tensor as it is, an NF4 Linear4bit dequantised."""
+    return w if isinstance(w, torch.Tensor) else w.dequantized_weight(dtype)
+
+
+def _base_dtype(w) -> torch.dtype:
+    return w.dtype if isinstance(w, torch.Tensor) else w.compute_dtype
 
 
 def _cast_parts(parts, dtype) -> list[tuple]:
@@ -175,14 +189,14 @@ def _cast_parts(parts, dtype) -> list[tuple]:
 def _lora_linear(x, part):
     """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r])."""
     w, a_scaled, b = part
-    return lora_add(torch.mm(x, w.t()), x, a_scaled, b)
+    return lora_add(torch.mm(x, _dense(w, x.dtype).t()), x, a_scaled, b)
 
 
 def _lora_linear_backward(x, shrunk, grad, part):
     """dL/dx [t, in], dL/dA / s [r, in] and dL/dB [out, r] of `_lora_linear` from dL/dy [t, out]."""
     w, a_scaled, b = part
     grad_x, grad_a, grad_b = lora_backward(grad, x, shrunk, a_scaled, b)
-    return torch.mm(grad, w).add_(grad_x), grad_a, grad_b
+    return torch.mm(grad, _dense(w, grad.dtype)).add_(grad_x), grad_a, grad_b
 
 
 def _gated_hidden(x, parts):
@@ -210,7 +224,7 @@ def _swiglu_lora_tile_backward(x, grad, parts):
     grad_down_shrunk = torch.mm(grad, b_down)  # [t, r]: dS = g B (`lora_backward`'s math, written out)
     grad_a_down, grad_b_down = torch.mm(grad_down_shrunk.t(), hidden), torch.mm(grad.t(), down_shrunk)
     del hidden
-    grad_hidden = torch.mm(grad, w_down).addmm_(grad_down_shrunk, a_down)  # [t, I]: g W + dS (sA)
+    grad_hidden = torch.mm(grad, _dense(w_down, grad.dtype)).addmm_(grad_down_shrunk, a_down)  # [t, I]: g W + dS (sA)
     swiglu_backward_(grad_hidden, gate, up)  # gate, up [t, I] := dL/dgate, dL/dup
     del grad_hidden
     grad_x, grad_a_gate, grad_b_gate = _lora_linear_backward(x, gate_shrunk, gate, parts[0])
@@ -222,8 +236,10 @@ def _swiglu_lora_tile_backward(x, grad, parts):
 def swiglu_lora_parts(mlp) -> list | None:
     """[(W, A, B, scaling)] of gate, up and down when `mlp` computes down(silu(gate(x)) * up(x)) with each
     projection plain LoRA in the fused forward's precision (models/lora.py: `has_fused_forward`,
-    `plain_lora_adapter`, no dropout) over a frozen, bias-free torch.nn.Linear; else None (the MLP then
-    takes autograd through `_TiledMLP`, whatever its layers compute)."""
+    `plain_lora_adapter`, no dropout) over a frozen, bias-free torch.nn.Linear (W its weight) or NF4
+    Linear4bit (W the module); else None (the MLP then takes autograd through `_TiledMLP`, whatever its
+    layers compute)."""
+    from .linear4bit import Linear4bit
     from .lora import has_fused_forward, plain_lora_adapter
     if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
         return None
@@ -232,10 +248,11 @@ def swiglu_lora_parts(mlp) -> list | None:
         proj = getattr(mlp, name, None)
         adapter = plain_lora_adapter(proj) if hasattr(proj, "lora_A") and has_fused_forward(proj) else None
         base = getattr(proj, "base_layer", None)
-        if (adapter is None or type(base) is not torch.nn.Linear or base.bias is not None or base.weight.requires_grad
-                or isinstance(proj.lora_dropout[adapter], torch.nn.Dropout)):
+        if (adapter is None or type(base) not in (torch.nn.Linear, Linear4bit) or base.bias is not None
+                or base.weight.requires_grad or isinstance(proj.lora_dropout[adapter], torch.nn.Dropout)):
             return None
-        parts.append((base.weight, proj.lora_A[adapter].weight, proj.lora_B[adapter].weight, proj.scaling[adapter]))
+        parts.append((base if type(base) is Linear4bit else base.weight, proj.lora_A[adapter].weight,
+                      proj.lora_B[adapter].weight, proj.scaling[adapter]))
     return parts
 
 
@@ -245,14 +262,16 @@ def _tiled_forward(mlp, x: torch.Tensor) -> torch.Tensor:
     gradients are on."""
     parts = swiglu_lora_parts(mlp)
     autocast = autocast_state(x.device.type)
-    if parts is not None and (parts[0][0].dtype != x.dtype or autocast["enabled"] and autocast["dtype"] != x.dtype):
+    if parts is not None and (any(_base_dtype(p[0]) != x.dtype for p in parts)
+                              or autocast["enabled"] and autocast["dtype"] != x.dtype):
         parts = None
     grad = torch.is_grad_enabled()
     if parts is not None and not grad:
         return _swiglu_lora_by_tiles(x, _cast_parts(parts, x.dtype), TILE_TOKENS)
     if parts is not None:
-        weights = [t for w, a, b, _ in parts for t in (w, a, b)]
-        return _TiledLoraSwiGLU.apply(x, TILE_TOKENS, tuple(p[3] for p in parts), *weights)
+        adapters = [t for _, a, b, _ in parts for t in (a, b)]
+        return _TiledLoraSwiGLU.apply(x, TILE_TOKENS, tuple(p[3] for p in parts), tuple(p[0] for p in parts),
+                                      *adapters)
     if not grad:
         return _by_tiles(mlp._ahazero_untiled_forward, x, TILE_TOKENS)
     return _TiledMLP.apply(x, mlp._ahazero_untiled_forward, TILE_TOKENS)
