@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA r (= alpha)")
     p.add_argument("--table", type=int, default=0, help="also print the N most frequent aten ops")
     p.add_argument("--stacks", type=int, default=0,
-                   help="also print the most frequent aten ops by their N innermost Python frames (where they come from)")
+                   help="also print the most frequent kernel ops by their N innermost Python frames")
     p.add_argument("--micro-batch", type=int, default=1, help="rows per forward/backward (0: all in one chunk)")
     p.add_argument("--load-in-4bit", action="store_true",
                    help="NF4 base weights (models/linear4bit.py); each dequantisation counted as one op, as the "
@@ -101,7 +101,8 @@ def main(argv=None) -> None:
     enable_gradient_checkpointing(model, "offload")
     G, C = args.rows, args.tokens
     grpo = GRPOConfig(output_dir=str(ROOT / "outputs" / "host_ops"), num_generations=G, per_device_train_batch_size=G,
-                      micro_batch_size=args.micro_batch or None, max_completion_length=C, max_prompt_length=args.prompt_tokens, beta=0.0,
+                      micro_batch_size=args.micro_batch or None, max_completion_length=C,
+                      max_prompt_length=args.prompt_tokens, beta=0.0,
                       loss_type="dapo", report_to=[], optim="adamw_torch_fused")  # as on a GPU (make_optimizer)
     trainer = GRPOTrainer(model=model, processing_class=tiny.tokenizer(), args=grpo, generator=object(),
                           reward_funcs=lambda completions, **kw: [0.0] * len(completions),
@@ -122,11 +123,13 @@ def main(argv=None) -> None:
         trainer.optimizer_step([batch])
     counts = count_ops(prof.key_averages())
     if args.stacks:
-        for (name, where), n in op_sites(lambda: trainer.optimizer_step([batch]), args.stacks).most_common(args.table or 30):
+        sites = op_sites(lambda: trainer.optimizer_step([batch]), args.stacks)
+        for (name, where), n in sites.most_common(args.table or 30):
             print(f"{n:7,}  {name:22} {where}")
     if args.table and not args.stacks:
         print(prof.key_averages().table(sort_by="count", row_limit=args.table))
-    print(f"| {args.without or '-'}{' nf4' if args.load_in_4bit else ''} | {tiled_mlp.TILE_TOKENS} | " + " | ".join(f"{v:,}" for v in counts.values())
+    label = (args.without or "-") + (" nf4" if args.load_in_4bit else "")
+    print(f"| {label} | {tiled_mlp.TILE_TOKENS} | " + " | ".join(f"{v:,}" for v in counts.values())
           + f" | {rss_added:.0f} | {seconds:.2f} |")
     print("(columns: without | TILE_TOKENS | " + " | ".join(counts) + " | peak RSS added MiB | CPU step s)")
 

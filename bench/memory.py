@@ -347,10 +347,10 @@ def device_timeline(prof) -> str:
         kinds: dict[str, int] = {}
         for s, e, name in evs:
             kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0) + e - s
-        big = sorted(gaps, reverse=True)
+        largest = ", ".join(f"{g / 1e6:.2f}" for g in sorted(gaps, reverse=True)[:5])
+        by_kind = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
         lines.append(f"  stream {stream}: {len(evs)} activities, busy {busy / 1e6:.1f} of span {span / 1e6:.1f}, "
-                     f"idle {sum(gaps) / 1e6:.1f} in {len(gaps)} gaps (largest {', '.join(f'{g / 1e6:.2f}' for g in big[:5])}); "
-                     + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+                     f"idle {sum(gaps) / 1e6:.1f} in {len(gaps)} gaps (largest {largest}); {by_kind}")
     busy, span, gaps = busy_and_gaps([(s, e) for evs in by_stream.values() for s, e, _ in evs])
     lines.append(f"  all streams: busy {busy / 1e6:.1f} of span {span / 1e6:.1f}, idle {sum(gaps) / 1e6:.1f}")
     return "\n".join(lines)

@@ -153,7 +153,8 @@ class _TiledLoraSwiGLU(torch.autograd.Function):
         grads = []
         for k in range(3):  # gate, up, down
             a, b = adapters[2 * k], adapters[2 * k + 1]
-            grads += [scaled_cast(totals[2 * k], ctx.scalings[k], a.dtype), totals[2 * k + 1].to(b.dtype)]  # dA = s dS^T x
+            grads += [scaled_cast(totals[2 * k], ctx.scalings[k], a.dtype),  # dA = s dS^T x
+                      totals[2 * k + 1].to(b.dtype)]
         ctx.bases = None
         return (grad_x.view_as(x) if ctx.needs_input_grad[0] else None), None, None, None, *grads
 
