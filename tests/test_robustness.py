@@ -318,6 +318,7 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(zygote, tmp_path):
 
 # ---- SIGKILL fault injection -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter(zygote, reference, tmp_path):
     want, duration = reference
     out, rng = tmp_path / "out", random.Random(20240609)
@@ -348,6 +349,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter(z
           f"without a checkpoint, {mid_write} killed inside a checkpoint write); final adapter == uninterrupted")
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(zygote, reference, tmp_path):
     want, _ = reference
     out, marker = tmp_path / "out", tmp_path / "in-fsync"
