@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 import time
 from pathlib import Path
 
@@ -134,11 +135,10 @@ def main(argv=None) -> None:
     print("(columns: without | TILE_TOKENS | " + " | ".join(counts) + " | peak RSS added MiB | CPU step s)")
 
 
-def op_sites(step, frames: int) -> dict:
+def op_sites(step, frames: int) -> Counter:
     """Runs `step` once and counts its kernel ops (count_ops' sense) by op name and their `frames` innermost
     Python frames outside torch's own files (a TorchDispatchMode sees every op, the backward's included)."""
     import traceback
-    from collections import Counter
     from torch.utils._python_dispatch import TorchDispatchMode
     sites = Counter()
 

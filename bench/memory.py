@@ -319,8 +319,10 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS if any(m in low for m in marks)), "other")
 
 
-def busy_and_gaps(intervals: list[tuple[int, int]]) -> tuple[int, int, list[int]]:
-    """(busy ns of the union, span ns, the idle gaps in ns) of [start, end) intervals."""
+def busy_and_gaps(intervals: list[tuple[float, float]]) -> tuple[float, float, list[float]]:
+    """(busy time of the union, span, the idle gaps) of [start, end) intervals, in their unit; zeros for none."""
+    if not intervals:
+        return 0, 0, []
     intervals = sorted(intervals)
     busy, gaps, end = 0, [], intervals[0][0]
     for s, e in intervals:
@@ -346,7 +348,8 @@ def device_timeline(prof) -> str:
         busy, span, gaps = busy_and_gaps([(s, e) for s, e, _ in evs])
         kinds: dict[str, int] = {}
         for s, e, name in evs:
-            kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0) + e - s
+            kind = kernel_kind(name)
+            kinds[kind] = kinds.get(kind, 0) + e - s
         largest = ", ".join(f"{g / 1e6:.2f}" for g in sorted(gaps, reverse=True)[:5])
         by_kind = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
         lines.append(f"  stream {stream}: {len(evs)} activities, busy {busy / 1e6:.1f} of span {span / 1e6:.1f}, "

@@ -227,12 +227,10 @@ def run_profile(model, tok, prompts, wl, max_seq_length, steps: int = 32, **opti
     with profile(activities=activities) as prof:
         _, wall = timed(lambda: gen.generate(prompts, params))
     print(prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=30))
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, reach = 0.0, float("-inf")
-    for start, end in kernels:  # union of the intervals (us)
-        busy += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
+    from memory import busy_and_gaps  # bench/memory.py, beside this script
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = busy_and_gaps(kernels)[0]  # us: the union of the kernels' intervals
     result = dict(kernels_per_step=len(kernels) / steps, wall_ms_per_step=wall * 1e3 / steps,
                   gpu_busy_ms_per_step=busy / 1e3 / steps)
     print(json.dumps(result))
