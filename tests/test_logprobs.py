@@ -31,11 +31,13 @@ def make_inputs(n, t, h, v, seed, dtype=torch.float32, device="cpu", with_bias=F
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [1, 4, 21, 1000, None])
 @pytest.mark.parametrize("temperature,with_bias", [(1.0, False), (0.7, True), (1.3, False)])
-def test_values_and_grads_float32(device, chunk, temperature, with_bias):
+@pytest.mark.parametrize("head_grad", [True, False], ids=["trained-head", "frozen-head"])
+def test_values_and_grads_float32(device, chunk, temperature, with_bias, head_grad):
+    """A frozen head (LoRA) takes d logp / d hidden from the forward; a trained one recomputes the logits."""
     hidden, weight, bias, targets = make_inputs(3, 7, 24, 101, seed=chunk or 0, device=device, with_bias=with_bias)
     for p in (hidden, weight, bias):
         if p is not None:
-            p.requires_grad_(True)
+            p.requires_grad_(p is hidden or head_grad)
     logps, entropy = chunked_token_logprobs(hidden, weight, targets, temperature=temperature, bias=bias,
                                             chunk_tokens=chunk, with_entropy=True)
     assert logps.dtype == entropy.dtype == torch.float32 and logps.shape == (3, 7)
@@ -49,7 +51,7 @@ def test_values_and_grads_float32(device, chunk, temperature, with_bias):
     (logps.double() * upstream).sum().backward()
     (ref_logps * upstream).sum().backward()
     for ours, want in [(hidden, h64), (weight, w64), (bias, b64)]:
-        if ours is not None:
+        if ours is not None and ours.requires_grad:
             assert ours.grad.dtype == ours.dtype
             torch.testing.assert_close(ours.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
 
@@ -63,6 +65,17 @@ def test_frozen_head_gets_no_grad_and_entropy_optional():
     assert hidden.grad is not None and weight.grad is None
     ref_logps, _ = reference(hidden.detach(), weight, targets)
     torch.testing.assert_close(logps.double(), ref_logps, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_head_backward_twice():
+    """The kept d logp / d hidden is scaled into a new tensor: a second backward (retain_graph) gets the same."""
+    hidden, weight, _, targets = make_inputs(2, 5, 16, 37, seed=7)
+    hidden.requires_grad_(True)
+    logps, _ = chunked_token_logprobs(hidden, weight, targets, chunk_tokens=4)
+    upstream = torch.randn(2, 5)
+    first, = torch.autograd.grad(logps, hidden, upstream, retain_graph=True)
+    second, = torch.autograd.grad(logps, hidden, upstream)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
 def test_padding_targets_and_noncontiguous_hidden():
@@ -158,7 +171,10 @@ def test_never_materialises_full_logits(weight_grad):
         logps, entropy = chunked_token_logprobs(hidden, weight, targets, chunk_tokens=chunk, with_entropy=True)
         forward_ops = len(mode.ops)
         (logps * torch.linspace(-1, 1, n * t).view(n, t)).sum().backward()
-    assert mode.ops[forward_ops:].count("aten.mm.default") >= n * t // chunk    # backward was seen
+    # a trained head recomputes the logits in backward; a frozen one made d logp / d hidden in forward
+    products = mode.ops[forward_ops:] if weight_grad else mode.ops[:forward_ops]
+    assert products.count("aten.mm.default") >= n * t // chunk
+    assert mode.ops[forward_ops:].count("aten.mul.out") == (0 if weight_grad else 1)    # backward was seen
     assert mode.largest[0] <= chunk * v, mode.largest
     assert saved and max(saved) <= max(n * t * h, v * h), saved
     assert hidden.grad is not None and (weight.grad is not None) == weight_grad

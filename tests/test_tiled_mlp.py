@@ -209,7 +209,7 @@ def test_the_tile_backward_keeps_at_most_three_intermediates_alive(monkeypatch):
     parts = [part(inter, hidden), part(inter, hidden), part(hidden, inter)]
     x, grad = torch.randn(t, hidden, generator=g), torch.randn(t, hidden, generator=g)
     with live:
-        tiled_mlp._swiglu_lora_tile_backward(x, grad, parts)  # [t, I] = [5, 24]
+        tiled_mlp._swiglu_lora_tile_backward(x, grad, parts, torch.empty_like(x))  # [t, I] = [5, 24]
     assert live.most == 3
 
 

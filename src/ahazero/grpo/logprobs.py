@@ -7,6 +7,14 @@ one logsumexp per token are kept for backward. Simplified against TRL: chunks sp
 vocabulary (no vocab tiling, no online logsumexp), no softcapping or logit scale (the Qwen2 / Llama /
 Mistral / Qwen3 heads have none), and no gradient through the entropy (it is for logging).
 
+A frozen head (LoRA training: neither weight nor bias needs a gradient) takes Unsloth's shortcut: the
+forward also finds d logp / d hidden for each token, u = (onehot(target) - softmax) W / temperature [M, H],
+from the chunk's logits it already has, and keeps u instead of the hidden states; the backward only scales
+its rows by dL/dlogp. Two vocabulary-sized products per chunk instead of three (the backward's recompute of
+the logits is gone), and no softmax pass in the backward. At 8 x 16,384 on Qwen2.5-1.5B the three took
+0.81 s of a 6.2 s training step (H100, 2026-11-27, bench/RESULTS.md tenth session). A head that needs
+gradients keeps the recompute.
+
 Numerics: the matmul runs in the hidden dtype (as the engine's decode does), the logits are upcast to
 float32, divided by the temperature, and log-softmaxed in float32. Weight and bias gradients are
 accumulated over chunks in float32.
@@ -86,10 +94,27 @@ def _pure_grad_logits(logits, lse, targets, grad_logp, temperature: float, out_d
     return ((onehot.float() - p) * g).to(out_dtype)                              # [C, V]
 
 
+def chunk_forward_and_dlogits(logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
+                              out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+    """`chunk_forward`'s logp [C] and entropy [C] | None, and d logp / d logits [C, V] in `out_dtype`:
+    (1[v = target] - p_v) / temperature (`chunk_grad_logits` with dL/dlogp = 1)."""
+    logp, lse, entropy = chunk_forward(logits, targets, temperature, with_entropy)
+    ones = torch.ones_like(logp)                                                 # [C]
+    return logp, entropy, chunk_grad_logits(logits, lse, targets, ones, temperature, out_dtype)
+
+
+def _pure_forward_and_dlogits(logits, targets, temperature: float, with_entropy: bool, out_dtype: torch.dtype):
+    logp, lse, entropy = _pure_forward(logits, targets, temperature, with_entropy)
+    p = torch.exp(logits.float() / temperature - lse[:, None])                   # [C, V]
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
+    return logp, entropy, ((onehot.float() - p) / temperature).to(out_dtype)   # [C], [C] | None, [C, V]
+
+
 @functools.cache
 def _compiled():
     """Compiled once per process (the first call takes seconds); chunk sizes are dynamic."""
-    return torch.compile(_pure_forward, dynamic=True), torch.compile(_pure_grad_logits, dynamic=True)
+    return (torch.compile(_pure_forward, dynamic=True), torch.compile(_pure_grad_logits, dynamic=True),
+            torch.compile(_pure_forward_and_dlogits, dynamic=True))
 
 
 def _has_triton() -> bool:
@@ -98,7 +123,8 @@ def _has_triton() -> bool:
 
 
 def _chunk_ops(fused: bool):
-    return _compiled() if fused else (chunk_forward, chunk_grad_logits)
+    """(forward, grad_logits, forward_and_dlogits): compiled kernels when fused, else the eager functions."""
+    return _compiled() if fused else (chunk_forward, chunk_grad_logits, chunk_forward_and_dlogits)
 
 
 # ------------------------------------------------------------------ the autograd Function
@@ -112,33 +138,49 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_tokens, with_entropy, fused):
-        m = hidden.shape[0]
-        w, b = _as_dtype(weight, hidden.dtype), _as_dtype(bias, hidden.dtype)
-        fwd, _ = _chunk_ops(fused)
+        m, dtype = hidden.shape[0], hidden.dtype
+        w, b = _as_dtype(weight, dtype), _as_dtype(bias, dtype)
+        fwd, _, fwd_and_dlogits = _chunk_ops(fused)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # a frozen head: d logp / d hidden [M, H] is made here and kept (backward scales it), not the hidden
+        dlogp_dhidden = hidden.new_empty(hidden.shape) if need_h and not (need_w or need_b) else None
         logps = hidden.new_empty(m, dtype=torch.float32)                         # [M]
-        lse = hidden.new_empty(m, dtype=torch.float32)                           # [M]
+        lse = hidden.new_empty(m if dlogp_dhidden is None else 0, dtype=torch.float32)  # [M] or [0]
         entropy = hidden.new_empty(m if with_entropy else 0, dtype=torch.float32)  # [M] or [0]
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, m, chunk_tokens):
                 e = min(s + chunk_tokens, m)
                 logits = torch.nn.functional.linear(hidden[s:e], w, b)           # [C, V] hidden dtype
-                logp_c, lse_c, ent_c = fwd(logits, targets[s:e], temperature, with_entropy)
-                logps[s:e], lse[s:e] = logp_c, lse_c
+                if dlogp_dhidden is None:
+                    logps[s:e], lse[s:e], ent_c = fwd(logits, targets[s:e], temperature, with_entropy)
+                else:
+                    logps[s:e], ent_c, dz = fwd_and_dlogits(logits, targets[s:e], temperature, with_entropy, dtype)
+                    del logits  # [C, V]: two alive (logits, then dz), as in the recomputing backward
+                    torch.mm(dz, w, out=dlogp_dhidden[s:e])                      # [C, H]
+                    del dz
                 if with_entropy:
                     entropy[s:e] = ent_c
-                del logits  # before the next chunk's are made: one chunk of logits alive, not two
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+                logits = None  # before the next chunk's are made: one chunk of logits alive, not two
+        if dlogp_dhidden is None:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        else:
+            ctx.save_for_backward(dlogp_dhidden)
         ctx.temperature, ctx.chunk_tokens, ctx.fused = temperature, chunk_tokens, fused
+        ctx.grad_in_forward = dlogp_dhidden is not None
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy):
+        if ctx.grad_in_forward:  # dL/dhidden = dL/dlogp * d logp / d hidden, row by row, in the hidden dtype
+            dlogp_dhidden, = ctx.saved_tensors
+            grad_h = torch.mul(dlogp_dhidden, grad_logps[:, None], out=torch.empty_like(dlogp_dhidden))  # [M, H]
+            return grad_h, None, None, None, None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         m, dtype = hidden.shape[0], hidden.dtype
         w, b = _as_dtype(weight, dtype), _as_dtype(bias, dtype)
-        _, grad_logits = _chunk_ops(ctx.fused)
+        _, grad_logits, _ = _chunk_ops(ctx.fused)
         grad_logps = grad_logps.contiguous()                                     # [M]
         # the weight gradient sums over chunks: keep dlogits in float32 for it (as TRL does)
         dz_dtype = torch.float32 if need_w or need_b else dtype

@@ -8,9 +8,11 @@ input's gradient in float32 in its backward:
     y = w * round(x * r),  r = 1 / sqrt(mean(x^2) + eps)
     dL/dx = r * (g_n - n * mean(g_n * n)),  n = x * r,  g_n = float(dL/dy * w)
 (the rounding to the input dtype passes gradients through unchanged, as autograd's cast does).
-The backward runs by slices of BACKWARD_ROWS tokens, so its float32 temporaries stay small at long
-sequences (at 4,096 tokens and H = 1,536 a whole float32 [T, H] is 24 MiB, and it needs several).
-On CUDA the forward and backward math each run as one compiled kernel (fused_math.py).
+Run eagerly (the CPU), the backward goes by slices of BACKWARD_ROWS tokens, so its float32 temporaries
+stay small at long sequences (at 4,096 tokens and H = 1,536 a whole float32 [T, H] is 24 MiB, and it
+needs several). On CUDA the forward and backward math each run as one compiled kernel (fused_math.py),
+which makes no float32 [T, H] temporary, so the backward runs whole: at 16,384 tokens the slices were 17
+kernels and 17 copies of their results per norm.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import functools
 
 import torch
 
+from . import fused_math
 from .fused_math import rms_norm_backward, rms_norm_forward
 
 BACKWARD_ROWS = 1024  # tokens per slice of the backward (its float32 temporaries are [rows, H])
@@ -36,8 +39,12 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, inv_rms = ctx.saved_tensors
         shape, H = x.shape, x.shape[-1]
         x, grad, inv_rms = x.reshape(-1, H), grad.reshape(-1, H), inv_rms.reshape(-1, 1)  # [N, H], [N, 1]
+        want_weight = ctx.needs_input_grad[1]
+        if fused_math.COMPILE and x.is_cuda:  # one compiled kernel, no float32 [N, H] temporaries
+            grad_x, grad_weight = rms_norm_backward(x, weight, inv_rms, grad, want_weight)
+            return grad_x.view(shape), (grad_weight.to(weight.dtype) if want_weight else None), None
         grad_x = torch.empty_like(x)  # [N, H]
-        grad_weight = torch.zeros(H, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros(H, dtype=torch.float32, device=x.device) if want_weight else None
         for start in range(0, x.shape[0], BACKWARD_ROWS):  # float32 temporaries of BACKWARD_ROWS rows at most
             rows = slice(start, start + BACKWARD_ROWS)
             grad_x[rows], grad_weight_rows = rms_norm_backward(x[rows], weight, inv_rms[rows], grad[rows],

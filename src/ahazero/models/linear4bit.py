@@ -52,14 +52,21 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, module):
+        # the output is never a view (LoRA adds its term into it in place, which autograd forbids on a view
+        # made inside a custom Function)
         ctx.module = module
-        rows = x.numel() // x.shape[-1]
+        rows, shape = x.numel() // x.shape[-1], (*x.shape[:-1], module.out_features)
         if module.use_fused_kernel(x.device) and rows <= _fused().MAX_ROWS:  # decode: the fused GEMV
             y = _fused().nf4_gemv(x.reshape(rows, -1), [module.nf4_weight()])[0]  # [rows, out]
-            return y.view(*x.shape[:-1], module.out_features)
+            return torch.ops.aten._unsafe_view(y, shape)
         weight = module.dequantized_weight(x.dtype)  # [out, in], a temporary
-        bias = None if module.bias is None else module.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        y = x.new_empty(shape)  # [..., out]
+        x_2d, y_2d = x.reshape(rows, -1), y.view(rows, -1)  # [rows, in], [rows, out]
+        if module.bias is None:
+            torch.mm(x_2d, weight.t(), out=y_2d)
+        else:
+            torch.addmm(module.bias.to(x.dtype), x_2d, weight.t(), out=y_2d)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -107,20 +107,27 @@ def plain_lora_adapter(module) -> str | None:
 
 
 class _LoraAdd(torch.autograd.Function):
-    """result + (x (sA)^T) B^T as one autograd node (`lora_add` forward, `lora_backward` backward). The
+    """result + (x (sA)^T) B^T as one autograd node (`lora_add_` forward, `lora_backward` backward). The
     adapters [r, in] and [out, r] (float32 parameters) are cast to result's dtype inside (`cast_adapters`,
     the scale s folded into A's cast), the product S = x (sA)^T [N, r] is kept with x for the backward, and
-    the add is addmm's; s is applied to dA in its cast back to float32, so no operation is spent on it."""
+    the add is addmm_'s, into result itself (the base layer's fresh output, which nothing keeps: an op that
+    saved it would fail its backward on the version check); s is applied to dA in its cast back to float32,
+    so no operation is spent on it."""
 
     @staticmethod
     def forward(ctx, result, x, a, b, scaling: float):
         dtype = result.dtype
         x_2d = x.reshape(-1, x.shape[-1]).to(dtype)  # [N, in]
         a_scaled, b_cast = cast_adapters(a, b, scaling, dtype)  # [r, in], [out, r]
-        out, shrunk = lora_add(result.reshape(-1, result.shape[-1]), x_2d, a_scaled, b_cast)  # [N, out], [N, r]
+        if _addable_in_place(result):
+            ctx.mark_dirty(result)
+            out = result
+        else:
+            out = result.clone(memory_format=torch.contiguous_format)  # [..., out], a new tensor
+        shrunk = lora_add_(out.view(-1, out.shape[-1]), x_2d, a_scaled, b_cast)  # [N, r]
         ctx.save_for_backward(x_2d, shrunk, a_scaled, b_cast)
         ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, x.shape, x.dtype, a.dtype, b.dtype
-        return out.view(result.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -136,20 +143,29 @@ class _LoraAdd(torch.autograd.Function):
         return grad, grad_x, grad_a, grad_b, None
 
 
+def _addable_in_place(result: torch.Tensor) -> bool:
+    """Whether `_LoraAdd` may write into the base output: contiguous, and not a view made inside a custom
+    autograd Function (autograd forbids modifying one in place; F.linear's own views are allowed)."""
+    return result.is_contiguous() and not (
+        result._is_view() and isinstance(result.grad_fn, torch.autograd.function.BackwardCFunction))
+
+
 def cast_adapters(a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype):
     """(sA [r, in], B [out, r]) in the compute dtype: the adapters as the LoRA products use them."""
     return scaled_cast(a, scaling, dtype), b.to(dtype)
 
 
-def lora_add(result: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor, b: torch.Tensor):
-    """(result + (x (sA)^T) B^T [N, out], the product S = x (sA)^T [N, r]) for result [N, out], x [N, in]."""
+def lora_add_(result: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """result [N, out] += (x (sA)^T) B^T in place for x [N, in] (the GEMM reads and writes result: an
+    out-of-place addmm first copies result whole); returns the product S = x (sA)^T [N, r]."""
     shrunk = torch.mm(x, a_scaled.t())  # [N, r]
-    return torch.addmm(result, shrunk, b.t()), shrunk
+    result.addmm_(shrunk, b.t())
+    return shrunk
 
 
 def lora_backward(grad: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, a_scaled: torch.Tensor,
                   b: torch.Tensor, want_x: bool = True, want_a: bool = True, want_b: bool = True):
-    """`lora_add`'s gradients from dL/d(out) [N, out], in the compute dtype, None where not wanted:
+    """`lora_add_`'s gradients from dL/d(out) [N, out], in the compute dtype, None where not wanted:
     dS = g B,  dL/dx = dS (sA) [N, in] (the LoRA part only),  dL/dA / s = dS^T x [r, in],  dL/dB = g^T S [out, r]."""
     grad_shrunk = torch.mm(grad, b) if want_x or want_a else None  # [N, r]
     return (torch.mm(grad_shrunk, a_scaled) if want_x else None, torch.mm(grad_shrunk.t(), x) if want_a else None,

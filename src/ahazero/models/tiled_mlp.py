@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import torch
 
 from .fused_math import swiglu, swiglu_backward_
-from .lora import cast_adapters, lora_add, lora_backward, scaled_cast
+from .lora import cast_adapters, lora_add_, scaled_cast
 
 # at most this many tokens per tile: [1024, 8960] bf16 intermediates are 17.5 MiB each. On an H100 with the
 # layer graphs (2026-11-27, bench/RESULTS.md eighth session) 1,024 against 2,048: 8 x 4,096 1.53 against 1.74 s
@@ -143,8 +143,8 @@ class _TiledLoraSwiGLU(torch.autograd.Function):
         grad_x = torch.empty_like(flat)  # [N, H]
         totals = None  # float32 sums over the tiles of the six adapter gradients (A's not yet scaled)
         for start, stop in tile_bounds(flat.shape[0], ctx.tile_tokens):
-            grad_x[start:stop], adapter_grads = _swiglu_lora_tile_backward(flat[start:stop], flat_grad[start:stop],
-                                                                           parts)
+            adapter_grads = _swiglu_lora_tile_backward(flat[start:stop], flat_grad[start:stop], parts,
+                                                       grad_x[start:stop])
             if totals is None:
                 totals = [g.to(torch.float32) for g in adapter_grads]
             else:
@@ -160,11 +160,11 @@ class _TiledLoraSwiGLU(torch.autograd.Function):
 
 
 def _swiglu_lora_by_tiles(x: torch.Tensor, parts, tile_tokens: int) -> torch.Tensor:
-    """The written-out MLP forward over the tokens of x [..., H], tile by tile."""
+    """The written-out MLP forward over the tokens of x [..., H], tile by tile (each written in place)."""
     flat = x.reshape(-1, x.shape[-1])  # [N, H]
     out = torch.empty_like(flat)  # [N, H]
     for start, stop in tile_bounds(flat.shape[0], tile_tokens):
-        out[start:stop] = _swiglu_lora_tile(flat[start:stop], parts)
+        _lora_linear(_gated_hidden(flat[start:stop], parts)[0], parts[2], out=out[start:stop])
     return out.view_as(x)
 
 
@@ -187,17 +187,26 @@ def _cast_parts(parts, dtype) -> list[tuple]:
     return [(w, *cast_adapters(a, b, s, dtype)) for w, a, b, s in parts]
 
 
-def _lora_linear(x, part):
-    """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r])."""
+def _lora_linear(x, part, out=None):
+    """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r]),
+    written into `out` when given."""
     w, a_scaled, b = part
-    return lora_add(torch.mm(x, _dense(w, x.dtype).t()), x, a_scaled, b)
+    y = torch.mm(x, _dense(w, x.dtype).t(), out=out)  # [t, out]
+    return y, lora_add_(y, x, a_scaled, b)
 
 
-def _lora_linear_backward(x, shrunk, grad, part):
-    """dL/dx [t, in], dL/dA / s [r, in] and dL/dB [out, r] of `_lora_linear` from dL/dy [t, out]."""
+def _lora_linear_backward_(x, shrunk, grad, part, grad_x, accumulate: bool):
+    """`_lora_linear`'s dL/dx [t, in] from dL/dy [t, out] written into (or, accumulate, added to) grad_x by
+    the GEMMs themselves; returns dL/dA / s [r, in] and dL/dB [out, r]. dS = g B, dL/dx = g W + dS (sA),
+    dL/dA / s = dS^T x, dL/dB = g^T S (`lora_backward`'s math, written out)."""
     w, a_scaled, b = part
-    grad_x, grad_a, grad_b = lora_backward(grad, x, shrunk, a_scaled, b)
-    return torch.mm(grad, _dense(w, grad.dtype)).add_(grad_x), grad_a, grad_b
+    grad_shrunk = torch.mm(grad, b)  # [t, r]
+    if accumulate:
+        grad_x.addmm_(grad, _dense(w, grad.dtype))
+    else:
+        torch.mm(grad, _dense(w, grad.dtype), out=grad_x)
+    grad_x.addmm_(grad_shrunk, a_scaled)
+    return torch.mm(grad_shrunk.t(), x), torch.mm(grad.t(), shrunk)
 
 
 def _gated_hidden(x, parts):
@@ -207,18 +216,14 @@ def _gated_hidden(x, parts):
     return swiglu(gate, up), (gate, gate_shrunk, up, up_shrunk)
 
 
-def _swiglu_lora_tile(x, parts):
-    """One tile's output [t, H]."""
-    return _lora_linear(_gated_hidden(x, parts)[0], parts[2])[0]
-
-
-def _swiglu_lora_tile_backward(x, grad, parts):
-    """One tile's dL/dx [t, H] and the six adapter gradients (A / s, B of gate, up, down). It recomputes the
-    tile's forward up to the down projection's input (not the output, which nothing needs); the SiLU and
-    product backward are fused_math's (autograd's silu_backward and products, one kernel on CUDA).
-    The [t, I] tensors set the tile's peak, so at most three are alive at once: the down projection's
-    adapter gradients are taken before its input gradient is made, that gradient's LoRA part is added in
-    place, and the SiLU and product backward writes its gradients over gate and up."""
+def _swiglu_lora_tile_backward(x, grad, parts, grad_x):
+    """One tile's dL/dx [t, H], written into grad_x, and the six adapter gradients (A / s, B of gate, up,
+    down), returned. It recomputes the tile's forward up to the down projection's input (not the output, which
+    nothing needs); the SiLU and product backward are fused_math's (autograd's silu_backward and products,
+    one kernel on CUDA). The [t, I] tensors set the tile's peak, so at most three are alive at once: the
+    down projection's adapter gradients are taken before its input gradient is made, that gradient's LoRA
+    part is added in place, and the SiLU and product backward writes its gradients over gate and up. The
+    four parts of dL/dx (gate's and up's, each base and LoRA) are summed by the GEMMs into grad_x."""
     hidden, (gate, gate_shrunk, up, up_shrunk) = _gated_hidden(x, parts)  # [t, I] x 3
     w_down, a_down, b_down = parts[2]
     down_shrunk = torch.mm(hidden, a_down.t())  # [t, r], as `_lora_linear` makes it
@@ -228,10 +233,10 @@ def _swiglu_lora_tile_backward(x, grad, parts):
     grad_hidden = torch.mm(grad, _dense(w_down, grad.dtype)).addmm_(grad_down_shrunk, a_down)  # [t, I]: g W + dS (sA)
     swiglu_backward_(grad_hidden, gate, up)  # gate, up [t, I] := dL/dgate, dL/dup
     del grad_hidden
-    grad_x, grad_a_gate, grad_b_gate = _lora_linear_backward(x, gate_shrunk, gate, parts[0])
+    grad_a_gate, grad_b_gate = _lora_linear_backward_(x, gate_shrunk, gate, parts[0], grad_x, accumulate=False)
     del gate
-    grad_x_up, grad_a_up, grad_b_up = _lora_linear_backward(x, up_shrunk, up, parts[1])
-    return grad_x.add_(grad_x_up), (grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down)
+    grad_a_up, grad_b_up = _lora_linear_backward_(x, up_shrunk, up, parts[1], grad_x, accumulate=True)
+    return grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down
 
 
 def swiglu_lora_parts(mlp) -> list | None:
