@@ -100,3 +100,54 @@ def test_adapters_off_merged_and_dora_take_pefts_forward():
     fused.merge_adapter()
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, unfused(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+class _ViewingBase(torch.autograd.Function):
+    """A base layer's product returned as a view made inside a custom Function (as a quantised base's could
+    be): autograd forbids modifying it in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return (x.reshape(-1, x.shape[-1]) @ weight.t()).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, = ctx.saved_tensors
+        return grad @ weight, None
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_lora_term_is_added_into_the_base_output_in_place():
+    """No copy of the base output (an out-of-place addmm writes one first); its value and gradients are
+    PEFT's. A base output that is a custom Function's view is added to out of place, with the same values."""
+    ids = random_ids(3)
+    for viewing in (False, True):
+        unfused, fused = unfused_and_fused()
+        if viewing:  # every base Linear's product through _ViewingBase
+            for model in (unfused, fused):
+                for module in model.modules():
+                    if type(module) is torch.nn.Linear and module.weight.shape[0] != 151936 and \
+                            not module.weight.requires_grad:
+                        module.forward = lambda x, m=module: (_ViewingBase.apply(x, m.weight) if m.bias is None
+                                                              else _ViewingBase.apply(x, m.weight) + m.bias)
+        layer = fused.get_base_model().model.layers[0].mlp.down_proj
+        x = torch.randn(1, 5, layer.in_features, requires_grad=True)
+        with _OpNames() as ops:
+            layer(x)
+        assert "addmm_" in ops.names and "addmm" not in ops.names and "copy_" not in ops.names, ops.names
+        assert ("clone" in ops.names) == viewing, ops.names  # a copy of the base output only for the view
+        ref_logits, ref = run(unfused, ids)
+        logits, got = run(fused, ids)
+        torch.testing.assert_close(logits, ref_logits, atol=5e-6 * ref_logits.abs().max().item(), rtol=0)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=1e-4)
