@@ -22,8 +22,9 @@ actually generated is measured (from the completion ids its reward function rece
 
 Measured per backend, each in its own subprocess (peaks do not mix; --timeout bounds each one):
   weights GiB   torch.cuda.memory_allocated once the model and its LoRA adapters are loaded
-  peak GiB      torch.cuda.max_memory_allocated from then on to the end of training: trainer set-up,
-                every rollout, reward, forward/backward and optimizer step. The peak counter is reset right
+  peak GiB      torch.cuda.max_memory_allocated from then on to the end of training (trainer set-up,
+                every rollout, reward, forward/backward and optimizer step) plus what CUDA graphs' private
+                pools hold (graph_pool_gib in the JSON line; memory.py's Meter). The peak counter is reset right
                 after the weights are measured; should a backend reset it itself during the run, the peak it
                 had reached is kept (torch.cuda.reset_peak_memory_stats is wrapped, not changed).
   first step s  from the trainer's on_train_begin to the first on_step_end (compilation, CUDA-graph capture
@@ -33,7 +34,9 @@ ahazero's JSON line also names its rollout backend (LLMEngine: its engine; HFGen
 engine's KV-cache size (kv_cache_gib, kv_slots: sized by --gpu-memory-utilization, counted in the peak) and
 how many linear layers load_in_4bit kept in 16 bit (nf4_kept_16bit), and from its trainer's logs each step's
 rollout_s / update_s (generation with rewards; forward, backward and optimizer) and peak_after_rollout_gib /
-peak_after_update_gib (the most allocated at each point: which phase sets the peak).
+peak_after_update_gib (the most allocated at each point: which phase sets the peak; the trainer's numbers,
+without the graph pools, so graph_pool_gib is the difference between the last of them and the peak when the
+last update set it).
 The times come from a transformers TrainerCallback (on_train_begin / on_step_end / on_log), which TRL's,
 Unsloth's and ahazero's trainers all call. A worker writes its record after every step, so a backend
 stopped by --timeout still reports the steps it finished. Memory outside PyTorch's allocator is not counted
@@ -218,6 +221,7 @@ class Run:
             if r.get("weights_gib") is not None:
                 r["above_weights_gib"] = r["peak_gib"] - r["weights_gib"]
         if self.cuda:
+            r["graph_pool_gib"] = self.meter.pool_gib  # counted in peak_gib, not in the trainer's peak_after_*
             r["peak_reserved_gib"] = self.torch.cuda.max_memory_reserved() / GIB
             r["peak_resets_by_backend"] = self.peak_resets
         ends = c.ends
