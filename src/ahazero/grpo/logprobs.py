@@ -12,8 +12,8 @@ forward also finds d logp / d hidden for each token, u = (onehot(target) - softm
 from the chunk's logits it already has, and keeps u instead of the hidden states; the backward only scales
 its rows by dL/dlogp. Two vocabulary-sized products per chunk instead of three (the backward's recompute of
 the logits is gone), and no softmax pass in the backward. At 8 x 16,384 on Qwen2.5-1.5B the three took
-0.81 s of a 6.2 s training step (H100, 2026-11-27, bench/RESULTS.md tenth session). A head that needs
-gradients keeps the recompute.
+0.81 s of a 6.2 s training step and the two take 0.43 s (H100, 2026-11-28, bench/RESULTS.md tenth
+session). A head that needs gradients keeps the recompute.
 
 Numerics: the matmul runs in the hidden dtype (as the engine's decode does), the logits are upcast to
 float32, divided by the temperature, and log-softmaxed in float32. Weight and bias gradients are
@@ -212,9 +212,9 @@ def chunked_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, t
     (logps [N, T] float32, entropy [N, T] float32 detached or None).
 
     logits = hidden @ weight.T (+ bias), divided by temperature, log-softmax in float32; computed
-    `chunk_tokens` flattened tokens at a time (default: about 256 MiB of float32 logits), in backward
-    too, so no [N, T, V] tensor ever exists. Gradients reach hidden, and weight / bias only when they
-    require grad. The entropy is that of the temperature-scaled distribution. Negative targets
+    `chunk_tokens` flattened tokens at a time (default: about CHUNK_BYTES, 64 MiB, of float32 logits),
+    in backward too, so no [N, T, V] tensor ever exists. Gradients reach hidden, and weight / bias only
+    when they require grad (a frozen head's d logp / d hidden is made in the forward). The entropy is that of the temperature-scaled distribution. Negative targets
     (padding such as -100) are scored as token 0; mask them out afterwards. `fused` (default: on CUDA)
     runs each chunk's element-wise math as a torch.compile'd kernel.
     """

@@ -34,7 +34,6 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .nf4 import QuantState, dequantize_nf4, quantize_nf4
