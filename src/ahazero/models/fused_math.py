@@ -20,6 +20,11 @@ import torch.nn.functional as F
 COMPILE = os.environ.get("AHAZERO_COMPILE_FUSED", "1") != "0"
 
 
+def runs_compiled(t: torch.Tensor) -> bool:
+    """Whether a `cuda_compiled` function given `t` first runs its compiled kernel (unless compiling failed)."""
+    return COMPILE and t.is_cuda
+
+
 def cuda_compiled(fn):
     """`fn` compiled with torch.compile where its first argument is on CUDA; as it is elsewhere."""
     compiled = None
@@ -27,7 +32,7 @@ def cuda_compiled(fn):
     @functools.wraps(fn)
     def run(*args):
         nonlocal compiled
-        if not (COMPILE and args[0].is_cuda):
+        if not runs_compiled(args[0]):
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)

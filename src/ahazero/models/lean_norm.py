@@ -20,8 +20,7 @@ import functools
 
 import torch
 
-from . import fused_math
-from .fused_math import rms_norm_backward, rms_norm_forward
+from .fused_math import rms_norm_backward, rms_norm_forward, runs_compiled
 
 BACKWARD_ROWS = 1024  # tokens per slice of the backward (its float32 temporaries are [rows, H])
 LEAN_NORM_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # the RMSNorm written above
@@ -40,7 +39,7 @@ class _RMSNorm(torch.autograd.Function):
         shape, H = x.shape, x.shape[-1]
         x, grad, inv_rms = x.reshape(-1, H), grad.reshape(-1, H), inv_rms.reshape(-1, 1)  # [N, H], [N, 1]
         want_weight = ctx.needs_input_grad[1]
-        if fused_math.COMPILE and x.is_cuda:  # one compiled kernel, no float32 [N, H] temporaries
+        if runs_compiled(x):  # one compiled kernel, no float32 [N, H] temporaries
             grad_x, grad_weight = rms_norm_backward(x, weight, inv_rms, grad, want_weight)
             return grad_x.view(shape), (grad_weight.to(weight.dtype) if want_weight else None), None
         grad_x = torch.empty_like(x)  # [N, H]

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import torch
 
 from .fused_math import swiglu, swiglu_backward_
-from .lora import cast_adapters, lora_add_, scaled_cast
+from .lora import cast_adapters, lora_add_, lora_backward, scaled_cast
 
 # at most this many tokens per tile: [1024, 8960] bf16 intermediates are 17.5 MiB each. On an H100 with the
 # layer graphs (2026-11-27, bench/RESULTS.md eighth session) 1,024 against 2,048: 8 x 4,096 1.53 against 1.74 s
@@ -197,16 +197,14 @@ def _lora_linear(x, part, out=None):
 
 def _lora_linear_backward_(x, shrunk, grad, part, grad_x, accumulate: bool):
     """`_lora_linear`'s dL/dx [t, in] from dL/dy [t, out] written into (or, accumulate, added to) grad_x by
-    the GEMMs themselves; returns dL/dA / s [r, in] and dL/dB [out, r]. dS = g B, dL/dx = g W + dS (sA),
-    dL/dA / s = dS^T x, dL/dB = g^T S (`lora_backward`'s math, written out)."""
+    the GEMMs themselves (g W, then `lora_backward`'s LoRA part); returns dL/dA / s [r, in] and dL/dB [out, r]."""
     w, a_scaled, b = part
-    grad_shrunk = torch.mm(grad, b)  # [t, r]
     if accumulate:
         grad_x.addmm_(grad, _dense(w, grad.dtype))
     else:
         torch.mm(grad, _dense(w, grad.dtype), out=grad_x)
-    grad_x.addmm_(grad_shrunk, a_scaled)
-    return torch.mm(grad_shrunk.t(), x), torch.mm(grad.t(), shrunk)
+    _, grad_a, grad_b = lora_backward(grad, x, shrunk, a_scaled, b, add_x_to=grad_x)
+    return grad_a, grad_b
 
 
 def _gated_hidden(x, parts):
