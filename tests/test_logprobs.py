@@ -4,9 +4,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ahazero.grpo.logprobs import chunked_token_logprobs, default_chunk_tokens
+from ahazero.grpo import logprob_kernels
+from ahazero.grpo.logprobs import chunk_forward_and_dlogits, chunked_token_logprobs, default_chunk_tokens
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton kernels in the interpreter
 
 
 def reference(hidden, weight, targets, temperature=1.0, bias=None):
@@ -132,7 +134,73 @@ def test_matches_trl_chunked_kernel():
 
 def test_default_chunk():
     assert default_chunk_tokens(151936) == 64 * 2**20 // (4 * 151936) == 110
+    assert default_chunk_tokens(151936, 2) == 220  # bf16 logits alone (the in-place kernel)
     assert default_chunk_tokens(10**12) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature,with_entropy", [(1.0, True), (0.7, False), (1.3, True)])
+def test_in_place_kernel_matches_the_eager_chunk(dtype, temperature, with_entropy):
+    """logprob_kernels' kernel (the interpreter here) against chunk_forward_and_dlogits on fresh logits, a
+    vocabulary that is not a multiple of the kernel's block, targets at both ends; it overwrites the logits."""
+    gen = torch.Generator().manual_seed(int(temperature * 10) + with_entropy)
+    C, V = 9, 1001
+    logits = (torch.randn(C, V, generator=gen) * 4).to(dtype)                   # [C, V]
+    logits[2, 17] = 30.0  # one row nearly one-hot
+    targets = torch.randint(0, V, (C,), generator=gen)
+    targets[0], targets[1], targets[2] = 0, V - 1, 17
+    logits, targets = logits.to(KERNEL_DEVICE), targets.to(KERNEL_DEVICE)
+    want_logp, want_entropy, want_dz = chunk_forward_and_dlogits(logits, targets, temperature, with_entropy, dtype)
+    buffer = logits.clone()
+    logp, entropy = logprob_kernels.logp_and_dlogits_(buffer, targets, temperature, with_entropy, block_v=256)
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+    assert (entropy is None) == (not with_entropy)
+    if with_entropy:  # row 2's entropy (~1e-4) is lse (~23) minus a sum: a few float32 roundings of 23
+        torch.testing.assert_close(entropy, want_entropy, rtol=1e-5, atol=3e-5)
+    assert buffer.dtype == dtype
+    # d logp / d logits: float32 within a few units (the GPU's exp, at p near 1); bf16 by one rounding at most
+    tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(buffer, want_dz, **tol)
+
+
+def test_in_place_kernel_rejects_strided_rows():
+    with pytest.raises(ValueError, match="contiguous rows"):
+        logprob_kernels.logp_and_dlogits_(torch.zeros(4, 6, device=KERNEL_DEVICE).t(),
+                                          torch.zeros(6, dtype=torch.long, device=KERNEL_DEVICE), 1.0, False)
+
+
+@pytest.mark.parametrize("chunk", [5, None])
+def test_frozen_head_in_place_path(chunk):
+    """fused=True with a frozen head takes the in-place kernel (the interpreter here): values and d/dhidden
+    as the float64 reference, and per chunk the logits are the only [C, V] tensor an op makes."""
+    n, t, h, v = 3, 7, 24, 101
+    hidden, weight, bias, targets = make_inputs(n, t, h, v, seed=11, with_bias=True, device=KERNEL_DEVICE)
+    hidden.requires_grad_(True)
+    sizes = []
+
+    class Outputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is not torch.ops.aten.set_.source_Storage_storage_offset:  # the interpreter rebinding storage
+                sizes.extend(x.numel() for x in (out if isinstance(out, (tuple, list)) else [out])
+                             if isinstance(x, torch.Tensor))
+            return out
+
+    with Outputs():
+        logps, entropy = chunked_token_logprobs(hidden, weight, targets, temperature=0.7, bias=bias,
+                                                chunk_tokens=chunk, with_entropy=True, fused=True)
+    made = chunk or default_chunk_tokens(v, 4)  # float32: 4 bytes a logit either way
+    full_chunks = n * t // made
+    assert sizes.count(made * v) == full_chunks  # the logits; their gradient is written over them
+    assert max(sizes) <= max(made * v, v * h, n * t * h)  # (the weight's transpose, d logp / d hidden)
+    h64 = hidden.detach().double().requires_grad_()
+    ref_logps, ref_entropy = reference(h64, weight.double(), targets, 0.7, bias.double())
+    torch.testing.assert_close(logps.double(), ref_logps.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy.detach(), rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(n, t, dtype=torch.float64, device=KERNEL_DEVICE)
+    (logps.double() * upstream).sum().backward()
+    (ref_logps * upstream).sum().backward()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
 
 
 class LargestOutput(TorchDispatchMode):

@@ -21,8 +21,10 @@ accumulated over chunks in float32.
 
 Speed: on CUDA the element-wise work on each chunk (upcast, logsumexp, entropy in forward; softmax
 gradient in backward) runs as one torch.compile'd kernel each (`fused=None` picks it where CUDA and
-Triton are; the first call compiles for some seconds). The eager functions are the CPU path and the
-reference the fused one is tested against. Measured on an H100 (bf16, 4096 tokens, H 1536, V 151936,
+Triton are; the first call compiles for some seconds). A frozen head's forward instead runs
+grpo/logprob_kernels.py's Triton kernel, which writes d logp / d logits over the logits: one [C, V] tensor
+a chunk, so its chunks are twice as long for the same CHUNK_BYTES. The eager functions are the CPU path
+and the reference the fused one is tested against. Measured on an H100 (bf16, 4096 tokens, H 1536, V 151936,
 forward + backward): full logits 18.8 ms / 7.1 GiB extra; eager chunks 28.7 ms / 0.6 GiB; fused
 chunks 13.0 ms / 0.4 GiB.
 """
@@ -33,16 +35,21 @@ import functools
 import torch
 from torch import Tensor
 
-# float32 logits per chunk, by default. A chunk's logits, their float32 copy and, in backward, their
-# gradient are alive together: at 256 MiB that is about 0.6 GiB (an estimate), most of the 0.87 GiB
-# above the weights measured in the seed notebook's 4-bit step (H100, 2026-11-27); 64 MiB (110 tokens
-# of a 151,936 vocabulary) keeps the lm_head GEMMs large enough to run near full speed.
+from . import logprob_kernels
+
+# The [C, V] tensors a chunk holds at once, by default: counted as one float32 chunk of logits (4 bytes a
+# logit: the logits and their gradient in bf16, or a float32 copy), or as the logits alone in their dtype
+# where grpo/logprob_kernels.py writes the gradient over them (a frozen head, fused). The chunk sits at a
+# training step's peak: on an H100 (2026-11-28, eleventh session, bench/RESULTS.md) 8 x 16,384 took 5.67 /
+# 5.47 / 5.43 s with 64 / 128 / 256 MiB of two bf16 tensors, and 1.71 / 1.77 / 1.90 GiB above the weights
+# (8 x 4,096: 1.43 / 1.40 / 1.32 s, 0.96 / 1.02 / 1.14 GiB). The lm_head products are memory-bound at 110
+# tokens (each reads the whole head) and near compute-bound from a few hundred.
 CHUNK_BYTES = 64 * 2**20
 
 
-def default_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk so that one float32 chunk of logits is about CHUNK_BYTES (at least 1)."""
-    return max(1, CHUNK_BYTES // (4 * vocab_size))
+def default_chunk_tokens(vocab_size: int, bytes_per_logit: int = 4) -> int:
+    """Tokens per chunk so that its [C, V] tensors, `bytes_per_logit` a logit, are about CHUNK_BYTES (>= 1)."""
+    return max(1, CHUNK_BYTES // (bytes_per_logit * vocab_size))
 
 
 # ------------------------------------------------------------------ per-chunk math (eager reference)
@@ -122,6 +129,11 @@ def _has_triton() -> bool:
     return has_triton()
 
 
+def in_place_gradient(hidden: Tensor, fused: bool) -> bool:
+    """Whether a frozen head's chunks take logprob_kernels' in-place kernel (the fused path where it runs)."""
+    return fused and logprob_kernels.runs_here(hidden)
+
+
 def _chunk_ops(fused: bool):
     """(forward, grad_logits, forward_and_dlogits): compiled kernels when fused, else the eager functions."""
     return _compiled() if fused else (chunk_forward, chunk_grad_logits, chunk_forward_and_dlogits)
@@ -147,12 +159,17 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         logps = hidden.new_empty(m, dtype=torch.float32)                         # [M]
         lse = hidden.new_empty(m if dlogp_dhidden is None else 0, dtype=torch.float32)  # [M] or [0]
         entropy = hidden.new_empty(m if with_entropy else 0, dtype=torch.float32)  # [M] or [0]
+        in_place = in_place_gradient(hidden, fused) and dlogp_dhidden is not None
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, m, chunk_tokens):
                 e = min(s + chunk_tokens, m)
                 logits = torch.nn.functional.linear(hidden[s:e], w, b)           # [C, V] hidden dtype
                 if dlogp_dhidden is None:
                     logps[s:e], lse[s:e], ent_c = fwd(logits, targets[s:e], temperature, with_entropy)
+                elif in_place:  # the logits become d logp / d logits: one [C, V] tensor alive
+                    logps[s:e], ent_c = logprob_kernels.logp_and_dlogits_(logits, targets[s:e], temperature,
+                                                                          with_entropy)
+                    torch.mm(logits, w, out=dlogp_dhidden[s:e])                  # [C, H]
                 else:
                     logps[s:e], ent_c, dz = fwd_and_dlogits(logits, targets[s:e], temperature, with_entropy, dtype)
                     del logits  # [C, V]: two alive (logits, then dz), as in the recomputing backward
@@ -212,7 +229,7 @@ def chunked_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, t
     (logps [N, T] float32, entropy [N, T] float32 detached or None).
 
     logits = hidden @ weight.T (+ bias), divided by temperature, log-softmax in float32; computed
-    `chunk_tokens` flattened tokens at a time (default: about CHUNK_BYTES, 64 MiB, of float32 logits),
+    `chunk_tokens` flattened tokens at a time (default: about CHUNK_BYTES, 64 MiB, of [C, V] tensors),
     in backward too, so no [N, T, V] tensor ever exists. Gradients reach hidden, and weight / bias only
     when they require grad (a frozen head's d logp / d hidden is made in the forward). The entropy is that of the temperature-scaled distribution. Negative targets
     (padding such as -100) are scored as token 0; mask them out afterwards. `fused` (default: on CUDA)
@@ -222,10 +239,15 @@ def chunked_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, t
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n, t, h = hidden.shape
     vocab = weight.shape[0]
-    chunk = default_chunk_tokens(vocab) if chunk_tokens is None else int(chunk_tokens)
+    fused = (hidden.is_cuda and _has_triton()) if fused is None else fused
+    if chunk_tokens is None:  # the head's chunks in this pass and in a no-grad pass alike (same GEMM shapes)
+        head_trains = weight.requires_grad or (bias is not None and bias.requires_grad)
+        one_tensor = in_place_gradient(hidden, fused) and not head_trains
+        chunk = default_chunk_tokens(vocab, hidden.element_size() if one_tensor else 4)
+    else:
+        chunk = int(chunk_tokens)
     if chunk < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    fused = (hidden.is_cuda and _has_triton()) if fused is None else fused
     flat_h = hidden.reshape(n * t, h)                                            # [N*T, H]
     flat_targets = targets.reshape(n * t).long().clamp(min=0)                    # [N*T] (-100 pads -> 0)
     logps, entropy = _ChunkedTokenLogprobs.apply(
