@@ -36,6 +36,7 @@ from ..models import layer_graphs
 from ..models.lora import base_model_context, decoder_and_head, fuse_lora_forwards, is_peft_model
 from ..models.lean_norm import lean_rms_norms
 from ..models.loader import offload_context
+from ..models.rope import fast_rope
 from ..rewards import check_columns, resolve_reward_func, reward_func_name, run_reward_funcs
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -79,6 +80,7 @@ class GRPOTrainer:
         if self.adapter is not None:
             fuse_lora_forwards(model)  # LoRA products in the model's dtype, scale and add in one addmm
         lean_rms_norms(decoder_and_head(model)[0])  # norms keep their 16-bit input, not a float32 copy
+        fast_rope(decoder_and_head(model)[0])  # RoPE in one kernel a tensor and pass, rounded as transformers'
         layer_graphs.allow(model, self.args.layer_graphs)  # offloaded layers replayed from CUDA graphs
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.device = next(model.parameters()).device
