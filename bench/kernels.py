@@ -2,12 +2,14 @@
 per kernel configuration, beside the torch path it replaces. GPU only.
 
   lora  engine/lora_kernels.py's grouped shrink + expand for the 4 groups of a Qwen2.5-1.5B layer (q/k/v,
-        o, gate/up, down; r = 32), by (split_k, block_k, shrink warps, expand block_o); the torch row is
-        F.linear + addmm per projection (the engine's path without the kernels).
+        o, gate/up, down; r = 32), by (split_k, block_k, shrink warps, expand block_o[, rows per program]
+        above 32 rows); the torch row is F.linear + addmm per projection (the engine's path without the
+        kernels).
   gemv  engine/gemv_kernels.py: the layer's 4 groups of projections (bf16 weights, q/k/v biases, LoRA r = 32 on
         all), each the LoRA shrink + one lora_gemv launch, by (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES,
         PROGRAMS_PER_SM); beside the path it replaces, cuBLAS (F.linear) per projection + shrink + expand,
-        and cuBLAS alone (no LoRA: the weights' floor).
+        and cuBLAS alone (no LoRA: the weights' floor). Above 32 rows (GEMV_LARGE_CONFIGS) the engine takes
+        cuBLAS + the LoRA kernels; the table says whether one launch would do better there.
   nf4   models/nf4_kernels.py's fused dequantise-GEMV for the layer's 4 groups with LoRA, one launch per group
         (engine/gemv_kernels.py's nf4 path), by (LOOKUP, BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM,
         MIN_BLOCKS_PER_SPLIT, PREFETCH); beside it the same groups on 16-bit weights through the
@@ -36,11 +38,18 @@ LORA_CONFIGS = [  # (split_k, block_k, shrink warps, expand block_o, precision).
     # 64/64/2/128 tf32x3 (the default) 34.2 / 48.7 us at N = 6 / 128, 128/64/2/128 tf32x3 33.3 / 44.1, ieee 44.5 / 92.0
     (64, 64, 2, 128, "tf32x3"), (128, 64, 2, 128, "tf32x3"), (128, 64, 4, 128, "tf32x3"), (128, 128, 4, 128, "tf32x3"),
     (256, 64, 2, 128, "tf32x3"), (64, 64, 2, 128, "ieee")]
+LORA_LARGE_CONFIGS = [  # (split_k, block_k, shrink warps, expand block_o, precision, rows per program) above 32 rows
+    (64, 64, 2, 128, "tf32x3", 16), (64, 64, 2, 128, "tf32x3", 32), (64, 64, 4, 128, "tf32x3", 64),
+    (128, 64, 4, 128, "tf32x3", 64), (256, 64, 4, 128, "tf32x3", 64), (128, 64, 4, 64, "tf32x3", 32),
+    (256, 128, 4, 64, "tf32x3", 64), (128, 64, 4, 256, "tf32x3", 32), (512, 64, 4, 128, "tf32x3", 128)]
 GEMV_CONFIGS = [  # (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM). H200, sixth session (RESULTS.md,
     # ten configurations): 64/128/4/4/1 (the default) fastest per layer at N = 1 and 6, 32/128/4/4/2 at N = 32;
     # gate/up alone preferred 64/64/4/6/2, o alone 16/512/4/3/1
     (64, 128, 4, 4, 1), (64, 64, 4, 6, 1), (32, 128, 4, 4, 1), (32, 128, 4, 4, 2), (16, 512, 4, 3, 1),
     (64, 128, 8, 4, 1)]
+GEMV_LARGE_CONFIGS = [  # the same above 32 rows, where a tile's x^T operand is 64 or 128 wide
+    (64, 64, 4, 4, 1), (64, 64, 8, 4, 1), (64, 128, 4, 3, 1), (128, 64, 8, 3, 1), (128, 64, 4, 4, 1),
+    (64, 64, 4, 3, 2), (128, 128, 8, 3, 1)]
 NF4_CONFIGS = [  # (LOOKUP, BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT, PREFETCH). H100, seventh session
     # (RESULTS.md): the [16] code ("nibbles") 85.6-113 us a layer against the pair table's 100-121; PREFETCH 1-3 within
     # noise. (A `for` loop that Triton software-pipelines, 2-4 stages, took 284-572 us on an H200: dropped.)
@@ -58,6 +67,9 @@ def rel(got, want) -> float:
 
 
 def lora_table(batches):
+    def configs(N):
+        return LORA_CONFIGS if N <= 32 else LORA_LARGE_CONFIGS
+
     from ahazero.engine import lora_kernels as lk
     dev = torch.device("cuda")
     layers = []
@@ -82,18 +94,20 @@ def lora_table(batches):
                         y.copy_(torch.addmm(y.to(B.dtype), xa, B.t(), alpha=2.0))
 
         def kernels(cfg):
-            split_k, block_k, warps, block_o, precision = cfg
+            split_k, block_k, warps, block_o, precision, block_n = (*cfg, lk.BLOCK_N)[:6]
             for groups, yl in zip(layers, ys):
                 for (K, a, b), yg in zip(groups, yl):
-                    xa = lk._shrink(xs[K], a, split_k=split_k, block_k=block_k, num_warps=warps, precision=precision)
-                    lk._expand_add(xa, b, yg, [2.0] * len(a), block_o=block_o, precision=precision)
+                    xa = lk._shrink(xs[K], a, split_k=split_k, block_k=block_k, num_warps=warps, precision=precision,
+                                    block_n=block_n)
+                    lk._expand_add(xa, b, yg, [2.0] * len(a), block_o=block_o, precision=precision, block_n=block_n)
 
         row = {"N": N, "torch": bench(torch_path)}
-        for cfg in LORA_CONFIGS:
+        for cfg in configs(N):
             K, a, b = layers[0][3]
+            block_n = (*cfg, lk.BLOCK_N)[5]
             y = torch.zeros(N, H, device=dev, dtype=torch.bfloat16)
-            xa = lk._shrink(xs[K], a, *cfg[:3], precision=cfg[4])
-            lk._expand_add(xa, b, [y], [2.0], block_o=cfg[3], precision=cfg[4])
+            xa = lk._shrink(xs[K], a, *cfg[:3], precision=cfg[4], block_n=block_n)
+            lk._expand_add(xa, b, [y], [2.0], block_o=cfg[3], precision=cfg[4], block_n=block_n)
             want_xa = xs[K].float() @ a[0].t()
             want = 2.0 * want_xa @ b[0].t()
             err = rel(y, want)
@@ -101,10 +115,12 @@ def lora_table(batches):
             row[cfg] = bench(lambda: kernels(cfg)) if err < 1e-2 else float("nan")
         rows.append(row)
     print(f"\nLoRA, us per layer (4 groups, r={R}); torch = F.linear + addmm per projection")
-    print("| N | torch | " + " | ".join("split %d bk %d w %d bo %d %s" % c for c in LORA_CONFIGS) + " |")
-    print("| --- " * (len(LORA_CONFIGS) + 2) + "|")
     for row in rows:
-        print(f"| {row['N']} | {row['torch']:.1f} | " + " | ".join(f"{row[c]:.1f}" for c in LORA_CONFIGS) + " |")
+        cfgs = configs(row["N"])
+        names = ["split %d bk %d w %d bo %d %s" % c[:5] + (" bn %d" % c[5] if len(c) > 5 else "") for c in cfgs]
+        print("| N | torch | " + " | ".join(names) + " |")
+        print("| --- " * (len(cfgs) + 2) + "|")
+        print(f"| {row['N']} | {row['torch']:.1f} | " + " | ".join(f"{row[c]:.1f}" for c in cfgs) + " |")
 
 
 def gemv_table(batches):
@@ -125,10 +141,11 @@ def gemv_table(batches):
     names = ["q/k/v", "o", "gate/up", "down"]
     print(f"\nProjections + LoRA, us per layer (bf16, r={R}; rows: one group, then all 4); cublas = F.linear alone "
           "(no LoRA); cublas+lora = the engine's path before gemv_kernels; shrink = lora_shrink alone")
-    print("| N | group | cublas | cublas+lora | shrink | " + " | ".join("BO %d BK %d w %d st %d pps %d" % c
-                                                                       for c in GEMV_CONFIGS) + " |")
-    print("| --- " * (len(GEMV_CONFIGS) + 5) + "|", flush=True)
     for N in batches:
+        gemv_configs = GEMV_CONFIGS if N <= 32 else GEMV_LARGE_CONFIGS
+        print("| N | group | cublas | cublas+lora | shrink | " + " | ".join("BO %d BK %d w %d st %d pps %d" % c
+                                                                           for c in gemv_configs) + " |")
+        print("| --- " * (len(gemv_configs) + 5) + "|", flush=True)
         xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
         for which in [[0], [1], [2], [3], [0, 1, 2, 3]]:
             def cublas(lora: bool):
@@ -152,7 +169,7 @@ def gemv_table(batches):
                                    block_k=block_k, num_warps=warps, num_stages=stages, programs_per_sm=pps)
 
             row = [bench(lambda: cublas(False)), bench(lambda: cublas(True)), bench(shrink)]
-            for cfg in GEMV_CONFIGS:
+            for cfg in gemv_configs:
                 t = float("nan")  # a configuration that fails to compile or disagrees
                 try:
                     K, w, bias, a, b = layers[0][which[0]]
@@ -234,14 +251,14 @@ def nf4_table(batches):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("lora", "gemv", "nf4"))
-    p.add_argument("--batches", default="1,6,32,128", help="the gemv and nf4 tables take those up to 32 rows")
+    p.add_argument("--batches", default="1,6,32,128", help="the nf4 table takes those up to 32 rows")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.only in (None, "lora"):
         lora_table(batches)
     if args.only in (None, "gemv"):
-        gemv_table([b for b in batches if b <= 32])
+        gemv_table(batches)
     if args.only in (None, "nf4"):
         nf4_table([b for b in batches if b <= 32])
 

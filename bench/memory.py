@@ -395,6 +395,9 @@ def run_ahazero(args, device, meter: Meter) -> dict:
     if args.bucket_tokens:
         from ahazero.models import layer_graphs
         layer_graphs.BUCKET_TOKENS = args.bucket_tokens
+    if args.logprob_chunk_mib:
+        from ahazero.grpo import logprobs
+        logprobs.CHUNK_BYTES = args.logprob_chunk_mib * 2**20
     mode = {"offload": "offload", "true": True, "false": False}[args.ahazero_checkpointing]
     enable_gradient_checkpointing(model, mode)
     weights = meter.current()
@@ -429,16 +432,20 @@ def run_ahazero(args, device, meter: Meter) -> dict:
                 settings=f"micro_batch_size={args.micro_batch}, checkpointing={mode}, optim={args.optim}"
                          + (f", tile_tokens={args.tile_tokens}" if args.tile_tokens else "")
                          + (f", BUCKET_TOKENS={args.bucket_tokens}" if args.bucket_tokens else "")
+                         + (f", CHUNK_BYTES={args.logprob_chunk_mib} MiB" if args.logprob_chunk_mib else "")
                          + (f", without {args.without}" if args.without else "")
                          + (", nf4" if args.load_in_4bit else "") + (", lora_autocast" if args.lora_autocast else ""))
 
 
-WITHOUT = ("fused-lora", "lean-norm", "tiled-mlp", "layer-graphs", "padding-free")  # padding-free: the padded
-# forward through the model's own attention (SDPA) instead of the packed varlen one (GRPOConfig.padding_free)
+WITHOUT = ("fused-lora", "lean-norm", "tiled-mlp", "layer-graphs", "padding-free", "fast-rope",
+           "in-place-logprobs")  # padding-free: the padded forward through the model's own attention (SDPA)
+# instead of the packed varlen one (GRPOConfig.padding_free); in-place-logprobs: the frozen head's chunks
+# through the compiled function (two [C, V] tensors, chunks half as long)
 
 
 def switch_off(parts: str) -> None:
     """--without: turn off some of ahazero's training-step pieces, to measure what each brings."""
+    import ahazero.grpo.logprobs as logprobs
     import ahazero.grpo.trainer as trainer
     import ahazero.models.layer_graphs as layer_graphs
     import ahazero.models.lora as lora
@@ -454,6 +461,10 @@ def switch_off(parts: str) -> None:
             layer_graphs.LAYER_GRAPHS = False
         elif part == "padding-free":
             pass  # a GRPOConfig field: run_ahazero reads it from args.without
+        elif part == "fast-rope":
+            trainer.fast_rope = lambda model: 0
+        elif part == "in-place-logprobs":
+            logprobs.in_place_gradient = lambda hidden, fused: False
         else:
             tiled_mlp.TILED_MODEL_TYPES = frozenset()
 
@@ -784,6 +795,8 @@ def main(argv=None) -> None:
                    help="ahazero's models/layer_graphs.py BUCKET_TOKENS (0: its default, off)")
     p.add_argument("--tile-tokens", type=int, default=0, help="ahazero's MLP token tile (models/tiled_mlp.py "
                                                              "TILE_TOKENS; 0: its default)")
+    p.add_argument("--logprob-chunk-mib", type=int, default=0, help="ahazero's grpo/logprobs.py CHUNK_BYTES in MiB "
+                                                                    "(0: its default)")
     p.add_argument("--snapshot", default=None, help="folder for each worker's CUDA allocation history of the "
                                                     "measured step (slows that step)")
     p.add_argument("--profile", default=None, help="folder for each worker's torch.profiler table of one more "
@@ -814,6 +827,7 @@ def main(argv=None) -> None:
         + (["--tile-tokens", str(args.tile_tokens)] if args.tile_tokens else []) \
         + (["--length-spread", str(args.length_spread)] if args.length_spread else []) \
         + (["--bucket-tokens", str(args.bucket_tokens)] if args.bucket_tokens else []) \
+        + (["--logprob-chunk-mib", str(args.logprob_chunk_mib)] if args.logprob_chunk_mib else []) \
         + (["--without", args.without] if args.without else []) \
         + (["--snapshot", str(Path(args.snapshot).resolve())] if args.snapshot else [])\
         + (["--profile", str(Path(args.profile).resolve())] if args.profile else [])

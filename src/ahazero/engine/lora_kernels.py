@@ -113,7 +113,7 @@ def num_splits(K: int, N: int) -> int:
 
 
 def _shrink(x: torch.Tensor, a: list[torch.Tensor], split_k: int | None = None, block_k: int = SHRINK_BLOCK_K,
-            num_warps: int = SHRINK_WARPS, precision: str | None = None) -> torch.Tensor:
+            num_warps: int = SHRINK_WARPS, precision: str | None = None, block_n: int = BLOCK_N) -> torch.Tensor:
     """x [N, K], a: G tensors [R, K] -> xa [G, N, R] float32, xa[g] = x @ A_g^T."""
     N, K = x.shape
     split_k = split_k or split_k_for(N)
@@ -121,27 +121,28 @@ def _shrink(x: torch.Tensor, a: list[torch.Tensor], split_k: int | None = None, 
         raise ValueError(f"split_k ({split_k}) must be a multiple of block_k ({block_k})")
     G, R = len(a), a[0].shape[0]
     splits = triton.cdiv(K, split_k)
-    row_blocks = triton.cdiv(N, BLOCK_N)
+    row_blocks = triton.cdiv(N, block_n)
     out = torch.empty(G, N, R, device=x.device, dtype=torch.float32)  # [G, N, R]
     counts, partial = split_k_workspace(x.device, row_blocks * G)
     if splits > 1:
         partial = torch.empty(splits, G, N, R, device=x.device, dtype=torch.float32)  # [S, G, N, R]
     _shrink_kernel[(row_blocks, G, splits)](x, *as_group(a), partial, counts, out, N, K, R, x.stride(0), split_k,
                                             splits,
-                                            BLOCK_N=BLOCK_N, BLOCK_R=block_r(R), BLOCK_K=block_k,
+                                            BLOCK_N=block_n, BLOCK_R=block_r(R), BLOCK_K=block_k,
                                             PRECISION=precision or DOT_PRECISION, num_warps=num_warps,
                                             **pdl_options(x.device))
     return out
 
 
 def _expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tensor], scales: list[float],
-                block_o: int = EXPAND_BLOCK_O, num_warps: int = EXPAND_WARPS, precision: str | None = None) -> None:
+                block_o: int = EXPAND_BLOCK_O, num_warps: int = EXPAND_WARPS, precision: str | None = None,
+                block_n: int = BLOCK_N) -> None:
     """xa [G, N, R]; b: G tensors [O_g, R]; y: G tensors [N, O_g], updated in place."""
     G, N, R = xa.shape
     outs = [t.shape[1] for t in y]
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(max(outs), block_o), G)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(max(outs), block_o), G)
     _expand_kernel[grid](xa, *as_group(b), *as_group(y), *as_group(scales), *as_group(outs), N, R,
-                         BLOCK_N=BLOCK_N, BLOCK_O=block_o, BLOCK_R=block_r(R),
+                         BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_R=block_r(R),
                          PRECISION=precision or DOT_PRECISION, num_warps=num_warps, **pdl_options(xa.device))
 
 
