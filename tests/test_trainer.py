@@ -73,7 +73,7 @@ def test_three_steps_change_adapter_and_write_metrics_and_checkpoints(model_dir,
     for r in rows:  # the step's time, split into the rollout and the update
         assert r["timing/rollout_s"] > 0 and r["timing/update_s"] > 0
         assert r["timing/rollout_s"] + r["timing/update_s"] == pytest.approx(r["step_time"])
-        assert "memory/peak_after_rollout_gib" not in r  # (on a GPU only)
+        assert ("memory/peak_after_rollout_gib" in r) == torch.cuda.is_available()  # (on a GPU only)
     assert rows[-1]["sampling/logp_diff/max"] < 1e-3  # engine and trainer share the math
     assert state.log_history[-1]["step"] == 3
     ckpts = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint-"))
