@@ -74,7 +74,9 @@ def test_three_steps_change_adapter_and_write_metrics_and_checkpoints(model_dir,
         assert r["timing/rollout_s"] > 0 and r["timing/update_s"] > 0
         assert r["timing/rollout_s"] + r["timing/update_s"] == pytest.approx(r["step_time"])
         assert ("memory/peak_after_rollout_gib" in r) == torch.cuda.is_available()  # (on a GPU only)
-    assert rows[-1]["sampling/logp_diff/max"] < 1e-3  # engine and trainer share the math
+    # engine and trainer share the math: within 1e-3 in float32 (the CPU); a 16-bit model (a GPU loads bf16)
+    # differs by a rounding of its logits (1.96e-3 on an H100, eleventh session)
+    assert rows[-1]["sampling/logp_diff/max"] < (1e-3 if model.dtype == torch.float32 else 1e-2)
     assert state.log_history[-1]["step"] == 3
     ckpts = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint-"))
     assert ckpts == ["checkpoint-2", "checkpoint-3"]
