@@ -208,9 +208,11 @@ def test_the_tile_backward_keeps_at_most_three_intermediates_alive(monkeypatch):
 
     parts = [part(inter, hidden), part(inter, hidden), part(hidden, inter)]
     x, grad = torch.randn(t, hidden, generator=g), torch.randn(t, hidden, generator=g)
+    shrunk, grad_down_shrunk = tiled_mlp._row_shrinks(x, parts), grad @ parts[2][2]  # [t, r] each
     with live:
-        tiled_mlp._swiglu_lora_tile_backward(x, grad, parts, torch.empty_like(x))  # [t, I] = [5, 24]
-    assert live.most == 3
+        tiled_mlp._swiglu_lora_tile_backward(x, grad, parts, torch.empty_like(x), shrunk, grad_down_shrunk,
+                                             torch.empty(t, r), [torch.empty(t, r), torch.empty(t, r)])
+    assert live.most == 3  # [t, I] = [5, 24]
 
 
 def test_no_grad_forward_by_tiles_equals_the_untiled_forward(monkeypatch):

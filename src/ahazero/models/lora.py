@@ -164,19 +164,11 @@ def lora_add_(result: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor, b: 
 
 
 def lora_backward(grad: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, a_scaled: torch.Tensor,
-                  b: torch.Tensor, want_x: bool = True, want_a: bool = True, want_b: bool = True,
-                  add_x_to: torch.Tensor | None = None):
+                  b: torch.Tensor, want_x: bool = True, want_a: bool = True, want_b: bool = True):
     """`lora_add_`'s gradients from dL/d(out) [N, out], in the compute dtype, None where not wanted:
-    dS = g B,  dL/dx = dS (sA) [N, in] (the LoRA part only),  dL/dA / s = dS^T x [r, in],  dL/dB = g^T S [out, r].
-    add_x_to [N, in]: dL/dx is added into it in place (its GEMM's epilogue) and None is returned for it."""
-    want_x = want_x or add_x_to is not None
+    dS = g B,  dL/dx = dS (sA) [N, in] (the LoRA part only),  dL/dA / s = dS^T x [r, in],  dL/dB = g^T S [out, r]."""
     grad_shrunk = torch.mm(grad, b) if want_x or want_a else None  # [N, r]
-    if add_x_to is not None:
-        add_x_to.addmm_(grad_shrunk, a_scaled)
-        grad_x = None
-    else:
-        grad_x = torch.mm(grad_shrunk, a_scaled) if want_x else None
-    return (grad_x, torch.mm(grad_shrunk.t(), x) if want_a else None,
+    return (torch.mm(grad_shrunk, a_scaled) if want_x else None, torch.mm(grad_shrunk.t(), x) if want_a else None,
             torch.mm(grad.t(), shrunk) if want_b else None)
 
 

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import torch
 
 from .fused_math import swiglu, swiglu_backward_
-from .lora import cast_adapters, lora_add_, lora_backward, scaled_cast
+from .lora import cast_adapters, lora_add_, scaled_cast
 
 # at most this many tokens per tile: [1024, 8960] bf16 intermediates are 17.5 MiB each. On an H100 with the
 # layer graphs (2026-11-27, bench/RESULTS.md eighth session) 1,024 against 2,048: 8 x 4,096 1.53 against 1.74 s
@@ -121,9 +121,12 @@ class _TiledMLP(torch.autograd.Function):
 class _TiledLoraSwiGLU(torch.autograd.Function):
     """`_TiledMLP` for down(silu(gate(x)) * up(x)) with plain LoRA on all three projections over frozen 16-bit
     or NF4 weights (`swiglu_lora_parts`), its backward written out: no autograd graph per tile, no down
-    projection in the backward's recompute, and the adapters' gradients summed over the tiles (in float32) and
-    returned at once. An NF4 weight is dequantised where a product needs it (`_dense`), one at a time, as its
-    own forward and backward do.
+    projection in the backward's recompute. The LoRA products that a tile's [t, I] tensors do not enter (S = x
+    (sA)^T of gate and up, dS = g B of down, and from them the gate's and up's dL/dx and dL/dA, the down's
+    dL/dB) are one GEMM each for the whole row, not one a tile: at 8 x 16,384 on Qwen2.5-1.5B the tiles'
+    small LoRA GEMMs were about 0.5 s of a 5.1 s step (H100 profile, 2026-11-28, eleventh session). The
+    adapter gradients that need a tile's [t, I] tensors are summed over the tiles in float32. An NF4 weight is
+    dequantised where a product needs it (`_dense`), one at a time, as its own forward and backward do.
     Inputs: x [..., H], the frozen bases of gate, up and down (16-bit W [out, in] or Linear4bit modules), then
     A [r, in] and B [out, r] of each (float32)."""
 
@@ -139,22 +142,34 @@ class _TiledLoraSwiGLU(torch.autograd.Function):
     def backward(ctx, grad):
         x, *adapters = ctx.saved_tensors
         parts = _cast_parts(_parts_of(ctx.bases, adapters, ctx.scalings), x.dtype)
+        (_, a_gate, _), (_, a_up, _), (_, _, b_down) = parts
         flat, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]).to(x.dtype)  # [N, H]
+        # the row's [N, r] LoRA products, made or finished here by one GEMM each rather than one per tile
+        shrunk = _row_shrinks(flat, parts)  # S of gate and up, [N, r] each
+        grad_down_shrunk = torch.mm(flat_grad, b_down)  # [N, r]: dS of down = g B
+        down_shrunk = torch.empty_like(grad_down_shrunk)  # [N, r]: S of down, tile by tile
+        grad_shrunk = (torch.empty_like(shrunk[0]), torch.empty_like(shrunk[1]))  # [N, r]: dS of gate, up
         grad_x = torch.empty_like(flat)  # [N, H]
-        totals = None  # float32 sums over the tiles of the six adapter gradients (A's not yet scaled)
+        totals = None  # float32 sums over the tiles of dA / s of down and dB of gate and up
         for start, stop in tile_bounds(flat.shape[0], ctx.tile_tokens):
-            adapter_grads = _swiglu_lora_tile_backward(flat[start:stop], flat_grad[start:stop], parts,
-                                                       grad_x[start:stop])
+            rows = slice(start, stop)
+            tile_grads = _swiglu_lora_tile_backward(
+                flat[rows], flat_grad[rows], parts, grad_x[rows], [s[rows] for s in shrunk],
+                grad_down_shrunk[rows], down_shrunk[rows], [g[rows] for g in grad_shrunk])
             if totals is None:
-                totals = [g.to(torch.float32) for g in adapter_grads]
+                totals = [g.to(torch.float32) for g in tile_grads]
             else:
-                for total, g in zip(totals, adapter_grads):
+                for total, g in zip(totals, tile_grads):
                     total.add_(g)
+        grad_a_down, grad_b_gate, grad_b_up = totals
+        grad_x.addmm_(grad_shrunk[0], a_gate).addmm_(grad_shrunk[1], a_up)  # gate's and up's LoRA dL/dx
+        grad_a_gate, grad_a_up = torch.mm(grad_shrunk[0].t(), flat), torch.mm(grad_shrunk[1].t(), flat)
+        grad_b_down = torch.mm(flat_grad.t(), down_shrunk)  # [H, r]
         grads = []
-        for k in range(3):  # gate, up, down
+        for k, (grad_a, grad_b) in enumerate([(grad_a_gate, grad_b_gate), (grad_a_up, grad_b_up),
+                                              (grad_a_down, grad_b_down)]):  # gate, up, down
             a, b = adapters[2 * k], adapters[2 * k + 1]
-            grads += [scaled_cast(totals[2 * k], ctx.scalings[k], a.dtype),  # dA = s dS^T x
-                      totals[2 * k + 1].to(b.dtype)]
+            grads += [scaled_cast(grad_a, ctx.scalings[k], a.dtype), grad_b.to(b.dtype)]  # dA = s dS^T x
         ctx.bases = None
         return (grad_x.view_as(x) if ctx.needs_input_grad[0] else None), None, None, None, *grads
 
@@ -163,9 +178,17 @@ def _swiglu_lora_by_tiles(x: torch.Tensor, parts, tile_tokens: int) -> torch.Ten
     """The written-out MLP forward over the tokens of x [..., H], tile by tile (each written in place)."""
     flat = x.reshape(-1, x.shape[-1])  # [N, H]
     out = torch.empty_like(flat)  # [N, H]
+    shrunk = _row_shrinks(flat, parts)  # [N, r] x 2
     for start, stop in tile_bounds(flat.shape[0], tile_tokens):
-        _lora_linear(_gated_hidden(flat[start:stop], parts)[0], parts[2], out=out[start:stop])
+        hidden = _gated_hidden(flat[start:stop], parts, [s[start:stop] for s in shrunk])[0]
+        _lora_linear(hidden, parts[2], out=out[start:stop])
     return out.view_as(x)
+
+
+def _row_shrinks(x: torch.Tensor, parts) -> list[torch.Tensor]:
+    """The LoRA products S = x (sA)^T [N, r] of gate and up for all the tokens of x [N, H] (two GEMMs for the
+    row, which the tiles slice, rather than two a tile)."""
+    return [torch.mm(x, a_scaled.t()) for _, a_scaled, _ in parts[:2]]
 
 
 def _parts_of(bases, adapters, scalings) -> list[tuple]:
@@ -195,46 +218,42 @@ def _lora_linear(x, part, out=None):
     return y, lora_add_(y, x, a_scaled, b)
 
 
-def _lora_linear_backward_(x, shrunk, grad, part, grad_x, accumulate: bool):
-    """`_lora_linear`'s dL/dx [t, in] from dL/dy [t, out] written into (or, accumulate, added to) grad_x by
-    the GEMMs themselves (g W, then `lora_backward`'s LoRA part); returns dL/dA / s [r, in] and dL/dB [out, r]."""
-    w, a_scaled, b = part
-    if accumulate:
-        grad_x.addmm_(grad, _dense(w, grad.dtype))
-    else:
-        torch.mm(grad, _dense(w, grad.dtype), out=grad_x)
-    _, grad_a, grad_b = lora_backward(grad, x, shrunk, a_scaled, b, add_x_to=grad_x)
-    return grad_a, grad_b
+def _gated_hidden(x, parts, shrunk):
+    """A tile's silu(gate) * up [t, I], with gate and up, from x [t, H] and the tile's rows of the gate and
+    up LoRA products S [t, r] (`_row_shrinks`): each x W^T + S B^T, as `_lora_linear` computes it."""
+    gate, up = (torch.mm(x, _dense(w, x.dtype).t()).addmm_(s, b.t()) for (w, _, b), s in zip(parts[:2], shrunk))
+    return swiglu(gate, up), (gate, up)  # [t, I] x 3
 
 
-def _gated_hidden(x, parts):
-    """A tile's silu(gate) * up [t, I], with gate, up and the gate and up LoRA products."""
-    gate, gate_shrunk = _lora_linear(x, parts[0])  # [t, I], [t, r]
-    up, up_shrunk = _lora_linear(x, parts[1])  # [t, I], [t, r]
-    return swiglu(gate, up), (gate, gate_shrunk, up, up_shrunk)
-
-
-def _swiglu_lora_tile_backward(x, grad, parts, grad_x):
-    """One tile's dL/dx [t, H], written into grad_x, and the six adapter gradients (A / s, B of gate, up,
-    down), returned. It recomputes the tile's forward up to the down projection's input (not the output, which
-    nothing needs); the SiLU and product backward are fused_math's (autograd's silu_backward and products,
-    one kernel on CUDA). The [t, I] tensors set the tile's peak, so at most three are alive at once: the
-    down projection's adapter gradients are taken before its input gradient is made, that gradient's LoRA
-    part is added in place, and the SiLU and product backward writes its gradients over gate and up. The
-    four parts of dL/dx (gate's and up's, each base and LoRA) are summed by the GEMMs into grad_x."""
-    hidden, (gate, gate_shrunk, up, up_shrunk) = _gated_hidden(x, parts)  # [t, I] x 3
-    w_down, a_down, b_down = parts[2]
-    down_shrunk = torch.mm(hidden, a_down.t())  # [t, r], as `_lora_linear` makes it
-    grad_down_shrunk = torch.mm(grad, b_down)  # [t, r]: dS = g B (`lora_backward`'s math, written out)
-    grad_a_down, grad_b_down = torch.mm(grad_down_shrunk.t(), hidden), torch.mm(grad.t(), down_shrunk)
+def _swiglu_lora_tile_backward(x, grad, parts, grad_x, shrunk, grad_down_shrunk, down_shrunk_out,
+                               grad_shrunk_out):
+    """One tile's part of the MLP's backward. In: x, grad [t, H]; the tile's rows of the row-wide [t, r]
+    products S of gate and up (`shrunk`) and dS = g B of down. Out: dL/dx's base parts (gate's and up's,
+    summed by the GEMMs), written into grad_x [t, H]; S of down and dS of gate and up, written into the
+    row-wide products' rows (`down_shrunk_out`, `grad_shrunk_out`: the backward finishes dL/dx and the other
+    adapter gradients from them, one GEMM each for the row); returned: the down projection's dL/dA / s
+    [r, I] and dL/dB of gate and up [I, r], which need the tile's [t, I] tensors.
+    It recomputes the tile's forward up to the down projection's input (not the output, which nothing
+    needs); the SiLU and product backward are fused_math's (autograd's silu_backward and products, one
+    kernel on CUDA). The [t, I] tensors set the tile's peak, so at most three are alive at once: the down
+    projection's adapter gradient is taken before its input gradient is made, that gradient's LoRA part is
+    added in place, and the SiLU and product backward writes its gradients over gate and up."""
+    hidden, (gate, up) = _gated_hidden(x, parts, shrunk)  # [t, I] x 3
+    (w_gate, _, b_gate), (w_up, _, b_up), (w_down, a_down, _) = parts
+    torch.mm(hidden, a_down.t(), out=down_shrunk_out)  # [t, r]: S of down, as `_lora_linear` makes it
+    grad_a_down = torch.mm(grad_down_shrunk.t(), hidden)  # [r, I]
     del hidden
     grad_hidden = torch.mm(grad, _dense(w_down, grad.dtype)).addmm_(grad_down_shrunk, a_down)  # [t, I]: g W + dS (sA)
     swiglu_backward_(grad_hidden, gate, up)  # gate, up [t, I] := dL/dgate, dL/dup
     del grad_hidden
-    grad_a_gate, grad_b_gate = _lora_linear_backward_(x, gate_shrunk, gate, parts[0], grad_x, accumulate=False)
+    torch.mm(gate, _dense(w_gate, gate.dtype), out=grad_x)  # dL/dx: the bases' parts summed by the GEMMs
+    torch.mm(gate, b_gate, out=grad_shrunk_out[0])  # [t, r]: dS = g B
+    grad_b_gate = torch.mm(gate.t(), shrunk[0])  # [I, r]: g^T S
     del gate
-    grad_a_up, grad_b_up = _lora_linear_backward_(x, up_shrunk, up, parts[1], grad_x, accumulate=True)
-    return grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down
+    grad_x.addmm_(up, _dense(w_up, up.dtype))
+    torch.mm(up, b_up, out=grad_shrunk_out[1])
+    grad_b_up = torch.mm(up.t(), shrunk[1])
+    return grad_a_down, grad_b_gate, grad_b_up
 
 
 def swiglu_lora_parts(mlp) -> list | None:
