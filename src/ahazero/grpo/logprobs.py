@@ -231,9 +231,10 @@ def chunked_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, t
     logits = hidden @ weight.T (+ bias), divided by temperature, log-softmax in float32; computed
     `chunk_tokens` flattened tokens at a time (default: about CHUNK_BYTES, 64 MiB, of [C, V] tensors),
     in backward too, so no [N, T, V] tensor ever exists. Gradients reach hidden, and weight / bias only
-    when they require grad (a frozen head's d logp / d hidden is made in the forward). The entropy is that of the temperature-scaled distribution. Negative targets
-    (padding such as -100) are scored as token 0; mask them out afterwards. `fused` (default: on CUDA)
-    runs each chunk's element-wise math as a torch.compile'd kernel.
+    when they require grad (a frozen head's d logp / d hidden is made in the forward). The entropy is that
+    of the temperature-scaled distribution. Negative targets (padding such as -100) are scored as token 0;
+    mask them out afterwards. `fused` (default: on CUDA) runs each chunk's element-wise math as compiled
+    kernels (a frozen head's as logprob_kernels' Triton kernel).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -155,10 +155,13 @@ def cast_adapters(a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch
     return scaled_cast(a, scaling, dtype), b.to(dtype)
 
 
-def lora_add_(result: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def lora_add_(result: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor, b: torch.Tensor,
+              shrunk: torch.Tensor | None = None) -> torch.Tensor:
     """result [N, out] += (x (sA)^T) B^T in place for x [N, in] (the GEMM reads and writes result: an
-    out-of-place addmm first copies result whole); returns the product S = x (sA)^T [N, r]."""
-    shrunk = torch.mm(x, a_scaled.t())  # [N, r]
+    out-of-place addmm first copies result whole); returns the product S = x (sA)^T [N, r], made here
+    unless given."""
+    if shrunk is None:
+        shrunk = torch.mm(x, a_scaled.t())  # [N, r]
     result.addmm_(shrunk, b.t())
     return shrunk
 

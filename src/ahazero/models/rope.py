@@ -77,7 +77,7 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, rows, H, T, sx_b, sx_h, sx_t,
         y1 = a1 - _round(x2 * s1)
         y2 = a2 + _round(x1 * s2)
     out_at = out_ptr + (b * so_b + h * so_h + t * so_t).to(tl.int64)[:, None] + d[None, :]
-    tl.store(out_at, _round(y1).to(dtype), mask=ok)  # (exact: y is a value of dtype already)
+    tl.store(out_at, _round(y1).to(dtype), mask=ok)  # (the float32 sum rounded, as eager's add; the cast exact)
     tl.store(out_at + HALF, _round(y2).to(dtype), mask=ok)
 
 

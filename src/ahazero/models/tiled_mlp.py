@@ -210,18 +210,18 @@ def _cast_parts(parts, dtype) -> list[tuple]:
     return [(w, *cast_adapters(a, b, s, dtype)) for w, a, b, s in parts]
 
 
-def _lora_linear(x, part, out=None):
-    """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r]),
-    written into `out` when given."""
+def _lora_linear(x, part, out=None, shrunk=None):
+    """x W^T + (x (sA)^T) B^T as `_LoraAdd` computes it: ([t, out], the product S = x (sA)^T [t, r], made
+    here unless given), written into `out` when given."""
     w, a_scaled, b = part
     y = torch.mm(x, _dense(w, x.dtype).t(), out=out)  # [t, out]
-    return y, lora_add_(y, x, a_scaled, b)
+    return y, lora_add_(y, x, a_scaled, b, shrunk)
 
 
 def _gated_hidden(x, parts, shrunk):
     """A tile's silu(gate) * up [t, I], with gate and up, from x [t, H] and the tile's rows of the gate and
-    up LoRA products S [t, r] (`_row_shrinks`): each x W^T + S B^T, as `_lora_linear` computes it."""
-    gate, up = (torch.mm(x, _dense(w, x.dtype).t()).addmm_(s, b.t()) for (w, _, b), s in zip(parts[:2], shrunk))
+    up LoRA products S [t, r] (`_row_shrinks`)."""
+    gate, up = (_lora_linear(x, part, shrunk=s)[0] for part, s in zip(parts[:2], shrunk))
     return swiglu(gate, up), (gate, up)  # [t, I] x 3
 
 
