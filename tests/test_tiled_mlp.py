@@ -10,9 +10,10 @@ from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tiny
-from ahazero.models import tiled_mlp
+from ahazero.models import swiglu_kernels, tiled_mlp
 from ahazero.models.loader import attach_lora, enable_gradient_checkpointing
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MLP_AND_ATTENTION = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -107,11 +108,15 @@ def test_the_backward_keeps_no_mlp_intermediate_larger_than_a_tile(monkeypatch):
     assert largest_intermediate() == 40
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_written_out_backward_equals_autograd_on_one_mlp(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,kernels", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_written_out_backward_equals_autograd_on_one_mlp(dtype, kernels, monkeypatch):
     """One layer's MLP (16-bit weights, float32 adapters as PEFT keeps them) on fresh random inputs: the tiled
-    written-out forward and backward against autograd through the untiled MLP."""
+    written-out forward and backward against autograd through the untiled MLP (in bf16 also with the SwiGLU
+    and LoRA kernels of models/swiglu_kernels.py, in Triton's interpreter here)."""
     monkeypatch.setattr(tiled_mlp, "TILE_TOKENS", 6)
+    monkeypatch.setattr(swiglu_kernels, "ON_CPU_IN_INTERPRETER", kernels)
+    on_gpu_16bit = DEVICE == "cuda" and dtype != torch.float32
+    assert swiglu_kernels.covers(torch.zeros(1, dtype=dtype, device=DEVICE)) == (kernels or on_gpu_16bit)
     model = lora_model("llama", "offload")
     model.get_base_model().to(dtype)
     for p in model.parameters():
@@ -120,6 +125,8 @@ def test_written_out_backward_equals_autograd_on_one_mlp(dtype, monkeypatch):
     mlp = model.get_base_model().model.layers[1].mlp
     assert tiled_mlp.swiglu_lora_parts(mlp) is not None
     bound = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: products of other row counts round apart by an ulp
+    if kernels and DEVICE == "cpu":
+        bound *= INTERPRETER_ROUNDING  # (measured 0.0100-0.0105 against 0.0050-0.0054 unkernelled)
     assert_written_out_equals_autograd(mlp, dtype, bound)
 
 
@@ -193,26 +200,72 @@ class LiveOfShape(TorchDispatchMode):
         return run
 
 
-def test_the_tile_backward_keeps_at_most_three_intermediates_alive(monkeypatch):
+@pytest.mark.parametrize("dtype,kernels", [(torch.float32, False), (torch.bfloat16, True)])
+def test_the_tile_backward_keeps_at_most_three_intermediates_alive(dtype, kernels, monkeypatch):
     """The [t, I] tensors set a tile's memory: the written-out backward keeps at most three alive at once
-    (gate, up and one more; the order before this test kept five). SwiGLU and its backward are one compiled
-    kernel each on CUDA: their op-by-op temporaries on the CPU are not counted."""
+    (gate, up and one more; the order before this test kept five), with fused_math's SwiGLU and with the
+    kernels of models/swiglu_kernels.py. SwiGLU and its backward are one compiled kernel each on CUDA: their
+    op-by-op temporaries on the CPU are not counted."""
+    monkeypatch.setattr(swiglu_kernels, "ON_CPU_IN_INTERPRETER", kernels)
     live = LiveOfShape((5, 24))
     for name in ("swiglu", "swiglu_backward_"):
         monkeypatch.setattr(tiled_mlp, name, live.as_one_kernel(getattr(tiled_mlp, name)))
+    for name in ("swiglu_lora", "swiglu_lora_backward_"):
+        monkeypatch.setattr(swiglu_kernels, name, live.as_one_kernel(getattr(swiglu_kernels, name)))
     g = torch.Generator().manual_seed(11)
     t, hidden, inter, r = 5, 8, 24, 4
 
     def part(n_out, n_in):  # (W, sA, B) as `_cast_parts` gives them
-        return tuple(torch.randn(*shape, generator=g) for shape in ((n_out, n_in), (r, n_in), (n_out, r)))
+        return tuple(torch.randn(*shape, generator=g).to(DEVICE, dtype)
+                     for shape in ((n_out, n_in), (r, n_in), (n_out, r)))
 
     parts = [part(inter, hidden), part(inter, hidden), part(hidden, inter)]
-    x, grad = torch.randn(t, hidden, generator=g), torch.randn(t, hidden, generator=g)
+    x, grad = (torch.randn(t, hidden, generator=g).to(DEVICE, dtype) for _ in range(2))
     shrunk, grad_down_shrunk = tiled_mlp._row_shrinks(x, parts), grad @ parts[2][2]  # [t, r] each
     with live:
         tiled_mlp._swiglu_lora_tile_backward(x, grad, parts, torch.empty_like(x), shrunk, grad_down_shrunk,
-                                             torch.empty(t, r), [torch.empty(t, r), torch.empty(t, r)])
+                                             x.new_empty(t, r), [x.new_empty(t, r), x.new_empty(t, r)])
     assert live.most == 3  # [t, I] = [5, 24]
+
+
+# Triton's interpreter casts float32 to bf16 by truncation (a GPU rounds to nearest): each rounding's error
+# doubles, so a CPU check of the kernels allows twice the error a GPU run's does.
+INTERPRETER_ROUNDING = 2
+
+
+def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).double()
+
+
+@pytest.mark.parametrize("M,I,R,seed", [(70, 200, 8, 0), (5, 24, 32, 1), (130, 128, 20, 2)])
+def test_swiglu_lora_kernels_equal_a_float64_reference(M, I, R, seed, monkeypatch):
+    """models/swiglu_kernels.py on fresh random bf16 inputs (shapes off the blocks' multiples, ranks not a power
+    of two), against float64 math that rounds where the kernels' contract says (each LoRA sum to bf16):
+    within one bf16 rounding of the result."""
+    monkeypatch.setattr(swiglu_kernels, "ON_CPU_IN_INTERPRETER", True)
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+    gate, up, grad_hidden = rand(M, I, scale=2.0), rand(M, I, scale=2.0), rand(M, I)
+    s_gate, s_up, grad_s_down = rand(M, R), rand(M, R), rand(M, R)
+    b_gate, b_up, a_down = rand(I, R, scale=0.3), rand(I, R, scale=0.3), rand(R, I, scale=0.3)
+    lora = lambda base, s, b_t: rounded(base.double() + s.double() @ b_t.double(), dtype)  # noqa: E731
+    g_ref, u_ref, gh_ref = lora(gate, s_gate, b_gate.t()), lora(up, s_up, b_up.t()), lora(grad_hidden, grad_s_down, a_down)
+    sig = torch.sigmoid(g_ref)
+    hidden_ref = g_ref * sig * u_ref
+    grad_gate_ref, grad_up_ref = gh_ref * u_ref * sig * (1 + g_ref * (1 - sig)), gh_ref * g_ref * sig
+
+    hidden = swiglu_kernels.swiglu_lora(gate, up, (s_gate, b_gate), (s_up, b_up))
+    swiglu_kernels.swiglu_lora_backward_(grad_hidden, gate, up, (s_gate, b_gate), (s_up, b_up),
+                                         (grad_s_down, a_down))
+    for got, ref in [(hidden, hidden_ref), (gate, grad_gate_ref), (up, grad_up_ref)]:
+        assert got.dtype == dtype
+        # one bf16 rounding of the result, plus an ulp of a LoRA sum rounded the other way (float32 order)
+        ulps = 2 ** -7 * (INTERPRETER_ROUNDING if DEVICE == "cpu" else 1)
+        torch.testing.assert_close(got.double().cpu(), ref.cpu(), rtol=ulps, atol=ulps * ref.abs().max().item())
 
 
 def test_no_grad_forward_by_tiles_equals_the_untiled_forward(monkeypatch):

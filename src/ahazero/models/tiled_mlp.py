@@ -23,7 +23,9 @@ nested backward per tile, and the backward's recompute stops at the down project
 is not needed). Any other MLP takes autograd per tile (`_TiledMLP`). For NF4 weights, counted on the CPU
 (bench/host_ops.py, 2026-11-27 ninth session, 28 layers, r=32): 8 rows of 100 + 1,024 tokens launch 66,089
 kernel ops a step against 73,369 through autograd per tile (10,692 autograd nodes against 15,620), and each
-weight is dequantised 5 times a tile in the backward instead of 6.
+weight is dequantised 5 times a tile in the backward instead of 6. On a GPU in 16-bit, the gate's and up's
+LoRA terms (and the down projection's in the backward) are added inside the SwiGLU's kernels
+(models/swiglu_kernels.py) rather than by an `addmm_` that reads and writes a whole [t, I] product.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from contextlib import contextmanager
 
 import torch
 
+from . import swiglu_kernels
 from .fused_math import swiglu, swiglu_backward_
 from .lora import cast_adapters, lora_add_, scaled_cast
 
@@ -220,7 +223,12 @@ def _lora_linear(x, part, out=None, shrunk=None):
 
 def _gated_hidden(x, parts, shrunk):
     """A tile's silu(gate) * up [t, I], with gate and up, from x [t, H] and the tile's rows of the gate and
-    up LoRA products S [t, r] (`_row_shrinks`)."""
+    up LoRA products S [t, r] (`_row_shrinks`). Where swiglu_kernels covers x, gate and up come back as the
+    bases' products only: the kernel adds their LoRA terms inside (and its backward again)."""
+    if swiglu_kernels.covers(x):
+        (w_gate, _, b_gate), (w_up, _, b_up) = parts[:2]
+        gate, up = torch.mm(x, _dense(w_gate, x.dtype).t()), torch.mm(x, _dense(w_up, x.dtype).t())  # [t, I]
+        return swiglu_kernels.swiglu_lora(gate, up, (shrunk[0], b_gate), (shrunk[1], b_up)), (gate, up)
     gate, up = (_lora_linear(x, part, shrunk=s)[0] for part, s in zip(parts[:2], shrunk))
     return swiglu(gate, up), (gate, up)  # [t, I] x 3
 
@@ -243,8 +251,13 @@ def _swiglu_lora_tile_backward(x, grad, parts, grad_x, shrunk, grad_down_shrunk,
     torch.mm(hidden, a_down.t(), out=down_shrunk_out)  # [t, r]: S of down, as `_lora_linear` makes it
     grad_a_down = torch.mm(grad_down_shrunk.t(), hidden)  # [r, I]
     del hidden
-    grad_hidden = torch.mm(grad, _dense(w_down, grad.dtype)).addmm_(grad_down_shrunk, a_down)  # [t, I]: g W + dS (sA)
-    swiglu_backward_(grad_hidden, gate, up)  # gate, up [t, I] := dL/dgate, dL/dup
+    grad_hidden = torch.mm(grad, _dense(w_down, grad.dtype))  # [t, I]: g W, then + dS (sA)
+    if swiglu_kernels.covers(x):  # the LoRA terms of gate, up and grad_hidden added in the kernel
+        swiglu_kernels.swiglu_lora_backward_(grad_hidden, gate, up, (shrunk[0], b_gate), (shrunk[1], b_up),
+                                             (grad_down_shrunk, a_down))
+    else:
+        swiglu_backward_(grad_hidden.addmm_(grad_down_shrunk, a_down), gate, up)
+    # gate, up [t, I] := dL/dgate, dL/dup
     del grad_hidden
     torch.mm(gate, _dense(w_gate, gate.dtype), out=grad_x)  # dL/dx: the bases' parts summed by the GEMMs
     torch.mm(gate, b_gate, out=grad_shrunk_out[0])  # [t, r]: dS = g B
