@@ -151,3 +151,27 @@ def test_the_lora_term_is_added_into_the_base_output_in_place():
         torch.testing.assert_close(logits, ref_logits, atol=5e-6 * ref_logits.abs().max().item(), rtol=0)
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=1e-4)
+
+
+def test_a_frozen_linears_input_gradient_takes_the_lora_part_in_place():
+    """Over a plain frozen torch.nn.Linear the base product and the LoRA term are one node (`_LoraLinear`):
+    dL/dx = g W with dS (sA) added into it by addmm_, no third pass adding two [N, in] parts (which the
+    `_LoraAdd` path, taken when the base Linear has a hook, makes). Same input gradient either way."""
+    _, fused = unfused_and_fused()
+    layer = fused.get_base_model().model.layers[0].self_attn.q_proj  # with a bias (qwen2)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, layer.in_features, generator=g, requires_grad=True)
+    grad = torch.randn(2, 5, layer.out_features, generator=g)
+    grads = []
+    for hooked in (False, True):
+        handle = layer.base_layer.register_forward_pre_hook(lambda m, args: None) if hooked else None
+        x.grad = None
+        y = layer(x)
+        assert (type(y.grad_fn).__name__ == "_LoraLinearBackward") != hooked
+        with _OpNames() as ops:
+            y.backward(grad)
+        assert ("add" in ops.names) == hooked and ("addmm_" in ops.names) != hooked, ops.names
+        grads.append(x.grad.clone())
+        if handle:
+            handle.remove()
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

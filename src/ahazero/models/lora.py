@@ -83,7 +83,11 @@ def _fused_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
     name = plain_lora_adapter(module)
     if args or kwargs or name is None:
         return type(module).forward(module, x, *args, **kwargs)
-    result = module.base_layer(x)  # [..., out]
+    base = module.base_layer
+    if _plain_frozen_linear(base, x) and not isinstance(module.lora_dropout[name], torch.nn.Dropout):
+        return _LoraLinear.apply(x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
+                                 module.scaling[name])
+    result = base(x)  # [..., out]
     return _LoraAdd.apply(result, module.lora_dropout[name](x), module.lora_A[name].weight,
                           module.lora_B[name].weight, module.scaling[name])
 
@@ -143,6 +147,48 @@ class _LoraAdd(torch.autograd.Function):
         return grad, grad_x, grad_a, grad_b, None
 
 
+def _plain_frozen_linear(base, x: torch.Tensor) -> bool:
+    """Whether `_LoraLinear` may compute the base layer's product itself: a torch.nn.Linear with its own forward
+    and no hooks, its weight and bias frozen, x in the weight's dtype and no autocast to change that."""
+    return (type(base) is torch.nn.Linear and "forward" not in base.__dict__
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+            and x.dtype == base.weight.dtype and not torch.is_autocast_enabled(x.device.type))
+
+
+class _LoraLinear(torch.autograd.Function):
+    """x W^T + bias + (x (sA)^T) B^T over a frozen torch.nn.Linear as one autograd node: `_LoraAdd` with the
+    base product inside. Its backward makes dL/dx = g W and adds the LoRA part dS (sA) into it in place,
+    where autograd would make the two [N, in] parts apart and add them in a third pass (read twice, written
+    once more)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling: float):
+        x_2d = x.reshape(-1, x.shape[-1])  # [N, in]
+        out = torch.nn.functional.linear(x_2d, weight, bias)  # [N, out]
+        a_scaled, b_cast = cast_adapters(a, b, scaling, x.dtype)  # [r, in], [out, r]
+        shrunk = lora_add_(out, x_2d, a_scaled, b_cast)  # [N, r]
+        ctx.save_for_backward(x_2d, shrunk, a_scaled, b_cast, weight)
+        ctx.scaling, ctx.x_shape, ctx.a_dtype, ctx.b_dtype = scaling, x.shape, a.dtype, b.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_2d, shrunk, a_scaled, b_cast, weight = ctx.saved_tensors
+        want_x, _, _, want_a, want_b, _ = ctx.needs_input_grad
+        grad_2d = grad.reshape(-1, grad.shape[-1])  # [N, out]
+        base_grad_x = torch.mm(grad_2d, weight) if want_x else None  # [N, in]: g W
+        grad_x, grad_a, grad_b = lora_backward(grad_2d, x_2d, shrunk, a_scaled, b_cast, want_x, want_a, want_b,
+                                               base_grad_x=base_grad_x)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)  # [..., in]
+        if grad_a is not None:
+            grad_a = scaled_cast(grad_a, ctx.scaling, ctx.a_dtype)  # [r, in]
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.b_dtype)  # [out, r]
+        return grad_x, None, None, grad_a, grad_b, None
+
+
 def _addable_in_place(result: torch.Tensor) -> bool:
     """Whether `_LoraAdd` may write into the base output: contiguous, and not a view made inside a custom
     autograd Function (autograd forbids modifying one in place; F.linear's own views are allowed)."""
@@ -167,12 +213,16 @@ def lora_add_(result: torch.Tensor, x: torch.Tensor, a_scaled: torch.Tensor, b: 
 
 
 def lora_backward(grad: torch.Tensor, x: torch.Tensor, shrunk: torch.Tensor, a_scaled: torch.Tensor,
-                  b: torch.Tensor, want_x: bool = True, want_a: bool = True, want_b: bool = True):
+                  b: torch.Tensor, want_x: bool = True, want_a: bool = True, want_b: bool = True,
+                  base_grad_x: torch.Tensor | None = None):
     """`lora_add_`'s gradients from dL/d(out) [N, out], in the compute dtype, None where not wanted:
-    dS = g B,  dL/dx = dS (sA) [N, in] (the LoRA part only),  dL/dA / s = dS^T x [r, in],  dL/dB = g^T S [out, r]."""
+    dS = g B,  dL/dx = dS (sA) [N, in] (the LoRA part only; added in place into base_grad_x where given),
+    dL/dA / s = dS^T x [r, in],  dL/dB = g^T S [out, r]."""
     grad_shrunk = torch.mm(grad, b) if want_x or want_a else None  # [N, r]
-    return (torch.mm(grad_shrunk, a_scaled) if want_x else None, torch.mm(grad_shrunk.t(), x) if want_a else None,
-            torch.mm(grad.t(), shrunk) if want_b else None)
+    grad_x = None
+    if want_x:
+        grad_x = torch.mm(grad_shrunk, a_scaled) if base_grad_x is None else base_grad_x.addmm_(grad_shrunk, a_scaled)
+    return grad_x, torch.mm(grad_shrunk.t(), x) if want_a else None, torch.mm(grad.t(), shrunk) if want_b else None
 
 
 def scaled_cast(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
