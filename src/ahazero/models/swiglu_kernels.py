@@ -26,16 +26,21 @@ import triton.language as tl
 
 ON_CPU_IN_INTERPRETER = False
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_M = 64  # tokens per program
-BLOCK_N = 128  # intermediate features per program
-NUM_WARPS = 8
+# (BLOCK_M tokens, BLOCK_N intermediate features per program, warps) of each kernel: bench/swiglu.py times
+# them (H200, thirteenth session, 1,024-token tiles: 24.5 / 41.9 us forward / backward, against 29.8 / 47.1
+# at 64/128/8 and 51.0 / 43.4 through addmm_ + the compiled SwiGLU; bench/RESULTS.md)
+FORWARD_CONFIG = (64, 64, 4)
+BACKWARD_CONFIG = (64, 64, 4)
 
 
 @triton.jit
-def _lora_term(s_ptr, s_stride, b_ptr, b_stride_r, b_stride_n, rows, row_ok, cols, col_ok, R,
+def _with_lora(base_ptr, s_ptr, s_stride, b_ptr, b_stride_r, b_stride_n, rows, row_ok, cols, col_ok, I, R,
                BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr):
-    """The [BM, BN] block of S B^T in float32: S [M, R] (row stride s_stride), B^T's element (r, n) at
-    b_ptr + r * b_stride_r + n * b_stride_n."""
+    """round(base + S B^T) for the block [BM, BN], in float32: the base [M, I] contiguous in its 16-bit dtype,
+    S [M, R] (row stride s_stride), B^T's element (r, n) at b_ptr + r * b_stride_r + n * b_stride_n; rows and
+    cols are the block's offsets from the pointers (int32)."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    base = tl.load(base_ptr + rows[:, None] * I + cols[None, :], mask=ok, other=0.0).to(tl.float32)  # [BM, BN]
     rr = tl.arange(0, BLOCK_R)  # [BR]
     r_ok = rr < R
     s = tl.load(s_ptr + rows[:, None] * s_stride + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
@@ -43,19 +48,10 @@ def _lora_term(s_ptr, s_stride, b_ptr, b_stride_r, b_stride_n, rows, row_ok, col
     b = tl.load(b_ptr + rr[:, None] * b_stride_r + cols[None, :] * b_stride_n,
                 mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BR, BN]
     if DOT_F32:  # the interpreter's dot is wrong for 16-bit inputs
-        return tl.dot(s.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(s, b)
-
-
-@triton.jit
-def _with_lora(base_ptr, s_ptr, s_stride, b_ptr, b_stride_r, b_stride_n, rows, row_ok, cols, col_ok, I, R,
-               BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr):
-    """round(base + S B^T) for the block, in float32 (the base [M, I] contiguous, in its 16-bit dtype)."""
-    ok = row_ok[:, None] & col_ok[None, :]
-    base = tl.load(base_ptr + rows[:, None] * I + cols[None, :], mask=ok, other=0.0)  # [BM, BN]
-    term = _lora_term(s_ptr, s_stride, b_ptr, b_stride_r, b_stride_n, rows, row_ok, cols, col_ok, R, BLOCK_R,
-                      DOT_F32)
-    return (base.to(tl.float32) + term).to(base_ptr.dtype.element_ty).to(tl.float32)
+        total = base + tl.dot(s.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        total = base + tl.dot(s, b)
+    return total.to(base_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -63,9 +59,12 @@ def _swiglu_lora_kernel(gate_ptr, up_ptr, hidden_ptr, sg_ptr, sg_stride, bg_ptr,
                         su_ptr, su_stride, bu_ptr, bu_stride_r, bu_stride_n, M, I, R,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                         DOT_F32: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # the block's first row: the pointers start there
+    gate_ptr, up_ptr, hidden_ptr = gate_ptr + row0 * I, up_ptr + row0 * I, hidden_ptr + row0 * I
+    sg_ptr, su_ptr = sg_ptr + row0 * sg_stride, su_ptr + row0 * su_stride
+    rows = tl.arange(0, BLOCK_M)  # [BM]
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    row_ok, col_ok = rows < M, cols < I
+    row_ok, col_ok = rows < M - row0, cols < I
     g = _with_lora(gate_ptr, sg_ptr, sg_stride, bg_ptr, bg_stride_r, bg_stride_n, rows, row_ok, cols, col_ok,
                    I, R, BLOCK_R, DOT_F32)
     u = _with_lora(up_ptr, su_ptr, su_stride, bu_ptr, bu_stride_r, bu_stride_n, rows, row_ok, cols, col_ok,
@@ -80,10 +79,13 @@ def _swiglu_lora_backward_kernel(grad_ptr, gate_ptr, up_ptr, sg_ptr, sg_stride, 
                                  su_ptr, su_stride, bu_ptr, bu_stride_r, bu_stride_n,
                                  gsd_ptr, gsd_stride, ad_ptr, ad_stride_r, ad_stride_n, M, I, R,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                        DOT_F32: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+                                 DOT_F32: tl.constexpr):
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # the block's first row: the pointers start there
+    grad_ptr, gate_ptr, up_ptr = grad_ptr + row0 * I, gate_ptr + row0 * I, up_ptr + row0 * I
+    sg_ptr, su_ptr, gsd_ptr = sg_ptr + row0 * sg_stride, su_ptr + row0 * su_stride, gsd_ptr + row0 * gsd_stride
+    rows = tl.arange(0, BLOCK_M)  # [BM]
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    row_ok, col_ok = rows < M, cols < I
+    row_ok, col_ok = rows < M - row0, cols < I
     gh = _with_lora(grad_ptr, gsd_ptr, gsd_stride, ad_ptr, ad_stride_r, ad_stride_n, rows, row_ok, cols, col_ok,
                     I, R, BLOCK_R, DOT_F32)
     g = _with_lora(gate_ptr, sg_ptr, sg_stride, bg_ptr, bg_stride_r, bg_stride_n, rows, row_ok, cols, col_ok,
@@ -112,8 +114,11 @@ def _lora_args(shrunk: torch.Tensor, b_t: torch.Tensor) -> tuple:
     return shrunk, shrunk.stride(0), b_t, b_t.stride(0), b_t.stride(1)
 
 
-def _grid(M: int, I: int) -> tuple[int, int]:
-    return triton.cdiv(M, BLOCK_M), triton.cdiv(I, BLOCK_N)
+def _launch(kernel, config: tuple[int, int, int], M: int, I: int, R: int, *args) -> None:
+    block_m, block_n, num_warps = config
+    kernel[triton.cdiv(M, block_m), triton.cdiv(I, block_n)](
+        *args, M, I, R, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(R), DOT_F32=INTERPRET,
+        num_warps=num_warps)
 
 
 def _block_r(R: int) -> int:
@@ -128,9 +133,8 @@ def swiglu_lora(gate: torch.Tensor, up: torch.Tensor, gate_lora: tuple, up_lora:
     (s_gate, b_gate), (s_up, b_up) = gate_lora, up_lora
     R = s_gate.shape[1]
     if M:
-        _swiglu_lora_kernel[_grid(M, I)](
-            gate, up, hidden, *_lora_args(s_gate, b_gate.t()), *_lora_args(s_up, b_up.t()), M, I, R,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), DOT_F32=INTERPRET, num_warps=NUM_WARPS)
+        _launch(_swiglu_lora_kernel, FORWARD_CONFIG, M, I, R, gate, up, hidden, *_lora_args(s_gate, b_gate.t()),
+                *_lora_args(s_up, b_up.t()))
     return hidden
 
 
@@ -144,7 +148,5 @@ def swiglu_lora_backward_(grad_hidden: torch.Tensor, gate: torch.Tensor, up: tor
     R = s_gate.shape[1]
     assert grad_hidden.is_contiguous() and gate.is_contiguous() and up.is_contiguous()
     if M:
-        _swiglu_lora_backward_kernel[_grid(M, I)](
-            grad_hidden, gate, up, *_lora_args(s_gate, b_gate.t()), *_lora_args(s_up, b_up.t()),
-            *_lora_args(grad_shrunk_down, a_down), M, I, R,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), DOT_F32=INTERPRET, num_warps=NUM_WARPS)
+        _launch(_swiglu_lora_backward_kernel, BACKWARD_CONFIG, M, I, R, grad_hidden, gate, up,
+                *_lora_args(s_gate, b_gate.t()), *_lora_args(s_up, b_up.t()), *_lora_args(grad_shrunk_down, a_down))
