@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 SETS = 8
 I, R = 8960, 32
 CONFIGS = [  # (BLOCK_M, BLOCK_N, NUM_WARPS), each timed as both kernels' configuration. H200, thirteenth
-    # session (RESULTS.md), 1,024-token tiles: 64/64/4 (the default) 24.5 / 41.9 us, 64/128/8 29.8 / 47.1, larger blocks slower
-    # (128/128/8 43.0 / 63.5); the base product as tl.dot's accumulator changed nothing (dropped)
+    # session (RESULTS.md), 1,024-token tiles: 64/64/4 (the default) 24.5 / 41.9 us, 64/128/8 29.8 / 47.1, larger
+    # blocks slower (128/128/8 43.0 / 63.5); the base product as tl.dot's accumulator changed nothing (dropped)
     (64, 128, 8), (32, 128, 4), (32, 128, 2), (16, 128, 4), (16, 128, 2), (32, 64, 4), (32, 64, 2), (64, 64, 4),
     (64, 64, 8), (16, 64, 2), (32, 128, 8), (16, 256, 4), (16, 256, 8)]
 

@@ -5,7 +5,8 @@ up, then silu(gate) * up. Each LoRA term added by `addmm_` into its [t, I] produ
 that reads and writes the whole [t, I] tensor: memory-bound, about as long as the SwiGLU itself (H100,
 8 x 16,384 tokens on Qwen2.5-1.5B: 0.20 s of a 5.0 s step for these adds and the backward's down-projection
 one, bench/RESULTS.md twelfth session). Here the kernel that reads gate and up anyway makes the [BM, BN]
-block of S B^T with one `tl.dot` of inner size r and adds it before the SwiGLU:
+block of S B^T with one `tl.dot` of inner size r and adds it before the SwiGLU (a 1,024-token tile on an
+H200: 24.5 + 41.9 us forward + backward against 51.0 + 43.4 through `addmm_`, bench/swiglu.py):
 
   forward:  hidden = silu(g') u',  g' = round(gate + S_g B_g^T),  u' = round(up + S_u B_u^T)
   backward: gh = round(grad_hidden + dS_d (sA_d)),  then over gate and up (their base products):
