@@ -253,7 +253,8 @@ def test_swiglu_lora_kernels_equal_a_float64_reference(M, I, R, seed, monkeypatc
     s_gate, s_up, grad_s_down = rand(M, R), rand(M, R), rand(M, R)
     b_gate, b_up, a_down = rand(I, R, scale=0.3), rand(I, R, scale=0.3), rand(R, I, scale=0.3)
     lora = lambda base, s, b_t: rounded(base.double() + s.double() @ b_t.double(), dtype)  # noqa: E731
-    g_ref, u_ref, gh_ref = lora(gate, s_gate, b_gate.t()), lora(up, s_up, b_up.t()), lora(grad_hidden, grad_s_down, a_down)
+    g_ref, u_ref = lora(gate, s_gate, b_gate.t()), lora(up, s_up, b_up.t())
+    gh_ref = lora(grad_hidden, grad_s_down, a_down)
     sig = torch.sigmoid(g_ref)
     hidden_ref = g_ref * sig * u_ref
     grad_gate_ref, grad_up_ref = gh_ref * u_ref * sig * (1 + g_ref * (1 - sig)), gh_ref * g_ref * sig
@@ -278,6 +279,26 @@ def test_no_grad_forward_by_tiles_equals_the_untiled_forward(monkeypatch):
     with torch.no_grad():
         got = tiled(ids).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_set_tile_tokens_gives_each_tiled_mlp_its_tile(monkeypatch):
+    """GRPOConfig.mlp_tile_tokens' mechanism: the tiles take the set size (None: TILE_TOKENS again), with the
+    same output; a size that is not a positive int is an error."""
+    model = lora_model("llama", "offload").eval()
+    seen, by_tiles = [], tiled_mlp._swiglu_lora_by_tiles
+    monkeypatch.setattr(tiled_mlp, "_swiglu_lora_by_tiles",
+                        lambda x, parts, tile: seen.append(tile) or by_tiles(x, parts, tile))
+    ids = random_ids(2, 19, seed=4)
+    outputs = []
+    for tokens in (None, 5, None):
+        assert tiled_mlp.set_tile_tokens(model, tokens) == 2  # the tiny model's two layers
+        with torch.no_grad():
+            outputs.append(model(ids).logits)
+    assert seen == [tiled_mlp.TILE_TOKENS] * 2 + [5] * 2 + [tiled_mlp.TILE_TOKENS] * 2
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="tile tokens"):
+            tiled_mlp.set_tile_tokens(model, bad)
 
 
 def test_mlps_with_dropout_and_other_architectures_are_not_tiled():

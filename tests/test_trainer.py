@@ -333,6 +333,22 @@ def test_config_rejects_bad_values():
         assert GRPOConfig(num_generations=6, per_device_train_batch_size=1).per_device_train_batch_size == 6
     assert GRPOConfig(scale_rewards=False).scale_rewards == "none"
     assert GRPOConfig(epsilon=0.3).epsilon_high == 0.3
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="mlp_tile_tokens"):
+            GRPOConfig(mlp_tile_tokens=bad)
+
+
+def test_mlp_tile_tokens_reach_the_tiled_mlps_and_warn_where_none_is_tiled(model_dir, gsm8k, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=256)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="unsloth")
+    GRPOTrainer(model=model, processing_class=tok, args=config(tmp_path, mlp_tile_tokens=64), train_dataset=gsm8k,
+                reward_funcs=odd_token_reward)
+    tiles = [m._ahazero_tile_tokens for m in model.modules() if "_ahazero_untiled_forward" in m.__dict__]
+    assert tiles and set(tiles) == {64}
+    plain, tok = make_model(model_dir)  # no offloaded checkpointing: no MLP is tiled
+    with pytest.warns(UserWarning, match="mlp_tile_tokens has no effect"):
+        GRPOTrainer(model=plain, processing_class=tok, args=config(tmp_path, mlp_tile_tokens=64),
+                    train_dataset=gsm8k, reward_funcs=odd_token_reward)
 
 
 def test_reward_timeouts_reach_the_metrics(model_dir, gsm8k, tmp_path):

@@ -32,6 +32,10 @@ notebooks pass), so a notebook runs after changing its imports. Differences from
   host's launch cost (8 x 4,096 tokens on Qwen2.5-1.5B on H200s: 1.43 s a step with them, 2.5-3.3 s
   without, bench/RESULTS.md 2026-11-27). The graphs' memory pool holds one layer pass's working memory
   (0.26 GiB there) beside the rest; `False` trades that speed for the least memory.
+- `mlp_tile_tokens` is ours (None: 1,024, models/tiled_mlp.py TILE_TOKENS): with offloaded checkpointing
+  each decoder layer's MLP runs by tiles of this many tokens, so a [tile, intermediate] tensor is the most it
+  holds. Larger tiles are faster for more memory (8 x 4,096 on Qwen2.5-1.5B, an H200: 2,048 took 0.97 s and
+  1.02 GiB above the weights against 1.04 s and 0.96 GiB); smaller ones fit tighter GPUs.
 - `optim="adamw_8bit"` is our own blockwise 8-bit AdamW (grpo/optimizers.py, no bitsandbytes);
   `paged_adamw_8bit` is the same optimizer and `paged_adamw_32bit` is torch's AdamW (no paging).
 """
@@ -81,6 +85,7 @@ class GRPOConfig:
     padding_free: bool = True  # ours: pack each micro-batch's sequences into one row (no padding), where exact
     lora_autocast: bool = False  # ours: the training forwards of a 16-bit model under torch.autocast (see above)
     layer_graphs: bool = True  # ours: offloaded layers' training passes replayed from CUDA graphs (see above)
+    mlp_tile_tokens: int | None = None  # ours: tokens per MLP tile under offloaded checkpointing (see above)
     shuffle_dataset: bool = True
     max_nonfinite_steps: int = 3  # ours: consecutive NaN/inf losses or gradients (each skipped) before stopping
     ddp_timeout: int = 300  # seconds a rank waits in a collective for the others (transformers' default: 1800)
@@ -173,6 +178,8 @@ class GRPOConfig:
         need(self.optim in OPTIMIZERS, "optim", f"must be one of {OPTIMIZERS}")
         need(not (self.bf16 and self.fp16), "fp16", "bf16 and fp16 cannot both be on")
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+        need(self.mlp_tile_tokens is None or isinstance(self.mlp_tile_tokens, int) and self.mlp_tile_tokens >= 1,
+             "mlp_tile_tokens", "must be a positive int (tokens per MLP tile) or None (the default, 1,024)")
         need(self.ddp_timeout > 0, "ddp_timeout", "must be > 0 seconds")
         need(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1 or None")
         need(self.micro_batch_tokens >= 1, "micro_batch_tokens", "must be >= 1")

@@ -32,7 +32,7 @@ from transformers import TrainerControl, TrainerState, get_scheduler
 from ..data.prompts import is_conversational, tokenize_prompts
 from ..engine.select import make_generator
 from ..engine.types import SamplingParams
-from ..models import layer_graphs
+from ..models import layer_graphs, tiled_mlp
 from ..models.lora import base_model_context, decoder_and_head, fuse_lora_forwards, is_peft_model
 from ..models.lean_norm import lean_rms_norms
 from ..models.loader import offload_context
@@ -82,6 +82,10 @@ class GRPOTrainer:
         lean_rms_norms(decoder_and_head(model)[0])  # norms keep their 16-bit input, not a float32 copy
         fast_rope(decoder_and_head(model)[0])  # RoPE in one kernel a tensor and pass, rounded as transformers'
         layer_graphs.allow(model, self.args.layer_graphs)  # offloaded layers replayed from CUDA graphs
+        if tiled_mlp.set_tile_tokens(model, self.args.mlp_tile_tokens) == 0 and self.args.mlp_tile_tokens:
+            warnings.warn("GRPOConfig.mlp_tile_tokens has no effect: no MLP of this model runs by tiles (they do "
+                          "under offloaded checkpointing, use_gradient_checkpointing='unsloth', for Llama, Mistral, "
+                          "Qwen2 and Qwen3 MLPs without LoRA dropout)", stacklevel=2)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.device = next(model.parameters()).device
         self.state = TrainerState()

@@ -297,20 +297,21 @@ def _tiled_forward(mlp, x: torch.Tensor) -> torch.Tensor:
     are in the weights' dtype), else the MLP's own forward tile by tile; through autograd Functions when
     gradients are on."""
     parts = swiglu_lora_parts(mlp)
+    tile = mlp.__dict__.get("_ahazero_tile_tokens") or TILE_TOKENS
     autocast = autocast_state(x.device.type)
     if parts is not None and (any(_base_dtype(p[0]) != x.dtype for p in parts)
                               or autocast["enabled"] and autocast["dtype"] != x.dtype):
         parts = None
     grad = torch.is_grad_enabled()
     if parts is not None and not grad:
-        return _swiglu_lora_by_tiles(x, _cast_parts(parts, x.dtype), TILE_TOKENS)
+        return _swiglu_lora_by_tiles(x, _cast_parts(parts, x.dtype), tile)
     if parts is not None:
         adapters = [t for _, a, b, _ in parts for t in (a, b)]
-        return _TiledLoraSwiGLU.apply(x, TILE_TOKENS, tuple(p[3] for p in parts), tuple(p[0] for p in parts),
+        return _TiledLoraSwiGLU.apply(x, tile, tuple(p[3] for p in parts), tuple(p[0] for p in parts),
                                       *adapters)
     if not grad:
-        return _by_tiles(mlp._ahazero_untiled_forward, x, TILE_TOKENS)
-    return _TiledMLP.apply(x, mlp._ahazero_untiled_forward, TILE_TOKENS)
+        return _by_tiles(mlp._ahazero_untiled_forward, x, tile)
+    return _TiledMLP.apply(x, mlp._ahazero_untiled_forward, tile)
 
 
 def tile_mlps(model) -> int:
@@ -328,6 +329,21 @@ def tile_mlps(model) -> int:
             mlp._ahazero_untiled_forward = mlp.forward
             mlp.forward = functools.partial(_tiled_forward, mlp)
         tiled += 1
+    return tiled
+
+
+def set_tile_tokens(model, tokens: int | None) -> int:
+    """Tokens per tile for each MLP of `model` that `tile_mlps` tiled (None: TILE_TOKENS); returns how many.
+    A [tile, intermediate] tensor is what a tile holds: larger tiles take fewer, larger GEMMs (faster) for
+    more memory (bench/RESULTS.md, 2026-11-28 thirteenth session: 2,048 instead of 1,024 on Qwen2.5-1.5B,
+    8 x 4,096, 0.97 s and 1.02 GiB above the weights against 1.04 s and 0.96 GiB)."""
+    if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"tile tokens must be a positive int or None, not {tokens!r}")
+    tiled = 0
+    for module in model.modules():
+        if "_ahazero_untiled_forward" in module.__dict__:
+            module._ahazero_tile_tokens = tokens
+            tiled += 1
     return tiled
 
 
