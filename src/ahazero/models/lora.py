@@ -140,11 +140,7 @@ class _LoraAdd(torch.autograd.Function):
                                                *ctx.needs_input_grad[1:4])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)  # [..., in]
-        if grad_a is not None:
-            grad_a = scaled_cast(grad_a, ctx.scaling, ctx.a_dtype)  # [r, in]
-        if grad_b is not None:
-            grad_b = grad_b.to(ctx.b_dtype)  # [out, r]
-        return grad, grad_x, grad_a, grad_b, None
+        return grad, grad_x, *_adapter_grads(ctx, grad_a, grad_b), None
 
 
 def _plain_frozen_linear(base, x: torch.Tensor) -> bool:
@@ -182,11 +178,17 @@ class _LoraLinear(torch.autograd.Function):
                                                base_grad_x=base_grad_x)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)  # [..., in]
-        if grad_a is not None:
-            grad_a = scaled_cast(grad_a, ctx.scaling, ctx.a_dtype)  # [r, in]
-        if grad_b is not None:
-            grad_b = grad_b.to(ctx.b_dtype)  # [out, r]
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, None, *_adapter_grads(ctx, grad_a, grad_b), None
+
+
+def _adapter_grads(ctx, grad_a, grad_b) -> tuple:
+    """dL/dA [r, in] and dL/dB [out, r] in the adapters' dtypes from `lora_backward`'s dS^T x and g^T S (None
+    stays None): the scale s applied in A's cast back, as `_LoraAdd` and `_LoraLinear` save it in ctx."""
+    if grad_a is not None:
+        grad_a = scaled_cast(grad_a, ctx.scaling, ctx.a_dtype)  # [r, in]
+    if grad_b is not None:
+        grad_b = grad_b.to(ctx.b_dtype)  # [out, r]
+    return grad_a, grad_b
 
 
 def _addable_in_place(result: torch.Tensor) -> bool:
