@@ -123,8 +123,10 @@ def lora_table(batches):
         print(f"| {row['N']} | {row['torch']:.1f} | " + " | ".join(f"{row[c]:.1f}" for c in cfgs) + " |")
 
 
-def gemv_table(batches):
-    """Per group and per layer (rows printed as they finish, so a timeout keeps what was measured)."""
+def gemv_table(batches, gemv_configs_small, shrink_ks):
+    """Per group and per layer (rows printed as they finish, so a timeout keeps what was measured): each
+    configuration with the shrink's own launch, then the default configuration with the shrink in the
+    launch (gemv_kernels.FUSED_SHRINK) for each of shrink_ks (columns of K per producer)."""
     from ahazero.engine import gemv_kernels as gk
     from ahazero.engine import lora_kernels as lk
     dev = torch.device("cuda")
@@ -141,11 +143,13 @@ def gemv_table(batches):
     names = ["q/k/v", "o", "gate/up", "down"]
     print(f"\nProjections + LoRA, us per layer (bf16, r={R}; rows: one group, then all 4); cublas = F.linear alone "
           "(no LoRA); cublas+lora = the engine's path before gemv_kernels; shrink = lora_shrink alone")
+    default = (gk.BLOCK_O, gk.BLOCK_K, gk.NUM_WARPS, gk.NUM_STAGES, gk.PROGRAMS_PER_SM)
     for N in batches:
-        gemv_configs = GEMV_CONFIGS if N <= 32 else GEMV_LARGE_CONFIGS
+        gemv_configs = gemv_configs_small if N <= 32 else GEMV_LARGE_CONFIGS
         print("| N | group | cublas | cublas+lora | shrink | " + " | ".join("BO %d BK %d w %d st %d pps %d" % c
-                                                                           for c in gemv_configs) + " |")
-        print("| --- " * (len(gemv_configs) + 5) + "|", flush=True)
+                                                                           for c in gemv_configs)
+              + "".join(f" | default, shrink in the launch ({k} columns a producer)" for k in shrink_ks) + " |")
+        print("| --- " * (len(gemv_configs) + len(shrink_ks) + 5) + "|", flush=True)
         xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
         for which in [[0], [1], [2], [3], [0, 1, 2, 3]]:
             def cublas(lora: bool):
@@ -161,38 +165,45 @@ def gemv_table(batches):
                     for K, w, bias, a, b in (groups[i] for i in which):
                         lk.lora_shrink(xs[K], a)
 
-            def fused(cfg):
+            def one_launch(K, w, bias, a, b, cfg, shrink_k):
+                """shrink_k 0: the shrink's own launch first; else the shrink in the launch."""
                 block_o, block_k, warps, stages, pps = cfg
+                options = dict(block_o=block_o, block_k=block_k, num_warps=warps, num_stages=stages,
+                               programs_per_sm=pps)
+                if shrink_k:
+                    return gk._launch(xs[K], w, bias, None, b, [2.0] * len(w), lora_a=a, shrink_k=shrink_k, **options)
+                return gk._launch(xs[K], w, bias, lk.lora_shrink(xs[K], a), b, [2.0] * len(w), **options)
+
+            def fused(cfg, shrink_k):
                 for groups in layers:
                     for K, w, bias, a, b in (groups[i] for i in which):
-                        gk._launch(xs[K], w, bias, lk.lora_shrink(xs[K], a), b, [2.0] * len(w), block_o=block_o,
-                                   block_k=block_k, num_warps=warps, num_stages=stages, programs_per_sm=pps)
+                        one_launch(K, w, bias, a, b, cfg, shrink_k)
 
             row = [bench(lambda: cublas(False)), bench(lambda: cublas(True)), bench(shrink)]
-            for cfg in gemv_configs:
+            for cfg, shrink_k in [(c, 0) for c in gemv_configs] + [(default, k) for k in shrink_ks]:
                 t = float("nan")  # a configuration that fails to compile or disagrees
                 try:
                     K, w, bias, a, b = layers[0][which[0]]
                     want = [torch.nn.functional.linear(xs[K], wi, None if bias is None else bias[i]).float()
                             + 2.0 * (xs[K].float() @ a[i].t()) @ b[i].t() for i, wi in enumerate(w)]
-                    got = gk._launch(xs[K], w, bias, lk.lora_shrink(xs[K], a), b, [2.0] * len(w), block_o=cfg[0],
-                                     block_k=cfg[1], num_warps=cfg[2], num_stages=cfg[3], programs_per_sm=cfg[4])
+                    got = one_launch(K, w, bias, a, b, cfg, shrink_k)
                     err = max(rel(g, r) for g, r in zip(got, want))
                     if err < 1e-2:
-                        t = bench(lambda: fused(cfg))
+                        t = bench(lambda: fused(cfg, shrink_k))
                     else:
-                        print(f"gemv {cfg} N={N}: relative error {err:.1e}")
+                        print(f"gemv {cfg} N={N} shrink_k {shrink_k}: relative error {err:.1e}")
                 except Exception as e:  # noqa: BLE001 - report it, time the others
-                    print(f"gemv {cfg} N={N}: {type(e).__name__}: {str(e)[:200]}")
+                    print(f"gemv {cfg} N={N} shrink_k {shrink_k}: {type(e).__name__}: {str(e)[:200]}")
                 row.append(t)
             group = names[which[0]] if len(which) == 1 else "layer"
             print(f"| {N} | {group} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
 
 
-def nf4_table(batches):
+def nf4_table(batches, nf4_configs):
     """A layer's 4 groups with LoRA, rows printed as they finish: bf16 through the engine's one-launch
-    projections (the speed to match), NF4 per projection + the LoRA kernels (the engine's path before the
-    NF4 group launch), and the NF4 group launch (shrink + one launch per group) per configuration."""
+    projections (the speed to match), with the LoRA shrink in the launch and in its own; NF4 per projection
+    + the LoRA kernels (the engine's path before the NF4 group launch); the NF4 group launch per
+    configuration (the shrink in the launch), and the default's with the shrink's own launch."""
     from ahazero.engine import gemv_kernels as gk
     from ahazero.engine import lora_kernels as lk
     from ahazero.engine.layers import Projection
@@ -212,9 +223,10 @@ def nf4_table(batches):
     print(f"\nNF4, us per layer (4 groups of a Qwen2.5-1.5B layer, LoRA r={R} on all, shrink included); bf16 gemv = "
           "the 16-bit weights through engine/gemv_kernels (the speed to match); nf4 each = one NF4 launch per "
           "projection + shrink + expand; then the NF4 group launch per configuration")
-    print("| N | bf16 gemv | nf4 each | "
-          + " | ".join("%s BO %d w %d pps %d mbs %d pf %d" % c for c in NF4_CONFIGS) + " |")
-    print("| --- " * (len(NF4_CONFIGS) + 3) + "|", flush=True)
+    default = (nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH)
+    print("| N | bf16 gemv | bf16 gemv, shrink launch | nf4 each | "
+          + " | ".join("%s BO %d w %d pps %d mbs %d pf %d" % c for c in nf4_configs) + " | default, shrink launch |")
+    print("| --- " * (len(nf4_configs) + 5) + "|", flush=True)
     for N in batches:
         xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
 
@@ -227,9 +239,12 @@ def nf4_table(batches):
                     else:
                         gk._run(xs[K], kind, lins if kind == "dense" else qs, a, b, [2.0] * len(qs))
 
-        row = [bench(lambda: run("dense")), bench(lambda: run("each"))]
-        for cfg in NF4_CONFIGS:
+        row = [bench(lambda: run("dense"))]
+        gk.FUSED_SHRINK = False
+        row += [bench(lambda: run("dense")), bench(lambda: run("each"))]
+        for cfg, fused in [(c, True) for c in nf4_configs] + [(default, False)]:
             nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH = cfg
+            gk.FUSED_SHRINK = fused
             t = float("nan")  # a configuration that fails to compile or disagrees
             try:
                 K, lins, qs, a, b = layers[0][2]
@@ -245,6 +260,8 @@ def nf4_table(batches):
                 print(f"NF4 {cfg} N={N}: {type(e).__name__}: {str(e)[:200]}")
             row.append(t)
         print(f"| {N} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
+        nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH = default
+        gk.FUSED_SHRINK = True
     Linear4bit.fused_kernel = None
 
 
@@ -252,15 +269,24 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("lora", "gemv", "nf4"))
     p.add_argument("--batches", default="1,6,32,128", help="the nf4 table takes those up to 32 rows")
+    p.add_argument("--default-only", action="store_true",
+                   help="gemv and nf4 up to 32 rows: time the default configuration only, not the lists above")
+    p.add_argument("--shrink-k", default="512", help="gemv: the default configuration with the LoRA shrink in the "
+                   "launch, for each of these columns of K per producer (comma-separated; '' for none)")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     print(torch.cuda.get_device_name(), torch.__version__)
+    from ahazero.engine import gemv_kernels as gk
+    from ahazero.models import nf4_kernels as nk
     if args.only in (None, "lora"):
         lora_table(batches)
     if args.only in (None, "gemv"):
-        gemv_table(batches)
+        default = [(gk.BLOCK_O, gk.BLOCK_K, gk.NUM_WARPS, gk.NUM_STAGES, gk.PROGRAMS_PER_SM)]
+        gemv_table(batches, default if args.default_only else GEMV_CONFIGS,
+                   [int(k) for k in args.shrink_k.split(",") if k])
     if args.only in (None, "nf4"):
-        nf4_table([b for b in batches if b <= 32])
+        default = [(nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH)]
+        nf4_table([b for b in batches if b <= 32], default if args.default_only else NF4_CONFIGS)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ def close(got, want):
     (13, 300, [40, 33], 16, torch.bfloat16, False, 64),  # gate/up-like, ragged tiles
     (32, 128, [64], 32, torch.bfloat16, True, 64),  # the largest batch served
 ])
-@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("lora", ["shrink", "fused", None])
 def test_lora_gemv_matches_reference(N, K, outs, R, dtype, bias, min_k, lora):
+    """lora "shrink": x A^T from lora_shrink's launch; "fused": the shrink's producers in the same launch (K in
+    splits of 64 columns, so several partials are added, and one ragged split where K % 64 != 0)."""
     torch.manual_seed(N + K)
     x = torch.randn(N, K, dtype=dtype, device=DEVICE)  # [N, K]
     weights = [torch.randn(o, K, dtype=dtype, device=DEVICE) / K ** 0.5 for o in outs]  # each [O, K]
@@ -47,16 +49,23 @@ def test_lora_gemv_matches_reference(N, K, outs, R, dtype, bias, min_k, lora):
     a = [torch.randn(R, K, device=DEVICE) / K ** 0.5 for _ in outs] if lora else None  # float32, as PEFT's
     b = [torch.randn(o, R, device=DEVICE) for o in outs] if lora else None
     scales = [0.5, 2.0, 1.5][:len(outs)]
-    xa = lora_kernels.lora_shrink(x, a) if lora else None  # [G, N, R]
+    xa = lora_kernels.lora_shrink(x, a) if lora == "shrink" else None  # [G, N, R]
     splits, _ = gemv_kernels.split_k(sum(-(-o // 16) for o in outs), K, 132, 2, min_k, 32)
-    got = gemv_kernels._launch(x, weights, biases, xa, b, scales, block_o=16, block_k=32, min_k_per_split=min_k)
+    got = gemv_kernels._launch(x, weights, biases, xa, b, scales, block_o=16, block_k=32, min_k_per_split=min_k,
+                               lora_a=a if lora == "fused" else None, shrink_k=64)
     for g, want in zip(got, reference(x, weights, biases, a, b, scales)):
         assert g.shape == want.shape and g.dtype == dtype
         close(g, want)
     if min_k == 64:
         assert splits > 1  # the split-K reduction ran
-    # the tile counters are back to 0 for the next launch
+    # the tile counters and the fused shrink's are back to 0 for the next launch
     assert not gemv_kernels.split_k_workspace(x.device, 1)[0].any()
+
+
+def test_lora_gemv_takes_the_shrink_output_or_the_adapters_not_both():
+    x, w, a, b = (torch.randn(*shape, device=DEVICE) for shape in ((2, 64), (16, 64), (4, 64), (16, 4)))
+    with pytest.raises(ValueError, match="not both"):
+        gemv_kernels._launch(x, [w], None, lora_kernels.lora_shrink(x, [a]), [b], [1.0], lora_a=[a])
 
 
 def quantized(linear):
@@ -70,12 +79,13 @@ def quantized(linear):
     (1, 640, [70], 4, torch.float32, False, "nibbles", 2),  # one row: the CUDA-core products
     (32, 384, [64, 200], 32, torch.float16, False, "pairs", 3),  # gate/up-like, the largest batch served
 ])
-@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("lora", ["shrink", "fused", None])
 def test_nf4_gemv_of_a_group_matches_the_dequantised_reference(N, K, outs, R, dtype, bias, lookup, prefetch, lora,
                                                                monkeypatch):
     """models/nf4_kernels.nf4_gemv over a group of NF4 weights, with the bias and the LoRA epilogue, against
     the reference on the dequantised weights; both NF4 lookups (a [256, 2] pair table, the [16] code), the
-    loads of 1 to 3 blocks ahead in flight (splits shorter than that: their ends are masked)."""
+    loads of 1 to 3 blocks ahead in flight (splits shorter than that: their ends are masked); x A^T from
+    lora_shrink's launch or from producers in the same launch (K in splits of 256 columns)."""
     from ahazero.models import nf4_kernels
     monkeypatch.setattr(nf4_kernels, "LOOKUP", lookup)
     monkeypatch.setattr(nf4_kernels, "PREFETCH", prefetch)
@@ -85,16 +95,17 @@ def test_nf4_gemv_of_a_group_matches_the_dequantised_reference(N, K, outs, R, dt
     a = [torch.randn(R, K, device=DEVICE) / K ** 0.5 for _ in outs] if lora else None  # float32, as PEFT's
     b = [torch.randn(o, R, device=DEVICE) for o in outs] if lora else None
     scales = [0.5, 2.0, 1.5][:len(outs)]
-    xa = lora_kernels.lora_shrink(x, a) if lora else None  # [G, N, R]
+    xa = lora_kernels.lora_shrink(x, a) if lora == "shrink" else None  # [G, N, R]
     with torch.no_grad():
-        got = nf4_kernels.nf4_gemv(x, [layer.nf4_weight() for layer in layers], xa, b, scales)
+        got = nf4_kernels.nf4_gemv(x, [layer.nf4_weight() for layer in layers], xa, b, scales,
+                                   lora_a=a if lora == "fused" else None, shrink_k=256)
         weights = [layer.dequantized_weight(dtype) for layer in layers]
         biases = [layer.bias for layer in layers] if bias else None
         wants = reference(x, weights, biases, a, b, scales)
     for g, want in zip(got, wants):
         assert g.shape == want.shape and g.dtype == dtype
         close(g, want)
-    assert not gemv_kernels.split_k_workspace(x.device, 1)[0].any()  # the tile counters are back to 0
+    assert not gemv_kernels.split_k_workspace(x.device, 1)[0].any()  # the counters are back to 0
 
 
 def test_project_serves_4bit_groups_through_one_nf4_launch(monkeypatch):

@@ -5,9 +5,16 @@ otherwise launches, per group of projections that read one input (q/k/v; o; gate
 GEMM per projection, the LoRA shrink and the LoRA expand (engine/lora_kernels.py); at W2's batch of 6 on
 an H100 the shrink and expand alone took 35% of a step's GPU time, each launch a few microseconds of
 latency over a few KB of work (bench/RESULTS.md, 2026-11-27). Here one launch reads every weight of the
-group and adds the LoRA term in its epilogue, so a group costs two launches (the shrink, then this).
+group, computes the LoRA shrink x A_g^T and adds the LoRA term in its epilogue: a group costs one launch.
 
-Program (column tile, split of K): acc^T [BLOCK_O, BLOCK_N] = W_g[cols, ks] @ x[:, ks]^T over its K range,
+The shrink's producers (FUSED_SHRINK): the grid is 1-D, and its first G * cdiv(K, SHRINK_K) programs each
+compute x[:, ks] A_g[:, ks]^T over SHRINK_K columns, store it and bump projection g's ready counter
+(models/nf4_kernels.py's publish_shrink). A tile's finishing program waits for that counter and adds the
+partials in split order (gather_shrink). A GPU starts a grid's programs in order of their index, as Triton's
+interpreter runs them, so the producers are running (or done) before any program waits for them. Until
+2026-11-28 the shrink was its own launch before each group, a fifth of a W2 decode step's GPU time on an H200.
+
+Tile program (column tile, split of K): acc^T [BLOCK_O, BLOCK_N] = W_g[cols, ks] @ x[:, ks]^T over its K range,
 the weight tile the MMA's A operand (BLOCK_O >= 64 rows fills Hopper's wgmma) and x, padded to BLOCK_N
 rows, the small B operand. Tiles run over the group's projections one after another (the first
 cdiv(O_0, BLOCK_O) tiles are projection 0's, and so on), so one grid covers q, k and v. K is split until
@@ -15,7 +22,7 @@ about PROGRAMS_PER_SM programs per SM (a down projection has only 24 tiles of 64
 its float32 partial and bumps its tile's counter, and the last split of a tile to arrive adds the
 partials in split order (deterministic) and finishes the tile (models/nf4_kernels.py's end_tile):
   y = (acc + bias) rounded to x's dtype                         (cuBLAS's rounding: one, after the bias)
-  y = (y + s * (xa @ B^T)) rounded, xa = x A^T from the LoRA shrink, in float32
+  y = (y + s * (xa @ B^T)) rounded, xa = x A^T from the LoRA shrink's partials, in float32
      (engine/lora_kernels.py's expand, the same math: PEFT's float32 adapter, one rounding of y)
 
 4-bit weights (models/linear4bit.py's Linear4bit) take models/nf4_kernels.py's NF4 GEMV instead, launched
@@ -42,8 +49,8 @@ from torch import nn
 
 from ..models import nf4_kernels
 from ..models.linear4bit import Linear4bit, random_linear
-from ..models.nf4_kernels import (MAX_GROUP, as_group, block_r, end_tile, pdl_options, pick, sm_count, split_k,
-                                  split_k_workspace, wait_for_inputs)
+from ..models.nf4_kernels import (MAX_GROUP, as_group, block_r, end_tile, lora_input, pdl_options, pick,
+                                  publish_shrink, sm_count, split_k, split_k_workspace, wait_for_inputs)
 from . import lora_kernels
 
 logger = logging.getLogger("ahazero")
@@ -58,53 +65,73 @@ PROGRAMS_PER_SM = 1  # split K until about this many programs per SM
 # shrink, us at N = 1 / 6 / 32: 82.7 / 84.4 / 98.0 with these constants (2 programs per SM: 85.2 / 88.0 / 104.1);
 # cuBLAS + shrink + expand: 102.1 / 102.0 / 108.1; cuBLAS alone, without LoRA: 57.5 / 56.1 / 55.8
 MIN_K_PER_SPLIT = 256
+# The LoRA shrink in the group's launch (16-bit and NF4 weights; the module docstring), its producers over
+# nf4_kernels.SHRINK_K columns each. H200, 2026-11-28 (bench/RESULTS.md): a Qwen2.5-1.5B layer's 4 groups 69.3 ->
+# 55.3 us at N = 6 and 74.1 -> 61.8 at N = 32 (SHRINK_K 256; 128: 57.2 / 63.2; 512: 55.9 / 71.0); W2 0.570 -> 0.487 s.
+FUSED_SHRINK = True
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2,
-                 end0, end1, xa_ptr, partial_ptr, count_ptr, N, K, R, x_row_stride,
-                 K_PER_SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                 USE_PDL: tl.constexpr):
-    """Program (tile, split s). Projection g owns tiles [end_{g-1}, end_g); its y_g [N, O_g] is finished
-    by the tile's last split (see the module docstring). xa_ptr: the LoRA shrink's x A_g^T, [G, N, R]."""
+def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, la0, la1, la2, lb0, lb1, lb2, y0, y1, y2, s0, s1, s2,
+                 o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr, N, K, R, G, x_row_stride, tiles, producers,
+                 K_PER_SPLIT: tl.constexpr, SHRINK_SPLITS: tl.constexpr, SHRINK_K: tl.constexpr,
+                 SHRINK_BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program pid of a 1-D grid. The first `producers` programs (G * SHRINK_SPLITS with the shrink fused,
+    else none) each publish one split of the LoRA shrink (nf4_kernels.publish_shrink: adapter g's x A_g^T
+    over SHRINK_K columns of K, into xa_ptr [SHRINK_SPLITS, G, N, R]); program producers + tile + s * tiles
+    computes tile `tile`, split s of K. Projection g owns tiles [end_{g-1}, end_g); its y_g [N, O_g] is
+    finished by the tile's last split (see the module docstring). Without the fused shrink, xa_ptr is the
+    shrink's x A_g^T, [G, N, R]. (Producers first: a GPU starts a grid's programs in order, Triton's
+    interpreter runs them in order, so a consumer waits only for programs already running.)"""
     wait_for_inputs(USE_PDL)
-    tile = tl.program_id(0)
-    s = tl.program_id(1)
-    g = tl.where(tile < end0, 0, tl.where(tile < end1, 1, 2))
-    start = tl.where(g == 0, 0, tl.where(g == 1, end0, end1))
-    w_ptr, O = pick(g, w0, w1, w2), pick(g, o0, o1, o2)
-    cols = (tile - start) * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO] output features of projection g
-    col_ok = cols < O
+    pid = tl.program_id(0)
     n = tl.arange(0, BLOCK_N)  # [BN] rows of x
     n_ok = n < N
-    kk = tl.arange(0, BLOCK_K)  # [BK]
-    w_rows = w_ptr + cols.to(tl.int64)[:, None] * K  # [BO, 1]
-    acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        ks = s * K_PER_SPLIT + k0 + kk  # [BK]
-        k_ok = ks < K
-        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BO, BK]
-        xt = tl.load(x_ptr + n[None, :] * x_row_stride + ks[:, None], mask=n_ok[None, :] & k_ok[:, None],
-                     other=0.0)  # [BK, BN] = x^T tile
-        if DOT_F32:
-            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, xt, acc)
-
-    end_tile(acc, tile, s, partial_ptr, count_ptr, pick(g, y0, y1, y2), pick(g, bias0, bias1, bias2), xa_ptr,
-             pick(g, lb0, lb1, lb2), pick(g, s0, s1, s2), g, N, O, R, cols, col_ok, n, n_ok,
-             HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION)
+    if pid < producers:
+        if SHRINK_SPLITS > 0:
+            publish_shrink(pid, x_ptr, x_row_stride, la0, la1, la2, xa_ptr, count_ptr + tiles, G, N, K, R,
+                           SHRINK_SPLITS, SHRINK_K, BLOCK_N, BLOCK_R, SHRINK_BLOCK_K, PRECISION)
+    else:
+        tile = (pid - producers) % tiles
+        s = (pid - producers) // tiles
+        g = tl.where(tile < end0, 0, tl.where(tile < end1, 1, 2))
+        start = tl.where(g == 0, 0, tl.where(g == 1, end0, end1))
+        w_ptr, O = pick(g, w0, w1, w2), pick(g, o0, o1, o2)
+        cols = (tile - start) * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO] output features of projection g
+        col_ok = cols < O
+        kk = tl.arange(0, BLOCK_K)  # [BK]
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * K  # [BO, 1]
+        acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            ks = s * K_PER_SPLIT + k0 + kk  # [BK]
+            k_ok = ks < K
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BO, BK]
+            xt = tl.load(x_ptr + n[None, :] * x_row_stride + ks[:, None], mask=n_ok[None, :] & k_ok[:, None],
+                         other=0.0)  # [BK, BN] = x^T tile
+            if DOT_F32:
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc)
+        tiles_g = tl.where(g == 0, end0, tl.where(g == 1, end1 - end0, tiles - end1))
+        end_tile(acc, tile, s, tiles, tl.cdiv(K, K_PER_SPLIT), partial_ptr, count_ptr, pick(g, y0, y1, y2),
+                 pick(g, bias0, bias1, bias2), xa_ptr, pick(g, lb0, lb1, lb2), pick(g, s0, s1, s2), g, N, O, R,
+                 cols, col_ok, n, n_ok, count_ptr + tiles, G, tiles_g, HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION,
+                 SHRINK_SPLITS)
 
 
 def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None,
             xa: torch.Tensor | None, lora_b: list[torch.Tensor] | None, scales: list[float],
             block_o: int = BLOCK_O, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
             num_stages: int = NUM_STAGES, programs_per_sm: int = PROGRAMS_PER_SM,
-            min_k_per_split: int = MIN_K_PER_SPLIT) -> list[torch.Tensor]:
+            min_k_per_split: int = MIN_K_PER_SPLIT, lora_a: list[torch.Tensor] | None = None,
+            shrink_k: int = nf4_kernels.SHRINK_K) -> list[torch.Tensor]:
+    """The group's outputs [y_g [N, O_g]]. LoRA: either xa, the shrink's x A_g^T [G, N, R], or lora_a (G
+    tensors [R, K], float32 as PEFT's) for the shrink in this launch, shrink_k columns of K per producer."""
     N, K = x.shape
+    G = len(weights)
     outs = [w.shape[0] for w in weights]
     ys = [torch.empty(N, o, device=x.device, dtype=x.dtype) for o in outs]  # each [N, O_g]
     if N == 0:
@@ -113,16 +140,19 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
     tiles = ends[-1]
     splits, per_split = split_k(tiles, K, sm_count(x.device), programs_per_sm, min_k_per_split, block_k)
     block_n = max(16, triton.next_power_of_2(N))
-    counts, partial = split_k_workspace(x.device, tiles)
+    counts, partial = split_k_workspace(x.device, tiles + 2 * G)  # tile counters, then the shrink's (2 a group)
     if splits > 1:
         partial = torch.empty(splits, tiles, block_o, block_n, device=x.device, dtype=torch.float32)
-    has_lora = xa is not None
+    has_lora = xa is not None or lora_a is not None
     R = lora_b[0].shape[1] if has_lora else 0
-    _gemv_kernel[(tiles, splits)](
+    xa, shrink_splits, shrink_span = lora_input(x, G, R, xa, lora_a, shrink_k)
+    producers = G * shrink_splits
+    _gemv_kernel[(producers + tiles * splits,)](
         x, *as_group(weights), *as_group(biases if biases is not None else weights),
-        *as_group(lora_b if has_lora else weights), *as_group(ys), *as_group(scales), *as_group(outs),
-        *as_group(ends)[:2], xa if has_lora else partial, partial, counts,
-        N, K, R, x.stride(0), K_PER_SPLIT=per_split,
+        *as_group(lora_a if lora_a is not None else weights), *as_group(lora_b if has_lora else weights),
+        *as_group(ys), *as_group(scales), *as_group(outs), *as_group(ends)[:2], xa if has_lora else partial,
+        partial, counts, N, K, R, G, x.stride(0), tiles, producers, K_PER_SPLIT=per_split,
+        SHRINK_SPLITS=shrink_splits, SHRINK_K=shrink_span, SHRINK_BLOCK_K=nf4_kernels.SHRINK_BLOCK_K,
         HAS_BIAS=biases is not None, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_K=block_k,
         BLOCK_R=block_r(R), DOT_F32=INTERPRET or x.dtype == torch.float32,
         PRECISION=lora_kernels.DOT_PRECISION,
@@ -132,15 +162,17 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
 
 @torch.library.custom_op("ahazero::lora_gemv", mutates_args=())
 def lora_gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], xa: torch.Tensor | None,
-              lora_b: list[torch.Tensor], scales: list[float]) -> list[torch.Tensor]:
-    """x [N, K] -> [x W_g^T + b_g + s_g * xa_g B_g^T for each g], each [N, O_g] in x's dtype.
-    weights: G <= 3 tensors [O_g, K]; biases: G tensors [O_g], or [] for none; xa: lora_kernels.lora_shrink's
-    x A_g^T [G, N, R], or None with lora_b [] for no adapter; lora_b: G tensors [O_g, R]."""
-    return _launch(x.contiguous(), list(weights), list(biases) or None, xa, list(lora_b) or None, list(scales))
+              lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scales: list[float]) -> list[torch.Tensor]:
+    """x [N, K] -> [x W_g^T + b_g + s_g * (x A_g^T) B_g^T for each g], each [N, O_g] in x's dtype.
+    weights: G <= 3 tensors [O_g, K]; biases: G tensors [O_g], or [] for none; the adapters: lora_a (G
+    tensors [R, K], the shrink then runs in this launch) or xa (lora_kernels.lora_shrink's x A_g^T
+    [G, N, R], with lora_a []), and lora_b, G tensors [O_g, R]; no adapter: xa None, lora_a and lora_b []."""
+    return _launch(x.contiguous(), list(weights), list(biases) or None, xa, list(lora_b) or None, list(scales),
+                   lora_a=list(lora_a) or None)
 
 
 @lora_gemv.register_fake
-def _(x, weights, biases, xa, lora_b, scales):
+def _(x, weights, biases, xa, lora_a, lora_b, scales):
     return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
 
 
@@ -148,15 +180,16 @@ def _(x, weights, biases, xa, lora_b, scales):
 def nf4_lora_gemv(x: torch.Tensor, packed: list[torch.Tensor], absmax_q: list[torch.Tensor],
                   absmax2: list[torch.Tensor], offset: list[torch.Tensor], code: list[torch.Tensor],
                   dyn: list[torch.Tensor], outs: list[int], biases: list[torch.Tensor], xa: torch.Tensor | None,
-                  lora_b: list[torch.Tensor], scales: list[float]) -> list[torch.Tensor]:
+                  lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scales: list[float]) -> list[torch.Tensor]:
     """lora_gemv for G <= 3 NF4 weights (models/nf4_kernels.py's NF4Weight fields, one list per field)."""
     fields = zip(packed, absmax_q, absmax2, offset, code, dyn, outs, list(biases) or [None] * len(outs))
     weights = [nf4_kernels.NF4Weight(*f) for f in fields]
-    return nf4_kernels.nf4_gemv(x, weights, xa, list(lora_b) or None, list(scales), lora_kernels.DOT_PRECISION)
+    return nf4_kernels.nf4_gemv(x, weights, xa, list(lora_b) or None, list(scales), lora_kernels.DOT_PRECISION,
+                                lora_a=list(lora_a) or None)
 
 
 @nf4_lora_gemv.register_fake
-def _(x, packed, absmax_q, absmax2, offset, code, dyn, outs, biases, xa, lora_b, scales):
+def _(x, packed, absmax_q, absmax2, offset, code, dyn, outs, biases, xa, lora_a, lora_b, scales):
     return [x.new_empty(x.shape[0], o) for o in outs]
 
 
@@ -182,15 +215,18 @@ def _weight_kind(x: torch.Tensor, projections) -> str | None:
 
 def _run(x: torch.Tensor, kind: str, bases: list[nn.Module], lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
          scales: list[float]) -> list[torch.Tensor]:
-    """The shrink (with adapters: lora_a non-empty) and the one launch of `kind` over the group's bases."""
+    """The one launch of `kind` over the group's bases, with adapters (lora_a non-empty) the LoRA shrink in
+    it (FUSED_SHRINK) or in a launch before it."""
     biases = [] if bases[0].bias is None else [b.bias for b in bases]
-    xa = lora_kernels.lora_shrink(x, lora_a) if lora_a else None  # [G, N, R]
+    xa = None
+    if lora_a and not FUSED_SHRINK:
+        xa, lora_a = lora_kernels.lora_shrink(x, lora_a), []  # [G, N, R]
     if kind == "dense":
-        return lora_gemv(x, [b.weight for b in bases], biases, xa, lora_b, scales)
+        return lora_gemv(x, [b.weight for b in bases], biases, xa, lora_a, lora_b, scales)
     ws = [b.nf4_weight() for b in bases]
     return nf4_lora_gemv(x, [w.packed for w in ws], [w.absmax_q for w in ws], [w.absmax2 for w in ws],
                          [w.offset for w in ws], [w.code for w in ws], [w.dyn for w in ws],
-                         [b.out_features for b in bases], biases, xa, lora_b, scales)
+                         [b.out_features for b in bases], biases, xa, lora_a, lora_b, scales)
 
 
 @functools.cache

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.nf4_kernels import as_group, block_r, pdl_options, pick, split_k_workspace, wait_for_inputs
+from ..models.nf4_kernels import (as_group, block_r, pdl_options, pick, shrink_sum, split_k_workspace,
+                                  wait_for_inputs)
 
 BLOCK_N = 16  # rows per program: small batches are the point, and a row block re-reads A and B from L2
 # The shrink is latency-bound at decode sizes (A is 32 x 1536 to 32 x 8960, x a few rows): its time is
@@ -53,17 +54,10 @@ def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, 
     wait_for_inputs(USE_PDL)
     pid_n, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G = tl.num_programs(1)
-    a_ptr = pick(g, a0, a1, a2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     ranks = tl.arange(0, BLOCK_R)  # [BR]
-    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        cols = s * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)  # [BK]
-        x_mask = (rows[:, None] < N) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=x_mask, other=0.0)  # [BN, BK]
-        a_mask = (ranks[None, :] < R) & (cols[:, None] < K)
-        a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=a_mask, other=0.0)  # [BK, BR] = A^T tile
-        acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
+    acc = shrink_sum(x_ptr, stride_x, pick(g, a0, a1, a2), rows, ranks, s * K_PER_SPLIT, N, K, R, K_PER_SPLIT,
+                     BLOCK_K, PRECISION)
     at = (g * N + rows[:, None]) * R + ranks[None, :]  # [BN, BR] into [G, N, R]
     mask = (rows[:, None] < N) & (ranks[None, :] < R)
     if SPLITS == 1:

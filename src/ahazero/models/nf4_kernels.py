@@ -28,15 +28,17 @@ only the dequantisation: about 8 SASS instructions per weight in the loop (sm_90
 (bytes, absmax codes, x) before its own work, into registers: no shared-memory pipelining (a `for` loop that
 Triton software-pipelines was 3x slower, bench/RESULTS.md seventh session); occupancy hides the rest.
 
-Grid: (column tiles of BLOCK_O output features, splits of K). The tiles run over the group's weights
-one after another (the first cdiv(O_0, BLOCK_O) are weight 0's, and so on). K is split until there are
-about PROGRAMS_PER_SM programs per SM, keeping at least MIN_BLOCKS_PER_SPLIT blocks each. A split writes
-its float32 partial [BLOCK_O, BLOCK_N] to a workspace and bumps its tile's counter; the last split of a
-tile to arrive (the counter reaches S - 1) adds the partials in split order (deterministic), adds the
-bias, casts to x's dtype, adds the LoRA term s * (x A^T) B^T in float32 when the engine passes the
-shrink's x A^T (engine/lora_kernels.py), stores y and resets the counter to 0 (`end_tile`). So one launch
-does everything (no zero-fill, sum, cast or expand kernels; the counters live in a per-device buffer kept
-between calls, always 0 between launches on a stream; concurrent launches on two streams would race on
+Grid (1-D): the producers of the LoRA shrink when it runs in the launch (`publish_shrink`, as
+engine/gemv_kernels.py's docstring describes), then (column tiles of BLOCK_O output features) x (splits of
+K), tile index fastest. The tiles run over the group's weights one after another (the first
+cdiv(O_0, BLOCK_O) are weight 0's, and so on). K is split until there are about PROGRAMS_PER_SM programs
+per SM, keeping at least MIN_BLOCKS_PER_SPLIT blocks each. A split writes its float32 partial
+[BLOCK_O, BLOCK_N] to a workspace and bumps its tile's counter; the last split of a tile to arrive (the
+counter reaches S - 1) adds the partials in split order (deterministic), adds the bias, casts to x's dtype,
+adds the LoRA term s * (x A^T) B^T in float32 (x A^T from the producers' partials, or from
+engine/lora_kernels.py's shrink launch), stores y and resets the counter to 0 (`end_tile`). So one launch
+does everything (no shrink, zero-fill, sum, cast or expand kernels; the counters live in a per-device buffer
+kept between calls, always 0 between launches on a stream; concurrent launches on two streams would race on
 them). engine/gemv_kernels.py runs the same epilogue over 16-bit weights.
 
 Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1), as the tests do; there the
@@ -87,6 +89,8 @@ LOOKUP = "nibbles"  # NF4 values per byte: "nibbles" (two 4-byte loads from the 
 FMA_MAX_ROWS = 1  # up to this many rows, multiply on the CUDA cores instead of the tensor cores. H100,
 # bench/kernels.py, one Qwen2.5-1.5B layer: 94.5 against 104.7 us at N = 1; at N = 6 152 against 108 us and at
 # N = 32 the [32, BO, BN] products spill (14 ms), so the tensor cores take every batch above 1
+SHRINK_K = 256  # a LoRA shrink fused into a GEMV launch (`publish_shrink`): columns of K per producer program
+SHRINK_BLOCK_K = 64  # and its K block
 COUNTERS = 1 << 14  # per-device tile counters for the split-K reduction (grown on demand)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -219,22 +223,85 @@ def pick(g, p0, p1, p2):
 
 
 @triton.jit
-def end_tile(acc, tile, s, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_ptr, b_ptr, scale, g, N, O, R, cols, col_ok,
-             n, n_ok, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    """The end of program (tile, split s) of a split-K GEMV over projection g: acc^T [BO, BN] float32, its
+def shrink_sum(x_ptr, stride_x, a_ptr, rows, ranks, k_first, N, K, R, K_SPAN: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """x[rows, k_first : k_first + K_SPAN] @ A[ranks, same columns]^T -> [BN, BR] float32, masked to N, K, R.
+    x [N, K] (row stride stride_x), A [R, K] contiguous. Shared by engine/lora_kernels.py's shrink kernel and the
+    shrink fused into the one-launch projections (`publish_shrink`)."""
+    acc = tl.zeros((rows.shape[0], ranks.shape[0]), dtype=tl.float32)
+    for k0 in range(0, K_SPAN, BLOCK_K):
+        cols = k_first + k0 + tl.arange(0, BLOCK_K)  # [BK]
+        x_mask = (rows[:, None] < N) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=x_mask, other=0.0)  # [BN, BK]
+        a_mask = (ranks[None, :] < R) & (cols[:, None] < K)
+        a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=a_mask, other=0.0)  # [BK, BR] = A^T tile
+        acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def publish_shrink(p, x_ptr, stride_x, a0, a1, a2, partial_ptr, ready_ptr, G, N, K, R,
+                   SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Producer p of a LoRA shrink fused into a GEMV launch (this NF4 GEMV, engine/gemv_kernels.py): adapter
+    g = p // SPLITS, columns [s K_PER_SPLIT, (s + 1) K_PER_SPLIT) of K for s = p % SPLITS. Stores
+    x[:, those] @ A_g[:, those]^T, [N, R], at partial_ptr[s, g] of [SPLITS, G, N, R] float32, then bumps
+    ready_ptr[g] (release); the consumers wait for SPLITS and add the partials in split order
+    (`gather_shrink`). N <= BLOCK_N: one row block."""
+    g = p // SPLITS
+    s = p % SPLITS
+    rows = tl.arange(0, BLOCK_N)  # [BN]
+    ranks = tl.arange(0, BLOCK_R)  # [BR]
+    acc = shrink_sum(x_ptr, stride_x, pick(g, a0, a1, a2), rows, ranks, s * K_PER_SPLIT, N, K, R, K_PER_SPLIT,
+                     BLOCK_K, PRECISION)  # [BN, BR]
+    at = ((s * G + g) * N + rows[:, None]) * R + ranks[None, :]  # [BN, BR] into [SPLITS, G, N, R]
+    tl.store(partial_ptr + at, acc, mask=(rows[:, None] < N) & (ranks[None, :] < R))
+    tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
+    tl.atomic_add(ready_ptr + g, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def gather_shrink(xa_ptr, ready_ptr, g, G, N, R, n, n_ok, tiles_g, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(x A_g^T)^T [BR, BN] float32 from a shrink fused into this launch (`publish_shrink`): waits until its SPLITS producers have bumped ready_ptr[g], adds their partials
+    [SPLITS, G, N, R] in split order (deterministic), and the last of projection g's tiles_g readers (one
+    per tile) sets ready_ptr[g] and its own count ready_ptr[G + g] back to 0 for the next launch. The
+    producers are the launch's first programs, started before any consumer, so the wait ends."""
+    seen = tl.atomic_add(ready_ptr + g, 0, sem="acquire", scope="gpu")
+    while seen < SPLITS:
+        seen = tl.atomic_add(ready_ptr + g, 0, sem="acquire", scope="gpu")
+    ranks = tl.arange(0, BLOCK_R)  # [BR]
+    at = xa_ptr + (g * N + n[None, :]) * R + ranks[:, None]  # [BR, BN] in split 0
+    mask = (ranks[:, None] < R) & n_ok[None, :]
+    xa = tl.zeros((BLOCK_R, n.shape[0]), dtype=tl.float32)
+    for t in tl.static_range(SPLITS):  # unrolled: the loads are in flight together
+        xa += tl.load(at + t * G * N * R, mask=mask, other=0.0, cache_modifier=".cg")
+    read = tl.atomic_add(ready_ptr + G + g, 1, sem="acq_rel", scope="gpu")
+    if read == tiles_g - 1:
+        tl.store(ready_ptr + g, 0)
+        tl.store(ready_ptr + G + g, 0)
+    return xa
+
+
+@triton.jit
+def end_tile(acc, tile, s, tiles, S, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_ptr, b_ptr, scale, g, N, O, R,
+             cols, col_ok, n, n_ok, ready_ptr, G, tiles_g, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SHRINK_SPLITS: tl.constexpr):
+    """The end of program (tile, split s of S) of a split-K GEMV over projection g: acc^T [BO, BN] float32, its
     sums for rows `cols` of W_g and rows `n` of x. With several splits, `split_k_sum` over the partials
     [S, tiles, BO, BN]; the tile's last split then stores y_g [N, O] = (acc + bias) rounded to y's dtype
     (cuBLAS's rounding: one, after the bias), and with LoRA y = (y + scale * (xa_g B_g^T)) rounded once, in
     float32 (PEFT's float32 adapter; the grouped expand's math, engine/lora_kernels.py). xa_ptr: the LoRA
-    shrink's x A_g^T [G, N, R] float32; b_ptr: B_g [O, R]. Shared by this NF4 GEMV and engine/gemv_kernels.py."""
+    shrink's x A_g^T [G, N, R] float32 (SHRINK_SPLITS 0), or with SHRINK_SPLITS > 0 the partials of a shrink
+    fused into this launch, [SHRINK_SPLITS, G, N, R], which `gather_shrink` waits for (ready_ptr, G and
+    tiles_g, projection g's tiles, serve it); b_ptr: B_g [O, R]. Shared by this NF4 GEMV and
+    engine/gemv_kernels.py."""
     BLOCK_O: tl.constexpr = acc.shape[0]
     BLOCK_N: tl.constexpr = acc.shape[1]
-    S = tl.num_programs(1)
     done = S == 1
     if S > 1:
         tile_at = tl.arange(0, BLOCK_O)[:, None] * BLOCK_N + n[None, :]  # [BO, BN]
         tile_size = BLOCK_O * BLOCK_N
-        done, acc = split_k_sum(acc, partial_ptr + tile * tile_size + tile_at, tl.num_programs(0) * tile_size,
+        done, acc = split_k_sum(acc, partial_ptr + tile * tile_size + tile_at, tiles * tile_size,
                                 col_ok[:, None] & n_ok[None, :], s, S, count_ptr + tile)
     if done:
         if HAS_BIAS:
@@ -242,8 +309,11 @@ def end_tile(acc, tile, s, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_ptr, b_pt
         y = acc.to(y_ptr.dtype.element_ty)  # [BO, BN]
         if HAS_LORA:
             ranks = tl.arange(0, BLOCK_R)  # [BR]
-            xa = tl.load(xa_ptr + (g * N + n[None, :]) * R + ranks[:, None],
-                         mask=(ranks[:, None] < R) & n_ok[None, :], other=0.0)  # [BR, BN] = (x A_g^T)^T
+            if SHRINK_SPLITS > 0:
+                xa = gather_shrink(xa_ptr, ready_ptr, g, G, N, R, n, n_ok, tiles_g, SHRINK_SPLITS, BLOCK_R)
+            else:
+                xa = tl.load(xa_ptr + (g * N + n[None, :]) * R + ranks[:, None],
+                             mask=(ranks[:, None] < R) & n_ok[None, :], other=0.0)  # [BR, BN] = (x A_g^T)^T
             b = tl.load(b_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & (ranks[None, :] < R),
                         other=0.0)  # [BO, BR]
             delta = tl.dot(b.to(tl.float32), xa, input_precision=PRECISION)  # [BO, BN]
@@ -282,20 +352,49 @@ def _nf4_step(acc, byte, q, a2, xa, xb, dyn_ptr, offset, table_ptr, dtype: tl.co
 @triton.jit
 def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2_0, abs2_1, abs2_2,
                      offset0, offset1, offset2, table0, table1, table2, dyn0, dyn1, dyn2, bias0, bias1, bias2,
-                     lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr,
-                     N, R, row_blocks, x_row_stride, blocks_per_split,
+                     la0, la1, la2, lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr,
+                     partial_ptr, count_ptr, N, K, R, G, row_blocks, x_stride, x_row_stride, blocks_per_split, tiles,
+                     splits, producers,
                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
                      BLOCK_R: tl.constexpr, X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr,
                      NIBBLES: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
-                     USE_PDL: tl.constexpr):
-    """Program (column tile, split s): acc [BO, BN] = W_g[cols, blocks of s] @ x[:, blocks of s]^T, then the
-    split-K reduction and `end_tile` into y_g [N, O_g]. Projection g owns tiles [end_{g-1}, end_g).
+                     SHRINK_SPLITS: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
+                     SHRINK_ROWS: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program pid of a 1-D grid, laid out as engine/gemv_kernels.py's: the first `producers` publish the
+    splits of a LoRA shrink fused into this launch (SHRINK_SPLITS > 0); program producers + tile + s * tiles
+    computes column tile `tile`, split s: acc [BO, BN] = W_g[cols, blocks of s] @ x[:, blocks of s]^T, then
+    the split-K reduction and `end_tile` into y_g [N, O_g]. Projection g owns tiles [end_{g-1}, end_g).
     table_g: NIBBLES: the float32 [16] NF4 code (two loads per byte, within one 64-byte line); else float32
-    [256, 2], (nf4[b >> 4], nf4[b & 15]) of byte b (one 8-byte load per byte, over 2 KB). x_row_stride is in
-    32-bit pairs when X_PAIRS, else in elements."""
+    [256, 2], (nf4[b >> 4], nf4[b & 15]) of byte b (one 8-byte load per byte, over 2 KB). x's row stride:
+    x_stride in elements, x_row_stride in 32-bit pairs when X_PAIRS (else the same)."""
+    pid = tl.program_id(0)
+    if pid < producers:
+        if SHRINK_SPLITS > 0:
+            wait_for_inputs(USE_PDL)
+            publish_shrink(pid, x_ptr, x_stride, la0, la1, la2, xa_ptr, count_ptr + tiles, G, N, K, R,
+                           SHRINK_SPLITS, SHRINK_K, SHRINK_ROWS, BLOCK_R, SHRINK_BLOCK_K, PRECISION)
+    else:
+        _nf4_tile(pid - producers, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2_0, abs2_1, abs2_2,
+                  offset0, offset1, offset2, table0, table1, table2, dyn0, dyn1, dyn2, bias0, bias1, bias2,
+                  lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr,
+                  N, R, G, row_blocks, x_row_stride, blocks_per_split, tiles, splits,
+                  HAS_BIAS, HAS_LORA, BLOCK_N, BLOCK_O, BLOCK_R, X_PAIRS, DOT_F32, FMA, NIBBLES, PREFETCH,
+                  PRECISION, SHRINK_SPLITS, USE_PDL)
+
+
+@triton.jit
+def _nf4_tile(q_pid, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2_0, abs2_1, abs2_2,
+              offset0, offset1, offset2, table0, table1, table2, dyn0, dyn1, dyn2, bias0, bias1, bias2,
+              lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr,
+              N, R, G, row_blocks, x_row_stride, blocks_per_split, tiles, splits,
+              HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+              BLOCK_R: tl.constexpr, X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr,
+              NIBBLES: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr, SHRINK_SPLITS: tl.constexpr,
+              USE_PDL: tl.constexpr):
+    """Tile program q_pid of `_nf4_gemv_kernel` (x_row_stride in 32-bit pairs when X_PAIRS)."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    tile = tl.program_id(0)
-    s = tl.program_id(1)
+    tile = q_pid % tiles
+    s = q_pid // tiles
     g = tl.where(tile < end0, 0, tl.where(tile < end1, 1, 2))
     start = tl.where(g == 0, 0, tl.where(g == 1, end0, end1))
     packed_ptr, absmax_q_ptr = pick(g, packed0, packed1, packed2), pick(g, absq0, absq1, absq2)
@@ -348,9 +447,10 @@ def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
                         DOT_F32, FMA, NIBBLES)
         blk += 1
 
-    end_tile(acc, tile, s, partial_ptr, count_ptr, pick(g, y0, y1, y2), pick(g, bias0, bias1, bias2), xa_ptr,
-             pick(g, lb0, lb1, lb2), pick(g, s0, s1, s2), g, N, O, R, cols, col_ok, n, n_ok,
-             HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION)
+    tiles_g = tl.where(g == 0, end0, tl.where(g == 1, end1 - end0, tiles - end1))
+    end_tile(acc, tile, s, tiles, splits, partial_ptr, count_ptr, pick(g, y0, y1, y2), pick(g, bias0, bias1, bias2),
+             xa_ptr, pick(g, lb0, lb1, lb2), pick(g, s0, s1, s2), g, N, O, R, cols, col_ok, n, n_ok,
+             count_ptr + tiles, G, tiles_g, HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION, SHRINK_SPLITS)
 
 
 @functools.cache
@@ -421,13 +521,31 @@ class NF4Weight:
     bias: torch.Tensor | None = None
 
 
+def lora_input(x: torch.Tensor, G: int, R: int, xa: torch.Tensor | None, lora_a: list[torch.Tensor] | None,
+               shrink_k: int) -> tuple[torch.Tensor | None, int, int]:
+    """A GEMV launch's LoRA input: (xa, 0, 0) for the shrink's output x A_g^T [G, N, R] (or no adapter); for
+    the shrink fused into the launch (lora_a given), (its partials [S, G, N, R] float32, S producer splits of
+    K, their width: shrink_k rounded up to SHRINK_BLOCK_K, at most K's)."""
+    if xa is not None and lora_a is not None:
+        raise ValueError("give the LoRA shrink's output xa or the adapters' A (lora_a), not both")
+    if lora_a is None:
+        return xa, 0, 0
+    N, K = x.shape
+    span = triton.cdiv(min(shrink_k, K), SHRINK_BLOCK_K) * SHRINK_BLOCK_K
+    splits = triton.cdiv(K, span)
+    return torch.empty(splits, G, N, R, device=x.device, dtype=torch.float32), splits, span
+
+
 def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None = None,
              lora_b: list[torch.Tensor] | None = None, scales: list[float] | None = None,
-             precision: str = "ieee") -> list[torch.Tensor]:
+             precision: str = "ieee", lora_a: list[torch.Tensor] | None = None,
+             shrink_k: int = SHRINK_K) -> list[torch.Tensor]:
     """x [N, K] (K % 64 == 0; N <= MAX_ROWS is the point) times G <= 3 NF4 weights of width K in one launch
-    -> [y_g [N, O_g] in x's dtype]: y_g = x W_g^T (+ b_g) (+ s_g xa[g] B_g^T). The biases are on all
-    weights or none. With LoRA: xa [G, N, R] float32, x A_g^T (engine/lora_kernels.py's shrink); lora_b: G
-    tensors [O_g, R]; scales: G floats; `precision` the float32 dot's ("ieee", "tf32x3")."""
+    -> [y_g [N, O_g] in x's dtype]: y_g = x W_g^T (+ b_g) (+ s_g (x A_g^T) B_g^T). The biases are on all
+    weights or none. With LoRA: either xa [G, N, R] float32, x A_g^T (engine/lora_kernels.py's shrink), or
+    lora_a, G tensors [R, K] (float32, as PEFT's), for the shrink in this launch (`publish_shrink`, shrink_k
+    columns of K per producer); lora_b: G tensors [O_g, R]; scales: G floats; `precision` the float32 dots'
+    ("ieee", "tf32x3")."""
     N, K = x.shape
     if K % QBLOCK:
         raise ValueError(f"the fused NF4 kernel takes K % {QBLOCK} == 0, got K = {K}")
@@ -441,31 +559,35 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
     pairs = x.element_size() == 2  # x's (even, odd) columns read as one 32-bit word
     if x.stride(-1) != 1 or (pairs and (x.stride(0) % 2 or x.data_ptr() % 4)):
         x = x.clone(memory_format=torch.contiguous_format)
-    row_blocks = K // QBLOCK
+    G, row_blocks = len(weights), K // QBLOCK
     fma = N <= FMA_MAX_ROWS
     block_n = max(2 if fma else 16, triton.next_power_of_2(N))
     ends = list(itertools.accumulate(triton.cdiv(o, BLOCK_O) for o in outs))  # each weight's last tile + 1
     tiles = ends[-1]
     splits, per_split = _splits(tiles, row_blocks, sm_count(x.device))
-    counts, partial = split_k_workspace(x.device, tiles)
+    counts, partial = split_k_workspace(x.device, tiles + 2 * G)  # tile counters, then the shrink's (2 a weight)
     if splits > 1:
         partial = torch.empty(splits, tiles, BLOCK_O, block_n, device=x.device, dtype=torch.float32)
     ys = [torch.empty(N, o, device=x.device, dtype=x.dtype) for o in outs]  # each [N, O_g]
-    has_bias, has_lora = weights[0].bias is not None, xa is not None
+    has_bias, has_lora = weights[0].bias is not None, xa is not None or lora_a is not None
     R = lora_b[0].shape[1] if has_lora else 0
+    xa, shrink_splits, shrink_span = lora_input(x, G, R, xa, lora_a, shrink_k)
+    producers = G * shrink_splits
 
     tables = [w.code if LOOKUP == "nibbles" else _pair_table(w.code) for w in weights]
-    _nf4_gemv_kernel[(tiles, splits)](
+    _nf4_gemv_kernel[(producers + tiles * splits,)](
         x, *as_group(w.packed for w in weights), *as_group(w.absmax_q for w in weights),
         *as_group(w.absmax2 for w in weights), *as_group(w.offset for w in weights), *as_group(tables),
         *as_group(w.dyn for w in weights), *as_group(w.bias if has_bias else y for w, y in zip(weights, ys)),
-        *as_group(lora_b if has_lora else ys), *as_group(ys), *as_group(scales if has_lora else [0.0]), *as_group(outs),
-        *as_group(ends)[:2], xa if has_lora else partial, partial, counts,
-        N, R, row_blocks, x.stride(0) // 2 if pairs else x.stride(0), per_split,
+        *as_group(lora_a if lora_a is not None else ys), *as_group(lora_b if has_lora else ys), *as_group(ys),
+        *as_group(scales if has_lora else [0.0]), *as_group(outs), *as_group(ends)[:2],
+        xa if has_lora else partial, partial, counts, N, K, R, G, row_blocks, x.stride(0),
+        x.stride(0) // 2 if pairs else x.stride(0), per_split, tiles, splits, producers,
         HAS_BIAS=has_bias, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=BLOCK_O,
         BLOCK_R=block_r(R), X_PAIRS=pairs, DOT_F32=INTERPRET or x.dtype == torch.float32,
         FMA=fma, NIBBLES=LOOKUP == "nibbles", PREFETCH=PREFETCH, PRECISION=precision,
-        num_warps=NUM_WARPS, num_stages=1, **pdl_options(x.device),
+        SHRINK_SPLITS=shrink_splits, SHRINK_K=shrink_span, SHRINK_BLOCK_K=SHRINK_BLOCK_K,
+        SHRINK_ROWS=max(16, block_n), num_warps=NUM_WARPS, num_stages=1, **pdl_options(x.device),
         enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
     return ys
 
