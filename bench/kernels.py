@@ -123,12 +123,14 @@ def lora_table(batches):
         print(f"| {row['N']} | {row['torch']:.1f} | " + " | ".join(f"{row[c]:.1f}" for c in cfgs) + " |")
 
 
-def gemv_table(batches, gemv_configs_small, shrink_ks):
+def gemv_table(batches, gemv_configs_small, shrink_ks, fused_configs=False):
     """Per group and per layer (rows printed as they finish, so a timeout keeps what was measured): each
-    configuration with the shrink's own launch, then the default configuration with the shrink in the
-    launch (gemv_kernels.FUSED_SHRINK) for each of shrink_ks (columns of K per producer)."""
+    configuration with the shrink's own launch (fused_configs: in the launch, nf4_kernels.SHRINK_K columns
+    a producer), then the default configuration with the shrink in the launch (gemv_kernels.FUSED_SHRINK)
+    for each of shrink_ks (columns of K per producer)."""
     from ahazero.engine import gemv_kernels as gk
     from ahazero.engine import lora_kernels as lk
+    from ahazero.models import nf4_kernels as nk
     dev = torch.device("cuda")
     layers = []
     for _ in range(LAYERS):
@@ -147,6 +149,7 @@ def gemv_table(batches, gemv_configs_small, shrink_ks):
     for N in batches:
         gemv_configs = gemv_configs_small if N <= 32 else GEMV_LARGE_CONFIGS
         print("| N | group | cublas | cublas+lora | shrink | " + " | ".join("BO %d BK %d w %d st %d pps %d" % c
+                                                                           + (" (shrink in)" if fused_configs else "")
                                                                            for c in gemv_configs)
               + "".join(f" | default, shrink in the launch ({k} columns a producer)" for k in shrink_ks) + " |")
         print("| --- " * (len(gemv_configs) + len(shrink_ks) + 5) + "|", flush=True)
@@ -180,7 +183,8 @@ def gemv_table(batches, gemv_configs_small, shrink_ks):
                         one_launch(K, w, bias, a, b, cfg, shrink_k)
 
             row = [bench(lambda: cublas(False)), bench(lambda: cublas(True)), bench(shrink)]
-            for cfg, shrink_k in [(c, 0) for c in gemv_configs] + [(default, k) for k in shrink_ks]:
+            in_launch = nk.SHRINK_K if fused_configs else 0
+            for cfg, shrink_k in [(c, in_launch) for c in gemv_configs] + [(default, k) for k in shrink_ks]:
                 t = float("nan")  # a configuration that fails to compile or disagrees
                 try:
                     K, w, bias, a, b = layers[0][which[0]]
@@ -271,6 +275,8 @@ def main():
     p.add_argument("--batches", default="1,6,32,128", help="the nf4 table takes those up to 32 rows")
     p.add_argument("--default-only", action="store_true",
                    help="gemv and nf4 up to 32 rows: time the default configuration only, not the lists above")
+    p.add_argument("--fused-configs", action="store_true",
+                   help="gemv: time each configuration with the LoRA shrink in the launch, not in its own")
     p.add_argument("--shrink-k", default="512", help="gemv: the default configuration with the LoRA shrink in the "
                    "launch, for each of these columns of K per producer (comma-separated; '' for none)")
     args = p.parse_args()
@@ -283,7 +289,7 @@ def main():
     if args.only in (None, "gemv"):
         default = [(gk.BLOCK_O, gk.BLOCK_K, gk.NUM_WARPS, gk.NUM_STAGES, gk.PROGRAMS_PER_SM)]
         gemv_table(batches, default if args.default_only else GEMV_CONFIGS,
-                   [int(k) for k in args.shrink_k.split(",") if k])
+                   [int(k) for k in args.shrink_k.split(",") if k], args.fused_configs)
     if args.only in (None, "nf4"):
         default = [(nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH)]
         nf4_table([b for b in batches if b <= 32], default if args.default_only else NF4_CONFIGS)

@@ -125,6 +125,10 @@ def test_project_serves_4bit_groups_through_one_nf4_launch(monkeypatch):
         for g, want in zip(got, project(x, ps)):
             close(g, want)
     assert len(launches) == 1
+    from ahazero.models import nf4_kernels
+    rows = torch.randn(nf4_kernels.MAX_ROWS + 1, K, device=DEVICE)  # 4-bit batches above it: the NF4 module's path
+    assert nf4_kernels.MAX_ROWS < gemv_kernels.MAX_ROWS
+    assert gemv_kernels.project(rows, ps, lora_kernels.grouped_lora) is None
     dense = (ps[0], Projection(torch.nn.Linear(K, 8, device=DEVICE), torch.randn(4, K, device=DEVICE),
                                torch.randn(8, 4, device=DEVICE), 0.5))
     assert gemv_kernels.project(x, dense, lora_kernels.grouped_lora) is None  # 4-bit and 16-bit: no one launch
@@ -136,10 +140,11 @@ def test_project_serves_decode_batches_and_declines_the_rest():
     lins = [torch.nn.Linear(K, o, bias=True, device=DEVICE) for o in (32, 16)]
     ps = tuple(Projection(lin, torch.randn(4, K, device=DEVICE), torch.randn(lin.out_features, 4, device=DEVICE),
                           0.5) for lin in lins)
-    x = torch.randn(3, K, device=DEVICE)
-    got = gemv_kernels.project(x, ps, lora_kernels.grouped_lora)
-    for g, want in zip(got, project(x, ps)):
-        close(g, want)
+    for rows in (3, 40):  # 40: above 32 rows, the tiles of gemv_kernels.LARGE_CONFIG
+        x = torch.randn(rows, K, device=DEVICE)
+        got = gemv_kernels.project(x, ps, lora_kernels.grouped_lora)
+        for g, want in zip(got, project(x, ps)):
+            close(g, want)
     big = torch.randn(gemv_kernels.MAX_ROWS + 1, K, device=DEVICE)
     assert gemv_kernels.project(big, ps, lora_kernels.grouped_lora) is None  # a prefill: cuBLAS
     assert gemv_kernels.project(x, ps, None) is None  # LoRA through torch asked for

@@ -55,7 +55,10 @@ from . import lora_kernels
 
 logger = logging.getLogger("ahazero")
 
-MAX_ROWS = 32  # batches above this go to cuBLAS + the LoRA kernels (a GEMM, no longer a GEMV)
+MAX_ROWS = 64  # 16-bit batches above this go to cuBLAS + the LoRA kernels; 4-bit ones above nf4_kernels.MAX_ROWS
+# to the NF4 module's path. H200, 2026-11-28 (bench/RESULTS.md), a Qwen2.5-1.5B layer with the shrink in the launch:
+# 76.0 us at 64 rows against cuBLAS + shrink + expand's 93.4 (W1 at 64 rows 18,350 -> 20,163 tokens/s), 111.2 at 128
+# against 102.6 (W1: 27,950 against 30,422 tokens/s)
 BLOCK_O = 64
 BLOCK_K = 128
 NUM_WARPS = 4
@@ -65,6 +68,10 @@ PROGRAMS_PER_SM = 1  # split K until about this many programs per SM
 # shrink, us at N = 1 / 6 / 32: 82.7 / 84.4 / 98.0 with these constants (2 programs per SM: 85.2 / 88.0 / 104.1);
 # cuBLAS + shrink + expand: 102.1 / 102.0 / 108.1; cuBLAS alone, without LoRA: 57.5 / 56.1 / 55.8
 MIN_K_PER_SPLIT = 256
+# (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES) above 32 rows (up to MAX_ROWS), where x^T is 64 or 128 wide. H200, 64
+# rows (bench/kernels.py --only gemv --fused-configs): 76.0 us a layer; 64/64/4/4 78.2, 64/64/4/3 at 2 programs per
+# SM 82.1, 128/128/8/3 83.3, 64/64/8/4 90.7, 128/64/8/3 95.8, 128/64/4/4 107.4
+LARGE_CONFIG = (64, 128, 4, 3)
 # The LoRA shrink in the group's launch (16-bit and NF4 weights; the module docstring), its producers over
 # nf4_kernels.SHRINK_K columns each. H200, 2026-11-28 (bench/RESULTS.md): a Qwen2.5-1.5B layer's 4 groups 69.3 ->
 # 55.3 us at N = 6 and 74.1 -> 61.8 at N = 32 (SHRINK_K 256; 128: 57.2 / 63.2; 512: 55.9 / 71.0); W2 0.570 -> 0.487 s.
@@ -124,13 +131,19 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, la0, la1, la2, lb0, lb1
 
 def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None,
             xa: torch.Tensor | None, lora_b: list[torch.Tensor] | None, scales: list[float],
-            block_o: int = BLOCK_O, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
-            num_stages: int = NUM_STAGES, programs_per_sm: int = PROGRAMS_PER_SM,
+            block_o: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+            num_stages: int | None = None, programs_per_sm: int = PROGRAMS_PER_SM,
             min_k_per_split: int = MIN_K_PER_SPLIT, lora_a: list[torch.Tensor] | None = None,
-            shrink_k: int = nf4_kernels.SHRINK_K) -> list[torch.Tensor]:
+            shrink_k: int | None = None) -> list[torch.Tensor]:
     """The group's outputs [y_g [N, O_g]]. LoRA: either xa, the shrink's x A_g^T [G, N, R], or lora_a (G
-    tensors [R, K], float32 as PEFT's) for the shrink in this launch, shrink_k columns of K per producer."""
+    tensors [R, K], float32 as PEFT's) for the shrink in this launch, shrink_k columns of K per producer.
+    The tile options left None are the module's, read at the call: (BLOCK_O, BLOCK_K, NUM_WARPS,
+    NUM_STAGES) up to 32 rows, LARGE_CONFIG above."""
     N, K = x.shape
+    config = (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES) if N <= 32 else LARGE_CONFIG
+    block_o, block_k, num_warps, num_stages = (given if given is not None else default for given, default
+                                               in zip((block_o, block_k, num_warps, num_stages), config))
+    shrink_k = shrink_k or nf4_kernels.SHRINK_K
     G = len(weights)
     outs = [w.shape[0] for w in weights]
     ys = [torch.empty(N, o, device=x.device, dtype=x.dtype) for o in outs]  # each [N, O_g]
@@ -196,14 +209,16 @@ def _(x, packed, absmax_q, absmax2, offset, code, dyn, outs, biases, xa, lora_a,
 def _weight_kind(x: torch.Tensor, projections) -> str | None:
     """"dense" (16/32-bit linears of x's dtype with contiguous weights), "nf4" (4-bit linears that take the
     fused NF4 kernel) or None (not servable): one kind and width, biases on all or none, one LoRA rank."""
-    if x.dim() != 2 or x.shape[0] > MAX_ROWS or not 1 <= len(projections) <= MAX_GROUP:
+    if x.dim() != 2 or not 1 <= len(projections) <= MAX_GROUP:
         return None
     bases = [p.base for p in projections]
     if all(type(b) is nn.Linear and b.weight.dtype == x.dtype and b.weight.is_contiguous() for b in bases):
-        kind = "dense"
+        kind, max_rows = "dense", MAX_ROWS
     elif all(type(b) is Linear4bit and b.use_fused_kernel(x.device) for b in bases):
-        kind = "nf4"
+        kind, max_rows = "nf4", nf4_kernels.MAX_ROWS
     else:
+        return None
+    if x.shape[0] > max_rows:
         return None
     if len({b.bias is None for b in bases}) > 1 or len({b.in_features for b in bases}) > 1:
         return None
