@@ -46,7 +46,8 @@ GEMV_CONFIGS = [  # (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM). 
     # ten configurations): 64/128/4/4/1 (the default) fastest per layer at N = 1 and 6, 32/128/4/4/2 at N = 32;
     # gate/up alone preferred 64/64/4/6/2, o alone 16/512/4/3/1
     (64, 128, 4, 4, 1), (64, 64, 4, 6, 1), (32, 128, 4, 4, 1), (32, 128, 4, 4, 2), (16, 512, 4, 3, 1),
-    (64, 128, 8, 4, 1)]
+    (64, 128, 8, 4, 1), (64, 128, 4, 3, 2), (64, 128, 4, 3, 3), (64, 64, 4, 4, 2), (32, 128, 4, 3, 2),
+    (128, 128, 8, 3, 1)]
 GEMV_LARGE_CONFIGS = [  # the same above 32 rows, where a tile's x^T operand is 64 or 128 wide
     (64, 64, 4, 4, 1), (64, 64, 8, 4, 1), (64, 128, 4, 3, 1), (128, 64, 8, 3, 1), (128, 64, 4, 4, 1),
     (64, 64, 4, 3, 2), (128, 128, 8, 3, 1)]
@@ -145,10 +146,10 @@ def gemv_table(batches, gemv_configs_small, shrink_ks, fused_configs=False):
     names = ["q/k/v", "o", "gate/up", "down"]
     print(f"\nProjections + LoRA, us per layer (bf16, r={R}; rows: one group, then all 4); cublas = F.linear alone "
           "(no LoRA); cublas+lora = the engine's path before gemv_kernels; shrink = lora_shrink alone")
-    default = (gk.BLOCK_O, gk.BLOCK_K, gk.NUM_WARPS, gk.NUM_STAGES, gk.PROGRAMS_PER_SM)
+    default = (gk.BLOCK_O, gk.BLOCK_K, gk.NUM_WARPS, None, gk.PROGRAMS_PER_SM)  # stages: _launch's choice
     for N in batches:
         gemv_configs = gemv_configs_small if N <= 32 else GEMV_LARGE_CONFIGS
-        print("| N | group | cublas | cublas+lora | shrink | " + " | ".join("BO %d BK %d w %d st %d pps %d" % c
+        print("| N | group | cublas | cublas+lora | shrink | " + " | ".join("BO %s BK %s w %s st %s pps %s" % c
                                                                            + (" (shrink in)" if fused_configs else "")
                                                                            for c in gemv_configs)
               + "".join(f" | default, shrink in the launch ({k} columns a producer)" for k in shrink_ks) + " |")
@@ -287,7 +288,7 @@ def main():
     if args.only in (None, "lora"):
         lora_table(batches)
     if args.only in (None, "gemv"):
-        default = [(gk.BLOCK_O, gk.BLOCK_K, gk.NUM_WARPS, gk.NUM_STAGES, gk.PROGRAMS_PER_SM)]
+        default = [(gk.BLOCK_O, gk.BLOCK_K, gk.NUM_WARPS, None, gk.PROGRAMS_PER_SM)]  # stages: _launch's choice
         gemv_table(batches, default if args.default_only else GEMV_CONFIGS,
                    [int(k) for k in args.shrink_k.split(",") if k], args.fused_configs)
     if args.only in (None, "nf4"):

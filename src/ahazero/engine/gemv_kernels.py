@@ -63,6 +63,9 @@ BLOCK_O = 64
 BLOCK_K = 128
 NUM_WARPS = 4
 NUM_STAGES = 4
+WIDE_STAGES = 3  # up to 32 rows with at least one tile per SM (gate/up: 280 tiles, unsplit): 3 programs of 60 KB
+# fit an SM where 2 of 80 KB did, so every tile runs at once. H200, 2026-11-28: gate/up 21.8 -> 19.5 us at 6 rows,
+# 22.6 -> 20.3 at 32 (bench/kernels.py --only gemv --fused-configs; 64/128/4/3 against 64/128/4/4)
 PROGRAMS_PER_SM = 1  # split K until about this many programs per SM
 # H200, bench/kernels.py --only gemv (2026-11-27, sixth session), one Qwen2.5-1.5B layer's 4 groups with their
 # shrink, us at N = 1 / 6 / 32: 82.7 / 84.4 / 98.0 with these constants (2 programs per SM: 85.2 / 88.0 / 104.1);
@@ -138,9 +141,9 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
     """The group's outputs [y_g [N, O_g]]. LoRA: either xa, the shrink's x A_g^T [G, N, R], or lora_a (G
     tensors [R, K], float32 as PEFT's) for the shrink in this launch, shrink_k columns of K per producer.
     The tile options left None are the module's, read at the call: (BLOCK_O, BLOCK_K, NUM_WARPS,
-    NUM_STAGES) up to 32 rows, LARGE_CONFIG above."""
+    NUM_STAGES or WIDE_STAGES) up to 32 rows, LARGE_CONFIG above."""
     N, K = x.shape
-    config = (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES) if N <= 32 else LARGE_CONFIG
+    config = (BLOCK_O, BLOCK_K, NUM_WARPS, None) if N <= 32 else LARGE_CONFIG
     block_o, block_k, num_warps, num_stages = (given if given is not None else default for given, default
                                                in zip((block_o, block_k, num_warps, num_stages), config))
     shrink_k = shrink_k or nf4_kernels.SHRINK_K
@@ -151,6 +154,8 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
         return ys
     ends = list(itertools.accumulate(triton.cdiv(o, block_o) for o in outs))  # each projection's last tile + 1
     tiles = ends[-1]
+    if num_stages is None:  # up to 32 rows
+        num_stages = WIDE_STAGES if tiles >= sm_count(x.device) else NUM_STAGES
     splits, per_split = split_k(tiles, K, sm_count(x.device), programs_per_sm, min_k_per_split, block_k)
     block_n = max(16, triton.next_power_of_2(N))
     counts, partial = split_k_workspace(x.device, tiles + 2 * G)  # tile counters, then the shrink's (2 a group)
