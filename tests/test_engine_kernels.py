@@ -91,17 +91,20 @@ def reference_attention(q, cache_k, cache_v, positions, scale):
 @pytest.mark.parametrize("B,H,Hkv,D,T,dtype", [(3, 4, 2, 16, 96, torch.float32), (5, 12, 2, 32, 600, torch.float32),
                                                (2, 8, 8, 16, 300, torch.bfloat16), (4, 6, 2, 64, 256, torch.bfloat16)])
 @pytest.mark.parametrize("chunk", [64, 256])  # one tile per split program; four
-def test_decode_attention_matches_reference(B, H, Hkv, D, T, dtype, chunk):
+@pytest.mark.parametrize("merge", [True, False])  # in the partial launch (its last split); a launch of its own
+def test_decode_attention_matches_reference(B, H, Hkv, D, T, dtype, chunk, merge):
     torch.manual_seed(0)
     cache_k = torch.randn(B + 2, Hkv, T, D, dtype=dtype, device=DEVICE)  # more slots than rows
     cache_v = torch.randn(B + 2, Hkv, T, D, dtype=dtype, device=DEVICE)
     q = torch.randn(B, H, D, dtype=dtype, device=DEVICE)
     positions = torch.randint(0, T, (B,), device=DEVICE)
     positions[0], positions[-1] = 0, T - 1  # one position; a full slot (several splits)
-    got = attention_kernels._decode_attention(q, cache_k, cache_v, positions, D ** -0.5, chunk=chunk)
+    got = attention_kernels._decode_attention(q, cache_k, cache_v, positions, D ** -0.5, chunk=chunk, merge=merge)
     want = reference_attention(q, cache_k, cache_v, positions, D ** -0.5)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: p and the output are rounded
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    counts = attention_kernels.split_k_workspace(q.device, B * Hkv)[0]
+    assert not counts.any()  # every (row, KV head)'s counter back to 0 for the next launch
 
 
 def test_decode_attention_splits_finer_for_few_short_sequences():
