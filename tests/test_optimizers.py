@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ahazero import GRPOConfig
-from ahazero.grpo.optimizers import (AdamW8bit, dequantize_blockwise, quantize_blockwise,
+from ahazero.grpo.optimizers import (AdamW8bit, PagedAdamW32bit, dequantize_blockwise, quantize_blockwise,
                                      unsigned_dynamic_code)
 from ahazero.grpo.trainer import make_optimizer
 from ahazero.models.nf4 import dynamic_code
@@ -261,13 +261,53 @@ def test_paged_state_stays_in_its_own_buffers_and_updates_as_unpaged(monkeypatch
         assert torch.equal(a, b)
 
 
+def test_paged_adamw_32bit_is_torch_adamw_with_its_state_paged(monkeypatch):
+    """PagedAdamW32bit (paging forced on the CPU, as above): parameters and float32 moments equal to torch's
+    AdamW (single-tensor path) bit for bit, state written back into its own buffers, never 8 bit; and a torch
+    AdamW state dict (its `step` a tensor, its groups without min_8bit_size) loads and goes on equal."""
+    from ahazero.grpo import optimizers
+    monkeypatch.setattr(optimizers, "_pages", lambda p, paged: paged)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    kw = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.05)
+    ours, theirs = make_params()[::2], make_params()[::2]  # float32: 5,000 (8 bit in AdamW8bit) and 33 elements
+    opt, torch_opt = PagedAdamW32bit(ours, **kw), torch.optim.AdamW(theirs, foreach=False, **kw)
+    run_steps(ours, opt, 1, seed=5)
+    run_steps(theirs, torch_opt, 1, seed=5)
+    buffers = {id(p): (opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in ours}
+    run_steps(ours, opt, 3, seed=6)
+    run_steps(theirs, torch_opt, 3, seed=6)
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        state, want = opt.state[p], torch_opt.state[q]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"} and state["step"] == int(want["step"]) == 4
+        assert state["exp_avg"] is buffers[id(p)][0] and state["exp_avg_sq"] is buffers[id(p)][1]
+        assert torch.equal(state["exp_avg"], want["exp_avg"]) and torch.equal(state["exp_avg_sq"], want["exp_avg_sq"])
+    resumed = [q.detach().clone().requires_grad_() for q in theirs]
+    opt_resumed = PagedAdamW32bit(resumed, **kw)
+    saved = io.BytesIO()
+    torch.save(torch_opt.state_dict(), saved)  # as a checkpoint's optimizer.pt
+    saved.seek(0)
+    opt_resumed.load_state_dict(torch.load(saved, weights_only=True))
+    run_steps(resumed, opt_resumed, 2, seed=7)
+    run_steps(theirs, torch_opt, 2, seed=7)
+    for a, b in zip(resumed, theirs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("optim, cls", [("adamw_8bit", AdamW8bit), ("paged_adamw_8bit", AdamW8bit),
-                                        ("paged_adamw_32bit", torch.optim.AdamW)])
+                                        ("paged_adamw_32bit", PagedAdamW32bit), ("adamw_torch", torch.optim.AdamW)])
 def test_make_optimizer(tmp_path, optim, cls):
     args = GRPOConfig(output_dir=str(tmp_path), optim=optim, learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95,
                       adam_epsilon=1e-7, weight_decay=0.1)
     opt = make_optimizer([torch.zeros(8, requires_grad=True)], args)
     assert type(opt) is cls
-    assert getattr(opt, "paged", False) == (optim == "paged_adamw_8bit")
+    assert getattr(opt, "paged", False) == optim.startswith("paged")
     group = opt.param_groups[0]
     assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == (3e-4, (0.8, 0.95), 1e-7, 0.1)
+
+
+@pytest.mark.parametrize("optim", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_fsdp2_refuses_the_optimizers_whose_state_is_whole_tensors(optim):
+    from ahazero.grpo import fsdp
+    with pytest.raises(ValueError, match="does not follow the parameters' shards"):
+        fsdp.check_supported(torch.nn.Linear(4, 4), optim)

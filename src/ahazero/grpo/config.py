@@ -37,7 +37,8 @@ notebooks pass), so a notebook runs after changing its imports. Differences from
   holds. Larger tiles are faster for more memory (8 x 4,096 on Qwen2.5-1.5B, an H200: 2,048 took 0.97 s and
   1.02 GiB above the weights against 1.04 s and 0.96 GiB); smaller ones fit tighter GPUs.
 - `optim="adamw_8bit"` is our own blockwise 8-bit AdamW (grpo/optimizers.py, no bitsandbytes);
-  `paged_adamw_8bit` is the same optimizer and `paged_adamw_32bit` is torch's AdamW (no paging).
+  the paged ones keep their state in pinned CPU memory between steps: `paged_adamw_8bit` (the same 8-bit
+  optimizer) and `paged_adamw_32bit` (torch AdamW's float32 moments and update).
 """
 from __future__ import annotations
 

@@ -45,7 +45,8 @@ from torch import nn
 from ..models.lora import decoder_and_head, is_peft_model
 from . import distributed as dist
 
-EIGHT_BIT_OPTIMS = ("adamw_8bit", "paged_adamw_8bit")
+# grpo/optimizers.py's optimizers (8-bit, paged): their per-parameter state is whole tensors, not DTensor shards
+UNSHARDED_OPTIMS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 def is_sharded(model) -> bool:
@@ -70,9 +71,9 @@ def check_supported(model, optim: str) -> None:
     """What FSDP2 full fine-tuning does not run, as errors before anything is sharded."""
     if is_peft_model(model):
         raise ValueError("FSDP2 is for full fine-tuning; a model with LoRA adapters trains data-parallel (DDP)")
-    if optim in EIGHT_BIT_OPTIMS:
+    if optim in UNSHARDED_OPTIMS:
         raise ValueError(f"optim={optim!r} is not supported with full fine-tuning on several GPUs (FSDP2): its "
-                         "blockwise 8-bit state does not follow the parameters' shards. Use optim='adamw_torch', "
+                         "state (8-bit or paged) does not follow the parameters' shards. Use optim='adamw_torch', "
                          "or LoRA.")
     if not dist.is_distributed():
         raise RuntimeError("shard_model needs an initialised process group of more than one rank (torchrun)")

@@ -48,7 +48,7 @@ from .logprobs import chunked_token_logprobs
 from .loss import aggregate_loss, loss_normalizers, normalizers_from_counts, per_token_loss
 from .packing import (capped_chunks, pack_rollouts, packing_fallback_reason, padded_to_multiple,
                       split_chunks_to_count, token_budget_chunks, unpack_to_rows, varlen_context)
-from .optimizers import AdamW8bit
+from .optimizers import AdamW8bit, PagedAdamW32bit
 from .progress import MetricsLogger, NullLogger
 
 
@@ -707,14 +707,16 @@ class _StatSums:
 
 
 def make_optimizer(params, args: GRPOConfig) -> torch.optim.Optimizer:
-    """Optimizers by TRL's `optim` names. The 8-bit ones are our `AdamW8bit` (no bitsandbytes);
-    `paged_adamw_8bit` keeps its state in pinned CPU memory between steps (AdamW8bit's `paged`), and
-    `paged_adamw_32bit` is torch's AdamW (unpaged)."""
+    """Optimizers by TRL's `optim` names. The 8-bit ones are our `AdamW8bit` (no bitsandbytes); the paged
+    ones keep their state in pinned CPU memory between steps: `paged_adamw_8bit` (AdamW8bit's `paged`) and
+    `paged_adamw_32bit` (`PagedAdamW32bit`: torch AdamW's float32 moments and update)."""
     if not params:
         raise ValueError("the model has no trainable parameters (call FastLanguageModel.get_peft_model?)")
     kw = dict(lr=args.learning_rate, weight_decay=args.weight_decay)
     betas = (args.adam_beta1, args.adam_beta2)
-    if args.optim in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
+    if args.optim == "paged_adamw_32bit":
+        return PagedAdamW32bit(params, betas=betas, eps=args.adam_epsilon, **kw)
+    if args.optim in ("adamw_torch", "adamw_torch_fused"):
         fused = args.optim == "adamw_torch_fused" or params[0].is_cuda
         return torch.optim.AdamW(params, betas=betas, eps=args.adam_epsilon, fused=fused or None, **kw)
     if args.optim in ("adamw_8bit", "paged_adamw_8bit"):
