@@ -496,7 +496,8 @@ _outgrown: list[torch.Tensor] = []  # counters replaced by larger ones: captured
 def split_k_workspace(device: torch.device, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(tile counters int32 [>= tiles], all 0 between launches: each launch's last split resets its tile's;
     a float32 [1] stand-in for the partials of an unsplit launch). Shared by the split-K kernels that run
-    one after another on a stream: this NF4 GEMV, engine/gemv_kernels.py and engine/lora_kernels.py's shrink."""
+    one after another on a stream: this NF4 GEMV, engine/gemv_kernels.py, engine/lora_kernels.py's shrink and
+    engine/attention_kernels.py's merge (a counter per row and KV head)."""
     ws = _workspaces.get(device)
     if ws is None or ws[0].numel() < tiles:
         if ws is not None:
