@@ -292,6 +292,8 @@ def test_paged_adamw_32bit_is_torch_adamw_with_its_state_paged(monkeypatch):
     run_steps(theirs, torch_opt, 2, seed=7)
     for a, b in zip(resumed, theirs):
         assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="invalid PagedAdamW32bit hyperparameters"):
+        PagedAdamW32bit(make_params(), lr=-1.0)
 
 
 @pytest.mark.parametrize("optim, cls", [("adamw_8bit", AdamW8bit), ("paged_adamw_8bit", AdamW8bit),
