@@ -20,6 +20,7 @@ engine's graphs run it) over LAYERS distinct layers (so the weights come from me
 divided by LAYERS: microseconds per layer. Every configuration is first checked against the reference.
 
 Run on a GPU machine, from the repository root:  python bench/kernels.py [--only lora|gemv|nf4] [--batches 1,6,32]
+[--set MODULE.CONSTANT=VALUE]
 """
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ GEMV_LARGE_CONFIGS = [  # the same above 32 rows, where a tile's x^T operand is 
 NF4_CONFIGS = [  # (LOOKUP, BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT, PREFETCH). H100, seventh session
     # (RESULTS.md): the [16] code ("nibbles") 85.6-113 us a layer against the pair table's 100-121; PREFETCH 1-3 within
     # noise. (A `for` loop that Triton software-pipelines, 2-4 stages, took 284-572 us on an H200: dropped.)
-    ("nibbles", 64, 4, 4, 4, 2), ("nibbles", 64, 4, 4, 4, 1), ("nibbles", 64, 4, 2, 8, 2), ("nibbles", 64, 4, 8, 2, 2),
-    ("nibbles", 128, 8, 2, 4, 2), ("pairs", 64, 4, 4, 4, 2)]
+    # H200, sixteenth session: the byte permutes ("permute") 61.6-67.3 / 78.3-94.6 us at N = 6 / 32 against the [16]
+    # code's 90.2 / 98.7; (2 programs per SM, 8 blocks) the fastest of 4 / 4, 3 / 4, 6 / 4, 2 / 8 and 128 x 8 warps
+    ("permute", 64, 4, 2, 8, 2), ("permute", 64, 4, 2, 6, 2), ("permute", 64, 4, 2, 12, 2), ("permute", 64, 4, 3, 8, 2),
+    ("permute", 64, 4, 1, 8, 2), ("permute", 64, 4, 2, 8, 1), ("permute", 64, 4, 2, 8, 3), ("nibbles", 64, 4, 4, 4, 2)]
 
 
 def bench(fn) -> float:
@@ -273,15 +276,20 @@ def nf4_table(batches, nf4_configs):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("lora", "gemv", "nf4"))
-    p.add_argument("--batches", default="1,6,32,128", help="the nf4 table takes those up to 32 rows")
+    p.add_argument("--batches", default="1,6,32,128", help="the nf4 table takes those up to nf4_kernels.MAX_ROWS")
     p.add_argument("--default-only", action="store_true",
                    help="gemv and nf4 up to 32 rows: time the default configuration only, not the lists above")
     p.add_argument("--fused-configs", action="store_true",
                    help="gemv: time each configuration with the LoRA shrink in the launch, not in its own")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.CONSTANT=VALUE",
+                   help="set a module constant first, as bench/rollout.py's --set (repeatable)")
     p.add_argument("--shrink-k", default="512", help="gemv: the default configuration with the LoRA shrink in the "
                    "launch, for each of these columns of K per producer (comma-separated; '' for none)")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    from rollout import set_constant  # bench/ is the script's folder
+    for setting in args.set:
+        set_constant(setting)
     print(torch.cuda.get_device_name(), torch.__version__)
     from ahazero.engine import gemv_kernels as gk
     from ahazero.models import nf4_kernels as nk
@@ -293,7 +301,7 @@ def main():
                    [int(k) for k in args.shrink_k.split(",") if k], args.fused_configs)
     if args.only in (None, "nf4"):
         default = [(nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH)]
-        nf4_table([b for b in batches if b <= 32], default if args.default_only else NF4_CONFIGS)
+        nf4_table([b for b in batches if b <= nk.MAX_ROWS], default if args.default_only else NF4_CONFIGS)
 
 
 if __name__ == "__main__":

@@ -78,12 +78,17 @@ def quantized(linear):
     (6, 1152, [130, 64, 64], 8, torch.bfloat16, True, "nibbles", 3),
     (1, 640, [70], 4, torch.float32, False, "nibbles", 2),  # one row: the CUDA-core products
     (32, 384, [64, 200], 32, torch.float16, False, "pairs", 3),  # gate/up-like, the largest batch served
+    (6, 1152, [130, 64, 64], 8, torch.bfloat16, True, "permute", 2),  # the default lookup: unscaled values
+    (32, 384, [64, 200], 32, torch.float16, False, "permute", 1),
+    (3, 256, [64], 4, torch.float32, False, "permute", 3),  # float32: the code itself is the table
+    (40, 256, [64, 70], 8, torch.bfloat16, False, "permute", 2),  # above 32 rows: x^T 64 wide
 ])
 @pytest.mark.parametrize("lora", ["shrink", "fused", None])
 def test_nf4_gemv_of_a_group_matches_the_dequantised_reference(N, K, outs, R, dtype, bias, lookup, prefetch, lora,
                                                                monkeypatch):
     """models/nf4_kernels.nf4_gemv over a group of NF4 weights, with the bias and the LoRA epilogue, against
-    the reference on the dequantised weights; both NF4 lookups (a [256, 2] pair table, the [16] code), the
+    the reference on the dequantised weights; the NF4 lookups (a [256, 2] pair table, the [16] code, the
+    unscaled values with each block's product scaled: byte permutes on a GPU, the table in x's dtype here), the
     loads of 1 to 3 blocks ahead in flight (splits shorter than that: their ends are masked); x A^T from
     lora_shrink's launch or from producers in the same launch (K in splits of 256 columns)."""
     from ahazero.models import nf4_kernels
@@ -127,7 +132,7 @@ def test_project_serves_4bit_groups_through_one_nf4_launch(monkeypatch):
     assert len(launches) == 1
     from ahazero.models import nf4_kernels
     rows = torch.randn(nf4_kernels.MAX_ROWS + 1, K, device=DEVICE)  # 4-bit batches above it: the NF4 module's path
-    assert nf4_kernels.MAX_ROWS < gemv_kernels.MAX_ROWS
+    assert nf4_kernels.MAX_ROWS <= gemv_kernels.MAX_ROWS  # (so the 16-bit bound is not what declines it)
     assert gemv_kernels.project(rows, ps, lora_kernels.grouped_lora) is None
     dense = (ps[0], Projection(torch.nn.Linear(K, 8, device=DEVICE), torch.randn(4, K, device=DEVICE),
                                torch.randn(8, 4, device=DEVICE), 0.5))
@@ -258,3 +263,65 @@ def test_a_failing_kernel_is_turned_off_with_a_warning_and_decode_takes_cublas(m
         assert "failed" in caplog.text and "each projection" in caplog.text
     finally:
         gemv_kernels.checked.cache_clear()
+
+
+def _run_ptx(ptx: str, operands: dict[str, int]) -> dict[str, int]:
+    """The instructions `permute_lookup_ptx` uses, as the PTX ISA defines them (.b32 registers; `prmt`'s default
+    mode: selector nibble k picks byte (k & 7) of {b, a} for result byte k, and with bit 3 set that byte's sign
+    replicated; `lop3`'s immLut read at index (a_bit << 2 | b_bit << 1 | c_bit)); {$0, $1} unpacks the low half
+    first. Returns every register and operand."""
+    regs = dict(operands)
+    body = ptx.strip()[1:-1]  # drop the { } scope
+    for ins in filter(None, (i.strip() for i in body.split(";"))):
+        op, _, args = ins.partition(" ")
+        args = [a.strip() for a in args.split(",")] if not args.lstrip().startswith("{") else args
+        val = lambda a: int(a, 16) if a.startswith("0x") else regs[a]  # noqa: E731
+        if op == ".reg":
+            continue
+        if op == "mov.b32" and isinstance(args, str):  # mov.b32 {$lo, $hi}, src
+            lo_hi, src = args.rsplit(",", 1)
+            lo, hi = (a.strip() for a in lo_hi.strip()[1:-1].split(","))
+            regs[lo], regs[hi] = val(src.strip()) & 0xFFFF, val(src.strip()) >> 16
+        elif op == "mov.b32":
+            regs[args[0]] = val(args[1])
+        elif op == "and.b32":
+            regs[args[0]] = val(args[1]) & val(args[2])
+        elif op == "shr.b32":
+            regs[args[0]] = val(args[1]) >> int(args[2])
+        elif op == "shl.b32":
+            regs[args[0]] = (val(args[1]) << int(args[2])) & 0xFFFFFFFF
+        elif op == "prmt.b32":
+            pool = val(args[1]) | val(args[2]) << 32  # bytes 0-3 from a, 4-7 from b
+            out = 0
+            for k in range(4):
+                sel = (val(args[3]) >> (4 * k)) & 0xF
+                byte = (pool >> (8 * (sel & 7))) & 0xFF
+                if sel & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << (8 * k)
+            regs[args[0]] = out
+        elif op == "lop3.b32":
+            a, b, c, lut = val(args[1]), val(args[2]), val(args[3]), int(args[4], 16)
+            regs[args[0]] = sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i
+                                for i in range(32))
+        else:
+            raise AssertionError(f"the PTX uses {op}, which this interpreter does not know")
+    return regs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_permute_lookup_ptx_gives_every_bytes_nf4_values(dtype):
+    """The PTX of the fused kernel's default lookup, interpreted instruction by instruction: for words whose
+    bytes run over all 256 values in every position, $0-$3 are the values of the bytes' high nibbles and $4-$7
+    of their low nibbles, bit for bit the NF4 table in `dtype`."""
+    from ahazero.models import nf4, nf4_kernels
+    values = [v & 0xFFFF for v in nf4.nf4_code().to(dtype).view(torch.int16).tolist()]  # [16] 16-bit patterns
+    ptx = nf4_kernels.permute_lookup_ptx(dtype)
+    rng = torch.Generator().manual_seed(0)
+    words = [b | (b + 85) % 256 << 8 | (b + 170) % 256 << 16 | (255 - b) << 24 for b in range(256)]
+    words += torch.randint(0, 2 ** 32, (64,), generator=rng, dtype=torch.int64).tolist()
+    for word in words:
+        regs = _run_ptx(ptx, {"$8": word})
+        bytes_ = [(word >> (8 * i)) & 0xFF for i in range(4)]
+        assert [regs[f"${i}"] for i in range(4)] == [values[b >> 4] for b in bytes_], hex(word)
+        assert [regs[f"${i + 4}"] for i in range(4)] == [values[b & 15] for b in bytes_], hex(word)

@@ -100,7 +100,7 @@ def _fused_kernel_checked(device: torch.device) -> bool:
     weight = layer.dequantized_weight().float()  # [200, 1152]
     worst = 0.0
     try:
-        for rows in (1, 7, 32, 32, 32):
+        for rows in (1, 7, 32, 32, 64):
             x = torch.randn(rows, 1152, device=device, dtype=torch.bfloat16, generator=gen)  # [rows, 1152]
             got = _fused().nf4_gemv(x, [layer.nf4_weight()])[0].float()
             want = x.float() @ weight.t() + layer.bias.float()  # [rows, 200]

@@ -4,29 +4,41 @@ to three weights of one input in one launch (q/k/v; gate/up), with the LoRA term
 Decode reads every weight once per step for a handful of rows, so its speed is the bytes read. The
 plain path (`Linear4bit`: dequantise the whole weight into a 16-bit temporary, then a GEMM) reads the
 4-bit weight, writes and reads a 16-bit copy: more traffic than a bf16 GEMV. This kernel instead reads
-the packed bytes (0.5 byte per weight) plus the 8-bit absmax codes, dequantises each tile in registers
-exactly as `nf4.dequantize_nf4` does (absmax = dyn[q] * absmax2[block // 256] + offset,
-w = nf4[code] * absmax, in float32, rounded to the input's dtype), and multiplies it with x, accumulating
-in float32.
+the packed bytes (0.5 byte per weight) plus the 8-bit absmax codes, dequantises each tile in registers and
+multiplies it with x, accumulating in float32.
 
 Layout: the weight is [O, K] flattened row-major into blocks of 64, two codes per byte with the even
 element in the high nibble. The kernel takes K % 64 == 0 (every real model's widths), so a quantisation
 block never spans two rows: block b of weight row o is the 32 contiguous bytes at (o * K/64 + b) * 32,
-with one absmax code. One step of a program reads block b of BLOCK_O rows as a [32, BLOCK_O] byte tile
-(a 16-byte vector load per thread), looks each byte up (LOOKUP: in a [256, 2] table of its two NF4
-values, nf4[b >> 4], nf4[b & 15], one 8-byte L1-resident gather per byte over 2 KB, the table built once
-per `code` tensor; or two 4-byte gathers from the [16] code itself, within one 64-byte line), scales by
-the rows' absmax and rounds to x's dtype. The high nibbles are the block's even columns and the low
-nibbles its odd ones, so instead of interleaving them the step does two dots of
-K = 32: W_even x_even^T + W_odd x_odd^T, with x's even/odd columns read as one 32-bit load per pair.
-The dot is "swapped", out^T [BLOCK_O, BLOCK_N] = W [BLOCK_O, 32] @ x^T [32, BLOCK_N], so the weight tile
-is the MMA's A operand, which Hopper's wgmma reads from registers (Triton moves the gathered values into
-that layout through shared memory; the tile is transposed, never reshaped or joined) and x (N <= 32
-rows, padded to BLOCK_N) is the small B operand. The tensor cores do the multiply-adds, the CUDA cores
-only the dequantisation: about 8 SASS instructions per weight in the loop (sm_90, BLOCK_O 64, 4 warps,
-80 registers, 8 KB shared memory, no spills). Each step issues the loads of the block PREFETCH steps ahead
-(bytes, absmax codes, x) before its own work, into registers: no shared-memory pipelining (a `for` loop that
-Triton software-pipelines was 3x slower, bench/RESULTS.md seventh session); occupancy hides the rest.
+with one absmax code.
+
+The default lookup (LOOKUP "permute", on a GPU for 16-bit x): one step of a program reads block b of
+BLOCK_O rows as [8, BO] 32-bit words (a 16-byte vector load per thread) and turns each word's 8 codes
+into their NF4 values in x's dtype with 21 register instructions and no memory access
+(`permute_lookup_ptx`: `prmt` byte permutes from the table's bytes held as immediates). The values are not
+scaled: the block's two dots (W_even x_even^T + W_odd x_odd^T, K = 32 each, x's even/odd columns read as
+one 32-bit load per pair) give its product, and the block's rows' absmax scales it into the accumulator
+(acc += absmax * part, one FMA per output per block instead of a multiply per weight). So each weight is
+rounded as bf16(nf4[code]) rather than bf16(nf4[code] * absmax), a difference of the same size as the
+rounding itself (the engine's log-probs against the transformers forward: mean |diff| 2.4e-2 on 16-bit
+weights, 2.3e-2 with the old lookup, 2.9e-2 with this one, bench/RESULTS.md sixteenth session); bitsandbytes'
+own 4-bit inference kernel rounds both factors to 16 bits. sm_90, Triton 3.6, 32 rows: 294 SASS
+instructions a block in the loop (394 with "nibbles"), 159 registers (176). The other lookups scale each
+value, exactly as `nf4.dequantize_nf4` does (absmax = dyn[q] * absmax2[block // 256] + offset, w =
+nf4[code] * absmax, in float32, rounded to x's dtype), from the block's bytes read as a [32, BO] tile
+(a 16-byte vector load per thread): "nibbles" two 4-byte loads from the [16] code within one 64-byte
+line, "pairs" one 8-byte load from a [256, 2] table of each byte's two values (2 KB: more L1 wavefronts
+per gather). "permute" takes the table's loads in Triton's interpreter (the CPU tests; the PTX itself is
+checked there by an interpreter of its instructions), for float32 x, and wherever a weight's code is not
+the NF4 table; "nibbles" serves the CUDA-core products (N <= FMA_MAX_ROWS).
+
+The dot is "swapped", out^T [BLOCK_O, BLOCK_N] = W [BLOCK_O, K] @ x^T [K, BLOCK_N], so the weight tile
+is the MMA's A operand, which Hopper's wgmma reads from registers (Triton moves the values into that layout
+through shared memory) and x (N <= MAX_ROWS rows, padded to BLOCK_N) is the small B operand. The tensor
+cores do the multiply-adds, the CUDA cores only the dequantisation. Each step issues the loads of the
+block PREFETCH steps ahead (bytes, absmax codes, x) before its own work, into registers: no shared-memory
+pipelining (a `for` loop that Triton software-pipelines was 3x slower, bench/RESULTS.md seventh session);
+occupancy hides the rest.
 
 Grid (1-D): the producers of the LoRA shrink when it runs in the launch (`publish_shrink`, as
 engine/gemv_kernels.py's docstring describes), then (column tiles of BLOCK_O output features) x (splits of
@@ -44,16 +56,15 @@ them). engine/gemv_kernels.py runs the same epilogue over 16-bit weights.
 Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1), as the tests do; there the
 dot runs in float32 (the interpreter's bf16 dot is wrong), as it does for float32 inputs.
 
-To tune on an H100 (the constants below): BLOCK_O / NUM_WARPS (64 / 4; 128 / 8 has 12% fewer
-instructions per weight but 104 registers, 2 programs per SM), PROGRAMS_PER_SM (4; the splits of K),
-MIN_BLOCKS_PER_SPLIT (4; fewer splits cut the partials' traffic, which grows with N), BLOCK_N (N
+To tune (the constants below): BLOCK_O / NUM_WARPS (64 / 4; 128 / 8 was slower), PROGRAMS_PER_SM and
+MIN_BLOCKS_PER_SPLIT (the splits of K: fewer cut the partials' traffic, which grows with N), BLOCK_N (N
 rounded up to a power of 2, at least 16; 8 would take mma.sync instead of wgmma), FMA_MAX_ROWS (the rows
 up to which the products run on the CUDA cores, a [32, BO, BN] multiply summed over the block's bytes,
-instead of the dot) and MAX_ROWS (the crossover with dequantise + GEMM, likely above 32 now).
-`python bench/kernels.py --only nf4` times configurations per decoder layer (4 group launches with LoRA); on
-an H100 (2026-11-27, seventh session) the defaults below were the fastest of those tried, at 1.15-1.3x the
-time of the same launches over bf16 weights, which read 3.9x the bytes (bench/RESULTS.md): the kernel is
-bound by its own latency (the dequantisation of each block between the loads and the MMA), not by memory.
+instead of the dot) and MAX_ROWS (the crossover with dequantise + GEMM). `python bench/kernels.py --only
+nf4` times configurations per decoder layer (4 group launches with LoRA); on an H200 (2026-11-29, sixteenth
+session) the defaults took 60.8 / 77.9 / 92.4 us at N = 6 / 32 / 64, against 54.9 / 60.1 / 78.0 for the same
+launches over bf16 weights, which read 3.9x the bytes (bench/RESULTS.md): the kernel is bound by its own
+latency and instructions (the dequantisation between the loads and the MMA), not by memory.
 
 Also here: `dequantize`, the whole weight in one launch (the training step's forward and backward), and
 the pieces the engine's other kernels share with this one: the split rule and the split-K reduction
@@ -72,20 +83,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .nf4 import byte_table
+from .nf4 import byte_table, nf4_code
 
-MAX_ROWS = 32  # above this the dequantise-then-GEMM path wins (its cost is amortised over the rows)
+MAX_ROWS = 64  # above this the dequantise-then-GEMM path serves. H200, sixteenth session: W1 at 64 rows, 4-bit, 17,179
+# tokens/s with 64 against 11,461 with 32 (BLOCK_N 64: 235 registers, no spills)
 QBLOCK = 64  # the NF4 blocksize the kernel is written for
 BLOCK_O = 64  # output features per program: the wgmma M (64 per warpgroup)
 NUM_WARPS = 4
-PROGRAMS_PER_SM = 4  # split K until about this many programs per SM
-MIN_BLOCKS_PER_SPLIT = 4  # at least this many 64-blocks (32 bytes of each row) per program
+PROGRAMS_PER_SM = 2  # split K until about this many programs per SM
+MIN_BLOCKS_PER_SPLIT = 8  # at least this many 64-blocks (32 bytes of each row) per program. H200, sixteenth session
+# (bench/kernels.py, one layer's 4 groups with LoRA, LOOKUP "permute"): 2 / 8 took 61.6 / 78.3 us at N = 6 / 32
+# against 4 / 4's 67.3 / 90.9
+FMA_PROGRAMS_PER_SM, FMA_MIN_BLOCKS_PER_SPLIT = 4, 4  # the same for the CUDA-core products (N <= FMA_MAX_ROWS):
+# at N = 1, 4 / 4 took 83.6 us against 2 / 8's 103.6
 PREFETCH = 2  # blocks whose loads are in flight while one is dequantised (1 to 3). H100, seventh session: W1 at
 # batch 32, 4-bit, 7,786 / 7,998 / 7,314 tokens/s with 1 / 2 / 3; W2 0.865 / - / 0.799 s (as noisy as the table)
-LOOKUP = "nibbles"  # NF4 values per byte: "nibbles" (two 4-byte loads from the [16] code, one 64-byte line) or
-# "pairs" (one 8-byte load from a [256, 2] table over 2 KB: more L1 wavefronts per gather). H100, seventh session
-# (bench/kernels.py, one layer's 4 groups with LoRA): 90.4 / 99.1 / 108.3 us against 100.5 / 115.8 / 121.0 at N = 1 /
-# 6 / 32; W1 at batch 32, 4-bit: 7,671 against 7,186 tokens/s
+LOOKUP = "permute"  # NF4 values per byte: "permute" (byte permutes in registers, `permute_lookup_ptx`; each block's
+# product scaled by its absmax after the MMA), "nibbles" (two 4-byte loads from the [16] code, one 64-byte line) or
+# "pairs" (one 8-byte load from a [256, 2] table over 2 KB: more L1 wavefronts per gather); the last two scale each
+# value. H100, seventh session (bench/kernels.py, one layer's 4 groups with LoRA): nibbles 90.4 / 99.1 / 108.3 us
+# against pairs 100.5 / 115.8 / 121.0 at N = 1 / 6 / 32; W1 at batch 32, 4-bit: 7,671 against 7,186 tokens/s
 FMA_MAX_ROWS = 1  # up to this many rows, multiply on the CUDA cores instead of the tensor cores. H100,
 # bench/kernels.py, one Qwen2.5-1.5B layer: 94.5 against 104.7 us at N = 1; at N = 6 152 against 108 us and at
 # N = 32 the [32, BO, BN] products spill (14 ms), so the tensor cores take every batch above 1
@@ -152,11 +169,11 @@ def split_k_sum(acc, partial_at, split_stride, mask, s, S, counter):
 
 
 @triton.jit
-def _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, last):
-    """Block blk of each row (masked off from `last` on): bytes [32, BO] (uint8), absmax code [BO] (int32)
-    and absmax2 [BO]."""
+def _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, last, STRIDE: tl.constexpr):
+    """Block blk of each row (masked off from `last` on): its bytes (from byte_at, block 0's: [32, BO] uint8, or
+    [8, BO] int32 words; STRIDE of them a block), absmax code [BO] (int32) and absmax2 [BO]."""
     ok = tl.where(blk < last, col_ok, False)  # (a vector & a scalar bool is int32 in Triton 3.9's interpreter)
-    byte = tl.load(byte_at + blk * 32, mask=ok[None, :], other=0)  # uint8
+    byte = tl.load(byte_at + blk * STRIDE, mask=ok[None, :], other=0)
     q = tl.load(absmax_q_ptr + block_of_row + blk, mask=ok, other=0).to(tl.int32)
     a2 = tl.load(absmax2_ptr + (block_of_row + blk) // 256, mask=ok, other=0.0)
     return byte, q, a2
@@ -164,9 +181,9 @@ def _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk,
 
 @triton.jit
 def _load_block(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, x_ptr, x_at, n_ok, j, blk, last,
-                X_PAIRS: tl.constexpr):
+                X_PAIRS: tl.constexpr, STRIDE: tl.constexpr):
     """`_load_weights` and `_load_x` of block blk."""
-    byte, q, a2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, last)
+    byte, q, a2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, blk, last, STRIDE)
     xa, xb = _load_x(x_ptr, x_at, n_ok, j, blk, last, X_PAIRS)
     return byte, q, a2, xa, xb
 
@@ -322,30 +339,63 @@ def end_tile(acc, tile, s, tiles, S, partial_ptr, count_ptr, y_ptr, bias_ptr, xa
 
 
 @triton.jit
+def _table_values(table_ptr, byte):
+    """The values of a byte's high and low nibbles from the [16] table."""
+    return tl.load(table_ptr + (byte >> 4)), tl.load(table_ptr + (byte & 15))
+
+
+@triton.jit
+def _words_to_columns(v0, v1, v2, v3):
+    """[BO, 32] from the values of bytes 4w + i of the block's words, v_i [8, BO] each: column 4w + i."""
+    t = tl.join(tl.join(v0, v1), tl.join(v2, v3))  # [8, BO, 2, 2]: [w, o, i % 2, i // 2]
+    return tl.reshape(tl.permute(t, (1, 0, 3, 2)), (t.shape[1], 32))
+
+
+@triton.jit
 def _nf4_step(acc, byte, q, a2, xa, xb, dyn_ptr, offset, table_ptr, dtype: tl.constexpr, X_PAIRS: tl.constexpr,
-              DOT_F32: tl.constexpr, FMA: tl.constexpr, NIBBLES: tl.constexpr):
+              DOT_F32: tl.constexpr, FMA: tl.constexpr, LOOKUP: tl.constexpr, PERMUTE_PTX: tl.constexpr):
     """acc [BO, BN] + one block: its bytes [32, BO] dequantised (absmax from the codes q and absmax2 a2)
     times x's columns of the block (`_load_x`'s xa, xb)."""
-    absmax = (tl.load(dyn_ptr + q) * a2 + offset)[None, :]  # [1, BO] float32
-    if NIBBLES:
-        code = byte.to(tl.int32)  # [32, BO]
-        hi = (tl.load(table_ptr + (code >> 4)) * absmax).to(dtype)  # the block's even columns
-        lo = (tl.load(table_ptr + (code & 15)) * absmax).to(dtype)  # its odd columns
-    else:
-        pairs = table_ptr.to(tl.pointer_type(tl.int64))  # one 64-bit load per byte: both of its values
-        both = tl.load(pairs + byte)  # [32, BO] int64: nf4[byte >> 4] in the low half, nf4[byte & 15] high
-        hi = (both.to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)
-        lo = ((both >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)
     even, odd = _split_x(xa, xb, dtype, X_PAIRS)  # [32, BN] each
-    if FMA:  # CUDA cores: [32, BO, BN] products summed over the block's bytes, mostly within a thread
-        acc += tl.sum(hi.to(tl.float32)[:, :, None] * even.to(tl.float32)[:, None, :]
-                      + lo.to(tl.float32)[:, :, None] * odd.to(tl.float32)[:, None, :], axis=0)
-    elif DOT_F32:
-        acc = tl.dot(tl.trans(hi).to(tl.float32), even.to(tl.float32), acc, input_precision="ieee")
-        acc = tl.dot(tl.trans(lo).to(tl.float32), odd.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(tl.trans(hi), even, acc)
-        acc = tl.dot(tl.trans(lo), odd, acc)
+    if LOOKUP == "permute":  # the NF4 values unscaled, the block's product scaled by the rows' absmax
+        if PERMUTE_PTX != "":  # byte permutes in registers: each [8, BO] in x's dtype
+            e0, e1, e2, e3, o0, o1, o2, o3 = tl.inline_asm_elementwise(
+                PERMUTE_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r", [byte],
+                dtype=(tl.bfloat16 if dtype == tl.bfloat16 else tl.float16,) * 8, is_pure=True, pack=1)
+        else:  # the table in x's dtype: two loads per byte
+            e0, o0 = _table_values(table_ptr, byte & 0xFF)
+            e1, o1 = _table_values(table_ptr, (byte >> 8) & 0xFF)
+            e2, o2 = _table_values(table_ptr, (byte >> 16) & 0xFF)
+            e3, o3 = _table_values(table_ptr, (byte >> 24) & 0xFF)
+        hi, lo = _words_to_columns(e0, e1, e2, e3), _words_to_columns(o0, o1, o2, o3)  # [BO, 32] each
+        if DOT_F32:
+            part = tl.dot(hi.to(tl.float32), even.to(tl.float32), input_precision="ieee")
+            part = tl.dot(lo.to(tl.float32), odd.to(tl.float32), part, input_precision="ieee")
+        else:
+            part = tl.dot(hi, even)  # [BO, BN] float32
+            part = tl.dot(lo, odd, part)
+        absmax = tl.load(dyn_ptr + q) * a2 + offset  # [BO] float32
+        acc = tl.fma(part, absmax[:, None], acc)
+    else:  # each value scaled by its row's absmax
+        absmax = (tl.load(dyn_ptr + q) * a2 + offset)[None, :]  # [1, BO] float32
+        if LOOKUP == "nibbles":
+            code = byte.to(tl.int32)  # [32, BO]
+            hi = (tl.load(table_ptr + (code >> 4)) * absmax).to(dtype)  # the block's even columns
+            lo = (tl.load(table_ptr + (code & 15)) * absmax).to(dtype)  # its odd columns
+        else:
+            pairs = table_ptr.to(tl.pointer_type(tl.int64))  # one 64-bit load per byte: both of its values
+            both = tl.load(pairs + byte)  # [32, BO] int64: nf4[byte >> 4] in the low half, nf4[byte & 15] high
+            hi = (both.to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)
+            lo = ((both >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax).to(dtype)
+        if FMA:  # CUDA cores: [32, BO, BN] products summed over the block's bytes, mostly within a thread
+            acc += tl.sum(hi.to(tl.float32)[:, :, None] * even.to(tl.float32)[:, None, :]
+                          + lo.to(tl.float32)[:, :, None] * odd.to(tl.float32)[:, None, :], axis=0)
+        elif DOT_F32:
+            acc = tl.dot(tl.trans(hi).to(tl.float32), even.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(lo).to(tl.float32), odd.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(hi), even, acc)
+            acc = tl.dot(tl.trans(lo), odd, acc)
     return acc
 
 
@@ -357,7 +407,8 @@ def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
                      splits, producers,
                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
                      BLOCK_R: tl.constexpr, X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr,
-                     NIBBLES: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
+                     LOOKUP: tl.constexpr, PERMUTE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
+                     PRECISION: tl.constexpr,
                      SHRINK_SPLITS: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
                      SHRINK_ROWS: tl.constexpr, USE_PDL: tl.constexpr):
     """Program pid of a 1-D grid, laid out as engine/gemv_kernels.py's: the first `producers` publish the
@@ -378,7 +429,7 @@ def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
                   offset0, offset1, offset2, table0, table1, table2, dyn0, dyn1, dyn2, bias0, bias1, bias2,
                   lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr,
                   N, R, G, row_blocks, x_row_stride, blocks_per_split, tiles, splits,
-                  HAS_BIAS, HAS_LORA, BLOCK_N, BLOCK_O, BLOCK_R, X_PAIRS, DOT_F32, FMA, NIBBLES, PREFETCH,
+                  HAS_BIAS, HAS_LORA, BLOCK_N, BLOCK_O, BLOCK_R, X_PAIRS, DOT_F32, FMA, LOOKUP, PERMUTE_PTX, PREFETCH,
                   PRECISION, SHRINK_SPLITS, USE_PDL)
 
 
@@ -389,7 +440,8 @@ def _nf4_tile(q_pid, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
               N, R, G, row_blocks, x_row_stride, blocks_per_split, tiles, splits,
               HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
               BLOCK_R: tl.constexpr, X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr,
-              NIBBLES: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr, SHRINK_SPLITS: tl.constexpr,
+              LOOKUP: tl.constexpr, PERMUTE_PTX: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
+              SHRINK_SPLITS: tl.constexpr,
               USE_PDL: tl.constexpr):
     """Tile program q_pid of `_nf4_gemv_kernel` (x_row_stride in 32-bit pairs when X_PAIRS)."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
@@ -412,16 +464,21 @@ def _nf4_tile(q_pid, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
         last = row_blocks
     offset = tl.load(offset_ptr)
     block_of_row = cols * row_blocks  # [BO] each row's first block (int32: the launcher checks the size)
-    byte_at = packed_ptr + block_of_row[None, :] * 32 + j[:, None]  # [32, BO] byte j of block 0, contiguous in j
+    if LOOKUP == "permute":  # [8, BO] 32-bit word w of block 0 (bytes 4w to 4w + 3), contiguous in w
+        STRIDE: tl.constexpr = 8
+        byte_at = packed_ptr.to(tl.pointer_type(tl.int32)) + block_of_row[None, :] * 8 + tl.arange(0, 8)[:, None]
+    else:  # [32, BO] byte j of block 0, contiguous in j
+        STRIDE: tl.constexpr = 32
+        byte_at = packed_ptr + block_of_row[None, :] * 32 + j[:, None]
     x_at = n * x_row_stride  # [BN]
     acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
     # the loads of the next PREFETCH blocks are in flight while a block is dequantised and multiplied; the
     # first ones' weights before the wait for x (the previous kernel's output)
-    byte, q, a2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first, last)
+    byte, q, a2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first, last, STRIDE)
     if PREFETCH >= 2:
-        byte2, q2, a2_2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first + 1, last)
+        byte2, q2, a2_2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first + 1, last, STRIDE)
     if PREFETCH >= 3:
-        byte3, q3, a2_3 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first + 2, last)
+        byte3, q3, a2_3 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first + 2, last, STRIDE)
     wait_for_inputs(USE_PDL)
     xa, xb = _load_x(x_ptr, x_at, n_ok, j, first, last, X_PAIRS)
     if PREFETCH >= 2:
@@ -433,18 +490,18 @@ def _nf4_tile(q_pid, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
         cur_byte, cur_q, cur_a2, cur_xa, cur_xb = byte, q, a2, xa, xb
         if PREFETCH == 1:
             byte, q, a2, xa, xb = _load_block(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, x_ptr, x_at,
-                                              n_ok, j, blk + 1, last, X_PAIRS)
+                                              n_ok, j, blk + 1, last, X_PAIRS, STRIDE)
         elif PREFETCH == 2:
             byte, q, a2, xa, xb = byte2, q2, a2_2, xa2, xb2
             byte2, q2, a2_2, xa2, xb2 = _load_block(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, x_ptr,
-                                                    x_at, n_ok, j, blk + 2, last, X_PAIRS)
+                                                    x_at, n_ok, j, blk + 2, last, X_PAIRS, STRIDE)
         else:
             byte, q, a2, xa, xb = byte2, q2, a2_2, xa2, xb2
             byte2, q2, a2_2, xa2, xb2 = byte3, q3, a2_3, xa3, xb3
             byte3, q3, a2_3, xa3, xb3 = _load_block(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, x_ptr,
-                                                    x_at, n_ok, j, blk + 3, last, X_PAIRS)
+                                                    x_at, n_ok, j, blk + 3, last, X_PAIRS, STRIDE)
         acc = _nf4_step(acc, cur_byte, cur_q, cur_a2, cur_xa, cur_xb, dyn_ptr, offset, table_ptr, dtype, X_PAIRS,
-                        DOT_F32, FMA, NIBBLES)
+                        DOT_F32, FMA, LOOKUP, PERMUTE_PTX)
         blk += 1
 
     tiles_g = tl.where(g == 0, end0, tl.where(g == 1, end1 - end0, tiles - end1))
@@ -468,25 +525,73 @@ def split_k(tiles: int, K: int, sms: int, programs_per_sm: int, min_per_split: i
     return triton.cdiv(K, per_split), per_split
 
 
-def _splits(tiles: int, row_blocks: int, sms: int) -> tuple[int, int]:
-    """(splits, blocks per split): about PROGRAMS_PER_SM programs per SM, >= MIN_BLOCKS_PER_SPLIT blocks each."""
+def _splits(tiles: int, row_blocks: int, sms: int, fma: bool) -> tuple[int, int]:
+    """(splits, blocks per split): about PROGRAMS_PER_SM programs per SM, >= MIN_BLOCKS_PER_SPLIT blocks each
+    (FMA_ ones for the CUDA-core products)."""
+    if fma:
+        return split_k(tiles, row_blocks, sms, FMA_PROGRAMS_PER_SM, FMA_MIN_BLOCKS_PER_SPLIT)
     return split_k(tiles, row_blocks, sms, PROGRAMS_PER_SM, MIN_BLOCKS_PER_SPLIT)
 
 
-_pair_tables: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+_per_code: dict[tuple[int, object], tuple[weakref.ref, int, object]] = {}
+
+
+def _per_code_tensor(code: torch.Tensor, kind: object, build):
+    """build(code), cached per code tensor and kind: rebuilt when the tensor is modified in place (an inference
+    tensor has no version counter: taken as never modified), dropped with it."""
+    key, version = (id(code), kind), -1 if code.is_inference() else code._version
+    hit = _per_code.get(key)
+    if hit is not None and hit[0]() is code and hit[1] == version:
+        return hit[2]
+    value = build(code)
+    _per_code[key] = (weakref.ref(code, lambda _: _per_code.pop(key, None)), version, value)
+    return value
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
-    """float32 [256, 2]: (code[b >> 4], code[b & 15]) of byte b, cached per code tensor: rebuilt when the
-    tensor is modified in place (an inference tensor has no version counter: taken as never modified),
-    dropped with it."""
-    key, version = id(code), -1 if code.is_inference() else code._version
-    hit = _pair_tables.get(key)
-    if hit is not None and hit[0]() is code and hit[1] == version:
-        return hit[2]
-    table = byte_table(code).float().contiguous()  # [256, 2]
-    _pair_tables[key] = (weakref.ref(code, lambda _: _pair_tables.pop(key, None)), version, table)
-    return table
+    """float32 [256, 2]: (code[b >> 4], code[b & 15]) of byte b (LOOKUP "pairs")."""
+    return _per_code_tensor(code, "pairs", lambda c: byte_table(c).float().contiguous())
+
+
+def _holds_nf4(code: torch.Tensor) -> bool:
+    """Whether code holds the NF4 values, which `permute_lookup_ptx` has built in (one host sync per tensor;
+    False while a CUDA graph is being captured and the answer is not yet cached: the table path serves)."""
+    if code.is_cuda and torch.cuda.is_current_stream_capturing():
+        hit = _per_code.get((id(code), "nf4"))
+        return bool(hit is not None and hit[0]() is code and hit[2])
+    return _per_code_tensor(code, "nf4", lambda c: torch.equal(c.detach().cpu().float(), nf4_code()))
+
+
+def permute_words(dtype: torch.dtype) -> tuple[int, ...]:
+    """The NF4 values in `dtype` (16-bit) as 8 words of bytes for byte permutes: the high bytes of values 0-3,
+    4-7, 8-11, 12-15, then their low bytes (value i's in byte i % 4 of word i // 4)."""
+    bits = [v & 0xFFFF for v in nf4_code().to(dtype).view(torch.int16).tolist()]  # [16]
+    high, low = [b >> 8 for b in bits], [b & 0xFF for b in bits]
+    return tuple(sum(table[4 * w + i] << (8 * i) for i in range(4)) for table in (high, low) for w in range(4))
+
+
+@functools.cache
+def permute_lookup_ptx(dtype: torch.dtype) -> str:
+    """PTX for `tl.inline_asm_elementwise(..., pack=1)`: a 32-bit word of 4 packed bytes ($8) -> the NF4 values
+    of their high nibbles ($0 to $3, bytes 0 to 3) and of their low nibbles ($4 to $7), 16-bit, in `dtype`
+    (bf16 or fp16), unscaled. A nibble n picks its value's high byte and low byte with `prmt` (a byte of 8 by a
+    3-bit selector) from the tables of values 0-7 and 8-15 and keeps the one that n's bit 3 selects (`lop3`,
+    with a mask from `prmt`'s sign mode: the bit moved to its byte's sign), then `prmt` interleaves the two
+    bytes. A selector half is 4 nibbles in order (byte 0's low, high, byte 1's low, high); 21 instructions for
+    8 values, no memory access."""
+    h0, h1, h2, h3, l0, l1, l2, l3 = (f"0x{w:08X}" for w in permute_words(dtype))
+    half = (  # selector {sel} (4 nibbles' low 3 bits), mask selector {mask} -> {hi_out}, {lo_out}
+        "prmt.b32 t3, t2, $8, {mask};"  # 0xff in byte k where nibble k >= 8
+        "prmt.b32 t4, h0, h1, {sel}; prmt.b32 t5, h2, h3, {sel}; lop3.b32 t4, t4, t5, t3, 0xD8;"  # high bytes
+        "prmt.b32 t5, l0, l1, {sel}; prmt.b32 t6, l2, l3, {sel}; lop3.b32 t5, t5, t6, t3, 0xD8;"  # low bytes
+        "prmt.b32 {hi_out}, t5, t4, 0x7351; prmt.b32 {lo_out}, t5, t4, 0x6240;")  # (low, high) of nibbles 1, 3; 0, 2
+    return ("{.reg .b32 t0, t1, t2, t3, t4, t5, t6, h0, h1, h2, h3, l0, l1, l2, l3, e01, e23, o01, o23;"
+            f"mov.b32 h0, {h0}; mov.b32 h1, {h1}; mov.b32 h2, {h2}; mov.b32 h3, {h3};"
+            f"mov.b32 l0, {l0}; mov.b32 l1, {l1}; mov.b32 l2, {l2}; mov.b32 l3, {l3};"
+            "and.b32 t0, $8, 0x77777777; shr.b32 t1, t0, 16; shl.b32 t2, $8, 4;"
+            + half.format(sel="t0", mask="0xD9C8", hi_out="e01", lo_out="o01")
+            + half.format(sel="t1", mask="0xFBEA", hi_out="e23", lo_out="o23")
+            + "mov.b32 {$0, $1}, e01; mov.b32 {$2, $3}, e23; mov.b32 {$4, $5}, o01; mov.b32 {$6, $7}, o23;}")
 
 
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -565,7 +670,7 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
     block_n = max(2 if fma else 16, triton.next_power_of_2(N))
     ends = list(itertools.accumulate(triton.cdiv(o, BLOCK_O) for o in outs))  # each weight's last tile + 1
     tiles = ends[-1]
-    splits, per_split = _splits(tiles, row_blocks, sm_count(x.device))
+    splits, per_split = _splits(tiles, row_blocks, sm_count(x.device), fma)
     counts, partial = split_k_workspace(x.device, tiles + 2 * G)  # tile counters, then the shrink's (2 a weight)
     if splits > 1:
         partial = torch.empty(splits, tiles, BLOCK_O, block_n, device=x.device, dtype=torch.float32)
@@ -575,7 +680,16 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
     xa, shrink_splits, shrink_span = lora_input(x, G, R, xa, lora_a, shrink_k)
     producers = G * shrink_splits
 
-    tables = [w.code if LOOKUP == "nibbles" else _pair_table(w.code) for w in weights]
+    lookup, ptx = LOOKUP, ""
+    if lookup == "permute" and (fma or not all(_holds_nf4(w.code) for w in weights)):
+        lookup = "nibbles"  # the CUDA-core products take scaled values; another table has no permute words
+    if lookup == "permute" and x.dtype != torch.float32:  # the values in x's dtype: permuted, or a table's
+        if INTERPRET:
+            tables = [_per_code_tensor(w.code, x.dtype, lambda c: c.to(x.dtype)) for w in weights]
+        else:
+            tables, ptx = [w.code for w in weights], permute_lookup_ptx(x.dtype)
+    else:
+        tables = [_pair_table(w.code) if lookup == "pairs" else w.code for w in weights]
     _nf4_gemv_kernel[(producers + tiles * splits,)](
         x, *as_group(w.packed for w in weights), *as_group(w.absmax_q for w in weights),
         *as_group(w.absmax2 for w in weights), *as_group(w.offset for w in weights), *as_group(tables),
@@ -586,7 +700,7 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
         x.stride(0) // 2 if pairs else x.stride(0), per_split, tiles, splits, producers,
         HAS_BIAS=has_bias, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=BLOCK_O,
         BLOCK_R=block_r(R), X_PAIRS=pairs, DOT_F32=INTERPRET or x.dtype == torch.float32,
-        FMA=fma, NIBBLES=LOOKUP == "nibbles", PREFETCH=PREFETCH, PRECISION=precision,
+        FMA=fma, LOOKUP=lookup, PERMUTE_PTX=ptx, PREFETCH=PREFETCH, PRECISION=precision,
         SHRINK_SPLITS=shrink_splits, SHRINK_K=shrink_span, SHRINK_BLOCK_K=SHRINK_BLOCK_K,
         SHRINK_ROWS=max(16, block_n), num_warps=NUM_WARPS, num_stages=1, **pdl_options(x.device),
         enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
