@@ -476,9 +476,11 @@ def _nf4_tile(q_pid, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
     # first ones' weights before the wait for x (the previous kernel's output)
     byte, q, a2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first, last, STRIDE)
     if PREFETCH >= 2:
-        byte2, q2, a2_2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first + 1, last, STRIDE)
+        byte2, q2, a2_2 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first + 1, last,
+                                        STRIDE)
     if PREFETCH >= 3:
-        byte3, q3, a2_3 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first + 2, last, STRIDE)
+        byte3, q3, a2_3 = _load_weights(byte_at, absmax_q_ptr, absmax2_ptr, block_of_row, col_ok, first + 2, last,
+                                        STRIDE)
     wait_for_inputs(USE_PDL)
     xa, xb = _load_x(x_ptr, x_at, n_ok, j, first, last, X_PAIRS)
     if PREFETCH >= 2:
@@ -681,7 +683,8 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
     producers = G * shrink_splits
 
     lookup, ptx = LOOKUP, ""
-    if lookup == "permute" and (fma or not all(_holds_nf4(w.code) for w in weights)):
+    words_ok = all(_holds_nf4(w.code) and w.packed.data_ptr() % 4 == 0 for w in weights)  # 32-bit loads
+    if lookup == "permute" and (fma or not words_ok):
         lookup = "nibbles"  # the CUDA-core products take scaled values; another table has no permute words
     if lookup == "permute" and x.dtype != torch.float32:  # the values in x's dtype: permuted, or a table's
         if INTERPRET:

@@ -1,0 +1,106 @@
+"""The fused NF4 GEMV's machine code for sm_90, compiled on a machine without a GPU: registers, spills and the
+main loop's SASS instructions a block, by opcode (how the sixteenth session weighed the NF4 lookups offline,
+bench/RESULTS.md).
+
+Triton compiles for a target without a driver (`triton.compile` with a `GPUTarget`) and ships `cuobjdump`. The
+GPU machines run Triton 3.6, whose code differs from newer releases', so compile with that one:
+
+  pip install --target /tmp/triton36 --no-deps "triton==3.6.0"
+  PYTHONPATH=/tmp/triton36:src python scripts/nf4_sass.py [--rows 32] [--set LOOKUP=nibbles] [--dump FILE]
+
+The loop is found as the backward branch after the last HGMMA (the dot of a block); the kernel is compiled
+with the LoRA shrink in the launch, 16-bit x and the launcher's constants otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ahazero.models import nf4_kernels as nk  # noqa: E402
+
+
+def compile_kernel(rows: int, lookup: str):
+    """`_nf4_gemv_kernel` for sm_90 as `nf4_gemv` launches it for bf16 x of `rows` rows (LoRA r=32, the shrink in
+    the launch, no bias)."""
+    fn = nk._nf4_gemv_kernel
+    block_n = max(16, triton.next_power_of_2(rows))
+    types = {"x_ptr": "*bf16", "xa_ptr": "*fp32", "partial_ptr": "*fp32", "count_ptr": "*i32"}
+    for g in range(3):
+        types.update({f"packed{g}": "*u8", f"absq{g}": "*u8", f"abs2_{g}": "*fp32", f"offset{g}": "*fp32",
+                      f"table{g}": "*fp32", f"dyn{g}": "*fp32", f"bias{g}": "*bf16", f"la{g}": "*fp32",
+                      f"lb{g}": "*fp32", f"y{g}": "*bf16", f"s{g}": "fp32", f"o{g}": "i32"})
+    constants = dict(HAS_BIAS=False, HAS_LORA=True, BLOCK_N=block_n, BLOCK_O=nk.BLOCK_O, BLOCK_R=32,
+                     X_PAIRS=True, DOT_F32=False, FMA=False, LOOKUP=lookup,
+                     PERMUTE_PTX=nk.permute_lookup_ptx(torch.bfloat16) if lookup == "permute" else "",
+                     PREFETCH=nk.PREFETCH, PRECISION="ieee", SHRINK_SPLITS=6, SHRINK_K=256,
+                     SHRINK_BLOCK_K=nk.SHRINK_BLOCK_K, SHRINK_ROWS=block_n, USE_PDL=True)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        signature[name] = "constexpr" if name in constants else types.get(name, "i32")
+        if signature[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=nk.NUM_WARPS, num_stages=1, enable_fp_fusion=False))
+
+
+def cuobjdump(kernel, *flags: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions from the target of the first backward branch after the last HGMMA to that branch."""
+    lines = [(int(m.group(1), 16), m.group(2).strip()) for m in
+             re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass, re.M)]
+    last_dot = max(i for i, (_, ins) in enumerate(lines) if "HGMMA" in ins)
+    for at, ins in lines[last_dot:]:
+        target = re.search(r"BRA (0x[0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < at:
+            return [i for a, i in lines if int(target.group(1), 16) <= a <= at]
+    raise SystemExit("no loop found after the last HGMMA")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--set", action="append", default=[], metavar="CONSTANT=VALUE",
+                    help="an nf4_kernels constant (LOOKUP, BLOCK_O, NUM_WARPS, PREFETCH), repeatable")
+    ap.add_argument("--dump", help="write the whole SASS here")
+    args = ap.parse_args()
+    for setting in args.set:
+        name, _, text = setting.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        setattr(nk, name, value)
+    kernel = compile_kernel(args.rows, nk.LOOKUP)
+    print(f"triton {triton.__version__}, sm_90, {args.rows} rows, LOOKUP {nk.LOOKUP}:",
+          " ".join(re.findall(r"REG:\d+|STACK:\d+|LOCAL:\d+", cuobjdump(kernel, "--dump-resource-usage"))))
+    sass = cuobjdump(kernel, "--dump-sass")
+    if args.dump:
+        Path(args.dump).write_text(sass)
+    loop = main_loop(sass)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0] for ins in loop)
+    print(f"main loop: {len(loop)} instructions a block;", ", ".join(f"{op} {n}" for op, n in ops.most_common(16)))
+
+
+if __name__ == "__main__":
+    main()
