@@ -157,7 +157,8 @@ def test_fused_nf4_linear_matches_dequantise_then_matmul(N, K, O, dtype, fma_row
     torch.testing.assert_close(direct, want, **tol)
     torch.testing.assert_close(got, direct, atol=0, rtol=0)  # the module took the kernel
     torch.testing.assert_close(plain(x), want, **tol)
-    assert fused(torch.randn(40, K, dtype=dtype, device=DEVICE)).shape == (40, O)  # above MAX_ROWS: plain path
+    rows = nf4_kernels.MAX_ROWS + 1  # above MAX_ROWS: the plain path
+    assert fused(torch.randn(rows, K, dtype=dtype, device=DEVICE)).shape == (rows, O)
 
 
 def test_fused_nf4_kernel_is_only_used_where_blocks_do_not_span_rows():
@@ -185,11 +186,13 @@ def test_fused_nf4_kernel_splits_k_and_reduces_in_the_last_split(N, dtype, bias,
     from ahazero.models.linear4bit import Linear4bit
     monkeypatch.setattr(nf4_kernels, "BLOCK_O", block_o)
     monkeypatch.setattr(nf4_kernels, "FMA_MAX_ROWS", fma_rows)
+    for name in ("PROGRAMS_PER_SM", "MIN_BLOCKS_PER_SPLIT", "FMA_PROGRAMS_PER_SM", "FMA_MIN_BLOCKS_PER_SPLIT"):
+        monkeypatch.setattr(nf4_kernels, name, 4)  # 4 splits of 5 blocks and one of 3, whatever the defaults
     torch.manual_seed(0)
     K, O = 1152, 130
     layer = Linear4bit.from_linear(torch.nn.Linear(K, O, bias=bias).to(dtype)).to(DEVICE)
     tiles = -(-O // nf4_kernels.BLOCK_O)
-    splits, per_split = nf4_kernels._splits(tiles, K // 64, nf4_kernels.sm_count(torch.device(DEVICE)))
+    splits, per_split = nf4_kernels._splits(tiles, K // 64, nf4_kernels.sm_count(torch.device(DEVICE)), N <= fma_rows)
     assert splits > 1 and K // 64 % per_split
     x = torch.randn(N, K + 1, dtype=dtype, device=DEVICE)[:, 1:]  # [N, K], rows K + 1 apart, 2 bytes off
     with torch.no_grad():
