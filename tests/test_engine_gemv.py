@@ -76,7 +76,7 @@ def quantized(linear):
 @pytest.mark.parametrize("N,K,outs,R,dtype,bias,lookup,prefetch", [
     (6, 1152, [130, 64, 64], 8, torch.bfloat16, True, "pairs", 1),  # q/k/v-like with bias, K split, ragged tile
     (6, 1152, [130, 64, 64], 8, torch.bfloat16, True, "nibbles", 3),
-    (1, 640, [70], 4, torch.float32, False, "nibbles", 2),  # one row: the CUDA-core products
+    (1, 640, [70], 4, torch.float32, False, "nibbles", 2),  # one row (the CUDA-core products: test_engine_kernels)
     (32, 384, [64, 200], 32, torch.float16, False, "pairs", 3),  # gate/up-like, the largest batch served
     (6, 1152, [130, 64, 64], 8, torch.bfloat16, True, "permute", 2),  # the default lookup: unscaled values
     (32, 384, [64, 200], 32, torch.float16, False, "permute", 1),

@@ -30,7 +30,7 @@ nf4[code] * absmax, in float32, rounded to x's dtype), from the block's bytes re
 line, "pairs" one 8-byte load from a [256, 2] table of each byte's two values (2 KB: more L1 wavefronts
 per gather). "permute" takes the table's loads in Triton's interpreter (the CPU tests; the PTX itself is
 checked there by an interpreter of its instructions), for float32 x, and wherever a weight's code is not
-the NF4 table; "nibbles" serves the CUDA-core products (N <= FMA_MAX_ROWS).
+the NF4 table; "nibbles" serves the CUDA-core products (N <= FMA_MAX_ROWS, none by default).
 
 The dot is "swapped", out^T [BLOCK_O, BLOCK_N] = W [BLOCK_O, K] @ x^T [K, BLOCK_N], so the weight tile
 is the MMA's A operand, which Hopper's wgmma reads from registers (Triton moves the values into that layout
@@ -62,9 +62,12 @@ rounded up to a power of 2, at least 16; 8 would take mma.sync instead of wgmma)
 up to which the products run on the CUDA cores, a [32, BO, BN] multiply summed over the block's bytes,
 instead of the dot) and MAX_ROWS (the crossover with dequantise + GEMM). `python bench/kernels.py --only
 nf4` times configurations per decoder layer (4 group launches with LoRA); on an H200 (2026-11-29, sixteenth
-session) the defaults took 60.8 / 77.9 / 92.4 us at N = 6 / 32 / 64, against 54.9 / 60.1 / 78.0 for the same
-launches over bf16 weights, which read 3.9x the bytes (bench/RESULTS.md): the kernel is bound by its own
-latency and instructions (the dequantisation between the loads and the MMA), not by memory.
+session) the defaults took 60.9 / 60.8 / 77.9 / 92.4 us at N = 1 / 6 / 32 / 64, against 52.6 / 54.9 / 60.1 /
+78.0 for the same launches over bf16 weights, which read 3.9x the bytes (bench/RESULTS.md). The kernel is
+bound by its own latency and instructions, not by memory: ncu on the gate/up launch at 32 rows (280 tiles,
+unsplit, about 2 programs an SM) found 41% of the issue slots used, 2.2 warps per scheduler, and the stalls
+per issued instruction led by global loads (1.26 cycles), shared-memory barriers (0.97: the values' staging
+for the MMA) and fixed-latency waits (0.70).
 
 Also here: `dequantize`, the whole weight in one launch (the training step's forward and backward), and
 the pieces the engine's other kernels share with this one: the split rule and the split-K reduction
@@ -95,7 +98,7 @@ MIN_BLOCKS_PER_SPLIT = 8  # at least this many 64-blocks (32 bytes of each row) 
 # (bench/kernels.py, one layer's 4 groups with LoRA, LOOKUP "permute"): 2 / 8 took 61.6 / 78.3 us at N = 6 / 32
 # against 4 / 4's 67.3 / 90.9
 FMA_PROGRAMS_PER_SM, FMA_MIN_BLOCKS_PER_SPLIT = 4, 4  # the same for the CUDA-core products (N <= FMA_MAX_ROWS):
-# at N = 1, 4 / 4 took 83.6 us against 2 / 8's 103.6
+# at N = 1, 4 / 4 took 83.6 us against 2 / 8's 103.6 there
 PREFETCH = 2  # blocks whose loads are in flight while one is dequantised (1 to 3). H100, seventh session: W1 at
 # batch 32, 4-bit, 7,786 / 7,998 / 7,314 tokens/s with 1 / 2 / 3; W2 0.865 / - / 0.799 s (as noisy as the table)
 LOOKUP = "permute"  # NF4 values per byte: "permute" (byte permutes in registers, `permute_lookup_ptx`; each block's
@@ -103,9 +106,11 @@ LOOKUP = "permute"  # NF4 values per byte: "permute" (byte permutes in registers
 # "pairs" (one 8-byte load from a [256, 2] table over 2 KB: more L1 wavefronts per gather); the last two scale each
 # value. H100, seventh session (bench/kernels.py, one layer's 4 groups with LoRA): nibbles 90.4 / 99.1 / 108.3 us
 # against pairs 100.5 / 115.8 / 121.0 at N = 1 / 6 / 32; W1 at batch 32, 4-bit: 7,671 against 7,186 tokens/s
-FMA_MAX_ROWS = 1  # up to this many rows, multiply on the CUDA cores instead of the tensor cores. H100,
-# bench/kernels.py, one Qwen2.5-1.5B layer: 94.5 against 104.7 us at N = 1; at N = 6 152 against 108 us and at
-# N = 32 the [32, BO, BN] products spill (14 ms), so the tensor cores take every batch above 1
+FMA_MAX_ROWS = 0  # up to this many rows, multiply on the CUDA cores (with "nibbles" values) instead of the tensor
+# cores. H200, sixteenth session (bench/kernels.py, one layer's 4 groups with LoRA): at N = 1 the permute lookup's
+# dot took 60.9 us against the CUDA cores' 83.4 (W2 with one completion, 4-bit: 0.556 against 0.686 s), so the tensor
+# cores take every batch. (H100, seventh session, with the [16] code's lookup: 94.5 against 104.7 us at N = 1 for the
+# CUDA cores; 152 against 108 at N = 6; at N = 32 their [32, BO, BN] products spill.)
 SHRINK_K = 256  # a LoRA shrink fused into a GEMV launch (`publish_shrink`): columns of K per producer program
 SHRINK_BLOCK_K = 64  # and its K block
 COUNTERS = 1 << 14  # per-device tile counters for the split-K reduction (grown on demand)
