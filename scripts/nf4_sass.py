@@ -6,7 +6,8 @@ Triton compiles for a target without a driver (`triton.compile` with a `GPUTarge
 GPU machines run Triton 3.6, whose code differs from newer releases', so compile with that one:
 
   pip install --target /tmp/triton36 --no-deps "triton==3.6.0"
-  PYTHONPATH=/tmp/triton36:src python scripts/nf4_sass.py [--rows 32] [--set LOOKUP=nibbles] [--dump FILE]
+  PYTHONPATH=/tmp/triton36:src python scripts/nf4_sass.py [--rows 32] [--set ahazero.models.nf4_kernels.LOOKUP=nibbles]
+      [--dump FILE]
 
 The loop is found as the backward branch after the last HGMMA (the dot of a block); the kernel is compiled
 with the LoRA shrink in the launch, 16-bit x and the launcher's constants otherwise.
@@ -14,7 +15,6 @@ with the LoRA shrink in the launch, 16-bit x and the launcher's constants otherw
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import os
 import re
@@ -23,7 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -31,6 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ahazero.models import nf4_kernels as nk  # noqa: E402
+from rollout import set_constant  # noqa: E402  (bench/rollout.py's --set)
 
 
 def compile_kernel(rows: int, lookup: str):
@@ -80,17 +83,13 @@ def main_loop(sass: str) -> list[str]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=32)
-    ap.add_argument("--set", action="append", default=[], metavar="CONSTANT=VALUE",
-                    help="an nf4_kernels constant (LOOKUP, BLOCK_O, NUM_WARPS, PREFETCH), repeatable")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.CONSTANT=VALUE",
+                    help="a module constant, as bench/rollout.py's --set (nf4_kernels' LOOKUP, BLOCK_O, NUM_WARPS, "
+                         "PREFETCH), repeatable")
     ap.add_argument("--dump", help="write the whole SASS here")
     args = ap.parse_args()
     for setting in args.set:
-        name, _, text = setting.partition("=")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        setattr(nk, name, value)
+        set_constant(setting)
     kernel = compile_kernel(args.rows, nk.LOOKUP)
     print(f"triton {triton.__version__}, sm_90, {args.rows} rows, LOOKUP {nk.LOOKUP}:",
           " ".join(re.findall(r"REG:\d+|STACK:\d+|LOCAL:\d+", cuobjdump(kernel, "--dump-resource-usage"))))

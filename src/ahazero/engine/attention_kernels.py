@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.nf4_kernels import pdl_options, sm_count, split_k_workspace, wait_for_inputs
+from ..models.nf4_kernels import last_to_arrive, pdl_options, sm_count, split_k_workspace, wait_for_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's dot is wrong for bf16: use float32
 CHUNK = 256  # KV positions per split program, at most
@@ -80,9 +80,7 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, out_ptr, coun
     tl.store(ml_ptr + row * 2, m)
     tl.store(ml_ptr + row * 2 + 1, l)
     if MERGE:
-        tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
-        arrived = tl.atomic_add(count_ptr + b * HKV + h, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
+        if last_to_arrive(count_ptr + b * HKV + h, SPLITS):
             _merge(acc_ptr, ml_ptr, out_ptr, b, h, stride_ob, stride_oh, HKV, G, D, SPLITS, BLOCK_G)
             tl.store(count_ptr + b * HKV + h, 0)
 

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.nf4_kernels import (as_group, block_r, pdl_options, pick, shrink_sum, split_k_workspace,
-                                  wait_for_inputs)
+from ..models.nf4_kernels import (as_group, block_r, last_to_arrive, pdl_options, pick, shrink_sum,
+                                  split_k_workspace, wait_for_inputs)
 
 BLOCK_N = 16  # rows per program: small batches are the point, and a row block re-reads A and B from L2
 # The shrink is latency-bound at decode sizes (A is 32 x 1536 to 32 x 8960, x a few rows): its time is
@@ -64,10 +64,8 @@ def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, 
         tl.store(out_ptr + at, acc, mask=mask)
     else:
         tl.store(partial_ptr + s * G * N * R + at, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
         counter = count_ptr + pid_n * G + g
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:  # the row block's last split: add the partials in split order
+        if last_to_arrive(counter, SPLITS):  # the row block's last split: add the partials in split order
             total = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
             for t in tl.static_range(SPLITS):  # unrolled: the loads are in flight together
                 total += tl.load(partial_ptr + t * G * N * R + at, mask=mask, other=0.0, cache_modifier=".cg")

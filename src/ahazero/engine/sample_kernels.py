@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models.nf4_kernels import pdl_options, sm_count, split_k, split_k_workspace, wait_for_inputs
+from ..models.nf4_kernels import (last_to_arrive, pdl_options, sm_count, split_k, split_k_workspace,
+                                  wait_for_inputs)
 
 logger = logging.getLogger("ahazero")
 
@@ -76,9 +77,7 @@ def _sample_kernel(logits_ptr, tokens_ptr, logprobs_ptr, partial_ptr, count_ptr,
         tl.store(at + 2, best)
         tl.store(at + 3, best_at.to(tl.float32))  # exact: V < 2^24
         tl.store(at + 4, best_logit)
-        tl.debug_barrier()  # the stats are written before the counter moves (release)
-        arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
-        done = arrived == S - 1
+        done = last_to_arrive(count_ptr + row, S)
         if done:  # the row's last split: combine all splits in order
             top = tl.full((), float("-inf"), tl.float32)
             t = 0

@@ -150,6 +150,17 @@ def supports(in_features: int, blocksize: int, nested_blocksize: int) -> bool:
 
 
 @triton.jit
+def last_to_arrive(counter, S):
+    """After a program has stored its part of a job of S parts: bump the job's counter and return whether this
+    was the last of the S to arrive (then every part is visible to it; it resets the counter to 0 when it is
+    done with them). Shared by the kernels that finish a job in its last program: the split-K reduction
+    (`split_k_sum`), engine/attention_kernels.py's merge, engine/lora_kernels.py's shrink and
+    engine/sample_kernels.py's splits."""
+    tl.debug_barrier()  # every thread's part is written before the counter moves (release)
+    return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == S - 1
+
+
+@triton.jit
 def split_k_sum(acc, partial_at, split_stride, mask, s, S, counter):
     """The end of split s of S of a split-K tile: stores its float32 partial `acc` at partial_at + s *
     split_stride (where `mask`) and bumps the tile's counter. Returns (done, acc): the tile's last split to
@@ -157,9 +168,7 @@ def split_k_sum(acc, partial_at, split_stride, mask, s, S, counter):
     resets the counter to 0 for the next launch; the others get (False, their own acc). Shared by the
     split-K kernels (this NF4 GEMV, engine/gemv_kernels.py)."""
     tl.store(partial_at + s * split_stride, acc, mask=mask)
-    tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    done = arrived == S - 1
+    done = last_to_arrive(counter, S)
     if done:
         total = tl.zeros_like(acc)
         t = 0
@@ -688,9 +697,10 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
     producers = G * shrink_splits
 
     lookup, ptx = LOOKUP, ""
-    words_ok = all(_holds_nf4(w.code) and w.packed.data_ptr() % 4 == 0 for w in weights)  # 32-bit loads
-    if lookup == "permute" and (fma or not words_ok):
-        lookup = "nibbles"  # the CUDA-core products take scaled values; another table has no permute words
+    if lookup == "permute" and (fma or not all(_holds_nf4(w.code) and w.packed.data_ptr() % 4 == 0
+                                               for w in weights)):
+        lookup = "nibbles"  # the CUDA-core products take scaled values; another table has no permute words; the
+        # words' 32-bit loads need 4-byte aligned bytes
     if lookup == "permute" and x.dtype != torch.float32:  # the values in x's dtype: permuted, or a table's
         if INTERPRET:
             tables = [_per_code_tensor(w.code, x.dtype, lambda c: c.to(x.dtype)) for w in weights]
