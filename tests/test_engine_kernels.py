@@ -294,13 +294,14 @@ def test_4bit_layers_dequantise_through_the_kernel_and_fall_back_when_it_disagre
     monkeypatch.setattr(nf4_kernels, "dequantize",  # (on a GPU the fused GEMV's own check dequantises too)
                         lambda *args: calls.append(args[0] is layer.weight) or original(*args))
     monkeypatch.setattr(linear4bit.Linear4bit, "dequant_kernel", True)
-    x = torch.randn(40, 128, device=DEVICE, requires_grad=True)  # 40 rows: the dequantise-then-matmul path
+    rows = nf4_kernels.MAX_ROWS + 1  # above the fused GEMV's rows: the dequantise-then-matmul path
+    x = torch.randn(rows, 128, device=DEVICE, requires_grad=True)
     y = layer(x)
     y.sum().backward()
     assert sum(calls) == 2  # the forward and the backward's input gradient
     weight = linear4bit.dequantize_nf4(layer.weight, layer.quant_state)  # [64, 128]
     torch.testing.assert_close(y, x @ weight.t() + layer.bias, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad, torch.ones(40, 64, device=DEVICE) @ weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, torch.ones(rows, 64, device=DEVICE) @ weight, atol=1e-5, rtol=1e-5)
 
     device = torch.device(DEVICE)
     linear4bit._dequant_kernel_checked.cache_clear()
