@@ -254,6 +254,36 @@ def test_more_sequences_than_slots(tok):
     assert [[c.token_ids for c in o.outputs] for o in again] == [[c.token_ids for c in o.outputs] for o in narrow]
 
 
+@pytest.mark.parametrize("ahead", [1, 2, 3])
+def test_decode_ahead_keeps_every_output(tok, ahead):
+    """Steps queued ahead of the bookkeeping change no token: sequences stop by EOS at different steps (the
+    steps queued after a stop are discarded), reach max_seq_length while others run on (their queued positions
+    stay inside their own slot), and groups wait for slots. No step is queued past the last length limit."""
+    m = model("qwen2")
+    prompts = prompt_ids(tok)
+    free = engine(m, tok).generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    stops = [o.outputs[0].token_ids[k] for o, k in zip(free, (2, 9, 5, 11))]
+    params = SamplingParams(temperature=0, max_tokens=12, n=2)
+    want = engine(_eos_model(stops), tok, decode_ahead=1).generate(prompts, params)
+    narrow = engine(_eos_model(stops), tok, decode_ahead=ahead, max_batch_size=3)
+    got = narrow.generate(prompts, params)
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+    assert len({len(o.outputs[0].token_ids) for o in got}) > 2
+    # max_seq_length 20: the prompts of 12 and 15 tokens end there while the short ones run on to max_tokens
+    short = engine(m, tok, max_seq_length=20, decode_ahead=ahead)
+    steps = []
+    decode = short.runner.decode
+    short.runner.decode = lambda *args: steps.append(1) or decode(*args)
+    outs = short.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        c = out.outputs[0]
+        assert len(c.token_ids) == min(12, 20 - len(prompt)) and c.finish_reason == "length"
+        assert c.token_ids == hf_greedy(m, prompt, len(c.token_ids))
+    assert len(steps) == 12 - 1  # the prefill samples the first token; no step runs past the last limit
+    with pytest.raises(ValueError, match="decode_ahead"):
+        engine(m, tok, decode_ahead=0)
+
+
 def test_prefill_split_by_token_budget(tok):
     m = model("llama")
     prompts = prompt_ids(tok)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 CPU_KV_BYTES = 1 << 30  # on the CPU the KV cache gets a modest fixed budget (1 GiB)
+DECODE_AHEAD = 2  # EngineConfig.decode_ahead's default
 
 
 @dataclass(slots=True)
@@ -43,6 +44,8 @@ class EngineConfig:
     `kv_len_bucket`: decode attends over the first multiple of this many cache positions that covers
     the longest running sequence (one graph per bucket), not over the whole slot.
     `graph_batch_sizes`: the batch-size buckets; a batch runs in the smallest bucket that holds it.
+    `decode_ahead`: decode steps queued on the device before the oldest one's tokens are read back (the
+    engine's step; 1 is vLLM's async scheduling). Each extra step costs a discarded token per stopped sequence.
     `release_kv` frees the KV cache when a `generate` call returns (on CUDA by default), so that what runs
     between calls (a GRPO update) has its memory; the next call allocates it again. The decode graphs hold
     the cache's address: they are kept when the new cache lands at the old address (the caching allocator
@@ -66,6 +69,7 @@ class EngineConfig:
     sample_kernel: bool | None = None
     kv_len_bucket: int = 128
     release_kv: bool | None = None
+    decode_ahead: int | None = None
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192,
                                                         224, 256, 320, 384, 448, 512))
 
@@ -106,6 +110,10 @@ class EngineConfig:
             self.gemv_kernels = self.fused_kernels
         if self.gemv_kernels and not self.fused_kernels:
             raise ValueError("gemv_kernels needs fused_kernels (it runs inside the fused decode step)")
+        if self.decode_ahead is None:
+            self.decode_ahead = DECODE_AHEAD
+        if self.decode_ahead < 1:
+            raise ValueError(f"decode_ahead must be >= 1, got {self.decode_ahead}")
         if self.attention == "triton":
             self.kv_len_bucket = self.max_seq_length  # the kernel reads lengths itself: one bucket
         if self.kv_len_bucket < 1:

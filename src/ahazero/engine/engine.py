@@ -7,6 +7,7 @@ step, or any in-place change of the LoRA weights, is seen by the next `generate`
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
@@ -98,7 +99,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.runner.num_slots, config.max_prefill_tokens)
         self._bound: dict[str | None, llama.LlamaWeights] = {}
         self._fallback: HFGenerator | None = None
-        self.inflight: _Step | None = None  # a decode step queued on the device, tokens not yet read
+        self.inflight: deque[_Step] = deque()  # steps queued on the device, tokens not yet read, oldest first
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: Seq[Seq[int]], params: SamplingParams,
@@ -114,48 +115,57 @@ class LLMEngine:
             while not self.scheduler.done:
                 self.step(call)
         finally:
-            self.inflight = None  # only finished sequences are left in it (or an error stopped us)
+            self.inflight.clear()  # only finished sequences are left in them (or an error stopped us)
             self.scheduler.clear()
             if self.config.release_kv:
                 self.runner.release()  # its memory goes to what runs until the next call (a GRPO update)
         return [self._output(group, params) for group in groups]
 
     def step(self, call: _Call) -> None:
-        """One forward: schedule, run, sample; then record the previous step's tokens.
+        """One forward: schedule, run, sample; then record the steps older than `decode_ahead`.
 
-        Decode runs one step ahead (vLLM's async scheduling): step t+1 is queued on the GPU, fed from
-        step t's sampled tokens still on the device, before step t's tokens are read back and checked
-        for stops, so the CPU's bookkeeping overlaps the GPU's work. A sequence that stopped at step t
-        gets one discarded token from step t+1. Prefill steps are synchronous.
+        Decode runs ahead (vLLM's async scheduling): step t+1 is queued on the GPU, fed from step t's
+        sampled tokens still on the device, before the tokens of step t + 1 - decode_ahead are read back
+        and checked for stops, so the CPU's bookkeeping overlaps the GPU's work (and, two steps ahead, a
+        slow bookkeeping step does not leave the GPU idle). A sequence that stopped at step t gets up to
+        decode_ahead discarded tokens from the steps queued after it; no step is queued once every running
+        sequence reaches its length limit (max_tokens, max_seq_length) within the queued ones. Prefill
+        steps are synchronous.
         """
         if self.scheduler.waiting:
             self._finish(call)  # may free the slots a waiting group needs
         seqs, is_prefill = self.scheduler.schedule()
+        ahead = len(self.inflight)  # tokens of each running sequence not yet recorded (every one ran in all)
         if is_prefill:
             logits = self.runner.prefill(call.weights, seqs)  # [S, V]
+        elif ahead and all(call.stop.reaches_length(seq, ahead) for seq in seqs):
+            self._finish(call)  # the queued steps end every sequence: nothing to run
+            return
         else:
-            logits = self.runner.decode(call.weights, call.key, seqs, self._pending_tokens(seqs))  # [B, V]
+            logits = self.runner.decode(call.weights, call.key, seqs, self._pending_tokens(seqs), ahead)  # [B, V]
         launched = _Step.launch(seqs, *self.sampler(logits, call.params, call.generator))
-        self._finish(call)
-        self.inflight = launched
+        self._finish(call, keep=0 if is_prefill else self.config.decode_ahead - 1)
+        self.inflight.append(launched)
         if is_prefill:
             self._finish(call)
 
-    def _finish(self, call: _Call) -> None:
-        """Read back the in-flight step's tokens, append them, free and compact the finished sequences' slots."""
-        if self.inflight is None:
-            return
-        step, self.inflight = self.inflight, None
-        self.scheduler.postprocess(step.seqs, *step.read(), call.stop)
-        self.runner.move_slots(self.scheduler.compact())
+    def _finish(self, call: _Call, keep: int = 0) -> None:
+        """Read back the oldest in-flight steps' tokens until `keep` steps are left in flight: append them, free
+        and compact the finished sequences' slots (the slot moves queue behind the steps still in flight)."""
+        while len(self.inflight) > keep:
+            step = self.inflight.popleft()
+            self.scheduler.postprocess(step.seqs, *step.read(), call.stop)
+            self.runner.move_slots(self.scheduler.compact())
 
     def _pending_tokens(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """The in-flight step's tokens [B] (on the device) for `seqs`, which all ran in it; None when none."""
-        if self.inflight is None:
+        """The newest in-flight step's tokens [B] (on the device) for `seqs`, which all ran in it; None when
+        nothing is in flight."""
+        if not self.inflight:
             return None
-        row = {id(seq): i for i, seq in enumerate(self.inflight.seqs)}
+        newest = self.inflight[-1]
+        row = {id(seq): i for i, seq in enumerate(newest.seqs)}
         rows = to_device(torch.tensor([row[id(seq)] for seq in seqs]), self.config.device)  # [B]
-        return self.inflight.tokens[rows]
+        return newest.tokens[rows]
 
     def _bind(self, adapter: str | None) -> llama.LlamaWeights:
         """References to the live parameters with `adapter` on; the cached binding is kept while it reads

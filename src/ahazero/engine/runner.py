@@ -109,16 +109,20 @@ class ModelRunner:
         return logits[meta.rows]  # [S, V]
 
     @torch.no_grad()
-    def decode(self, weights, key, seqs: list[Sequence], pending: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, weights, key, seqs: list[Sequence], pending: torch.Tensor | None = None,
+               ahead: int = 1) -> torch.Tensor:
         """Running sequences, sequence b in slot b. Returns logits [B, V].
 
-        `pending` [B]: each sequence's newest token when it is still on the device (sampled by a step
-        not yet recorded); it then sits one position past the recorded sequence."""
+        `pending` [B]: each sequence's newest token when it is still on the device (sampled by the newest
+        of `ahead` steps not yet recorded); it then sits `ahead` positions past the recorded sequence. A
+        position past the cache's last (a sequence that reaches max_seq_length in a step not yet recorded:
+        this step's token is discarded) is moved to the last, the sequence's own."""
         if pending is None:
             ids = self._to(torch.tensor([s.last_token for s in seqs]))  # [B]
             lengths = [s.length for s in seqs]
         else:
-            ids, lengths = pending, [s.length + 1 for s in seqs]
+            ids = pending
+            lengths = [min(s.length + ahead, self.config.max_seq_length) for s in seqs]
         positions = self._to(torch.tensor(lengths) - 1)  # [B]
         kv_len = self._kv_len(max(lengths))
         if self.graphs is not None:

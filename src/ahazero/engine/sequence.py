@@ -56,9 +56,13 @@ class StopChecker:
             return "stop"
         if self.stop_strings and self._hit_stop_string(seq.completion_ids[-self.tail:]):
             return "stop"
-        if len(seq.completion_ids) >= self.max_tokens or seq.length >= self.max_seq_length:
+        if self.reaches_length(seq, 0):
             return "length"
         return None
+
+    def reaches_length(self, seq: Sequence, ahead: int) -> bool:
+        """Whether `seq` stops by length (max_tokens or max_seq_length) within its next `ahead` tokens."""
+        return len(seq.completion_ids) + ahead >= self.max_tokens or seq.length + ahead >= self.max_seq_length
 
     def _hit_stop_string(self, tail_ids: list[int]) -> bool:
         text = self.tokenizer.decode(tail_ids, skip_special_tokens=True)
