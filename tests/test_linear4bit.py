@@ -120,7 +120,7 @@ def test_load_in_4bit_quantises_linears_and_stays_close_to_16bit(arch, tmp_path)
     m4, _ = load4(path)
     linears = [m for m in m4.modules() if isinstance(m, Linear4bit)]
     assert len(linears) == 14 and type(m4.lm_head) is torch.nn.Linear
-    ids = torch.tensor([tok.encode("Natalia sold clips to 48 of her friends in April")])
+    ids = torch.tensor([tok.encode("Natalia sold clips to 48 of her friends in April")], device=m4.device)
     with torch.no_grad():
         l16, l4, l_twin = m16(ids).logits, m4(ids).logits, dequantized_copy(m4)(ids).logits
     torch.testing.assert_close(l4, l_twin, atol=1e-5, rtol=1e-5)  # the 4-bit model is its dequantised twin
@@ -151,7 +151,7 @@ def test_qlora_step_trains_only_the_adapter_and_engine_decodes_the_4bit_weights(
     out = model.fast_generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
                               lora_request=model.load_lora(model.save_lora(tmp_path / "lora")))
     with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
+        ref = model.generate(torch.tensor([prompt], device=model.device), do_sample=False, max_new_tokens=10, min_new_tokens=10,
                              pad_token_id=tiny.QWEN_PAD)[0, len(prompt):].tolist()
     assert out[0].outputs[0].token_ids == ref
 
@@ -161,9 +161,9 @@ def test_exports_of_a_4bit_model(model_dir, tmp_path):
     model, tok = load4(model_dir)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                              init_lora_weights=False, use_gradient_checkpointing=False)
-    ids = torch.tensor([tok.encode("Tom has 3 apples and buys 5 more. How many apples?")])
+    ids = torch.tensor([tok.encode("Tom has 3 apples and buys 5 more. How many apples?")])  # transformers' (CPU)
     with torch.no_grad():
-        ref = model(ids).logits
+        ref = model(ids.to(model.device)).logits.cpu()
     model.save_pretrained_merged(tmp_path / "m16", tok, save_method="merged_16bit")
     model.save_pretrained_merged(tmp_path / "m4", tok, save_method="merged_4bit")
     m16 = AutoModelForCausalLM.from_pretrained(tmp_path / "m16")
@@ -179,13 +179,14 @@ def test_exports_of_a_4bit_model(model_dir, tmp_path):
     assert torch.equal(layer.k_proj.weight, base_layer.k_proj.weight)  # untouched: the same codes
     assert not torch.equal(layer.q_proj.weight, base_layer.q_proj.base_layer.weight)  # merged, requantised
     merged_q = m16.model.layers[0].self_attn.q_proj.weight.detach()  # dequantised base + LoRA
-    assert torch.equal(layer.q_proj.dequantized_weight(), dequantize_nf4(*quantize_nf4(merged_q)))
+    assert torch.equal(layer.q_proj.dequantized_weight().cpu(), dequantize_nf4(*quantize_nf4(merged_q)))
 
     # from files: the 4-bit folder to merged_16bit is exactly its dequantised weights
     export_checkpoint(tmp_path / "m4", tmp_path / "back16", to="merged_16bit")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back16")
     with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, dequantized_copy(m4)(ids).logits, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(back(ids).logits, dequantized_copy(m4)(ids.to(m4.device)).logits.cpu(),
+                                   atol=1e-6, rtol=1e-6)
 
 
 def test_transformers_with_bitsandbytes_loads_our_merged_4bit(model_dir, tmp_path):
@@ -194,9 +195,9 @@ def test_transformers_with_bitsandbytes_loads_our_merged_4bit(model_dir, tmp_pat
     model.save_pretrained_merged(tmp_path / "m4", tok, save_method="merged_4bit")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "m4", device_map="cpu")
     assert type(theirs.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    ids = torch.tensor([tok.encode("Tom has 3 apples and buys 5 more.")])
+    ids = torch.tensor([tok.encode("Tom has 3 apples and buys 5 more.")])  # theirs is on the CPU
     with torch.no_grad():
-        ours, bnb = model(ids).logits, theirs(ids).logits.float()
+        ours, bnb = model(ids.to(model.device)).logits.cpu(), theirs(ids).logits.float()
     # bnb's CPU backend keeps the absmax in bfloat16 (2^-9 relative), so not bit-exact here
     assert (bnb - ours).norm() / ours.norm() < 2e-2
 
@@ -228,4 +229,4 @@ def test_merged_4bit_of_a_16bit_model_quantises_every_linear_once(model_dir, tmp
     pairs = [(n, m, m16.get_submodule(n)) for n, m in m4.named_modules() if isinstance(m, Linear4bit)]
     assert len(pairs) == 14
     for name, q, full in pairs:
-        assert torch.equal(q.dequantized_weight(), dequantize_nf4(*quantize_nf4(full.weight.detach()))), name
+        assert torch.equal(q.dequantized_weight().cpu(), dequantize_nf4(*quantize_nf4(full.weight.detach()))), name
