@@ -9,8 +9,11 @@ GPU machines run Triton 3.6, whose code differs from newer releases', so compile
   PYTHONPATH=/tmp/triton36:src python scripts/nf4_sass.py [--rows 32] [--set ahazero.models.nf4_kernels.LOOKUP=nibbles]
       [--dump FILE]
 
-The loop is found as the backward branch after the last HGMMA (the dot of a block); the kernel is compiled
-with the LoRA shrink in the launch, 16-bit x and the launcher's constants otherwise.
+The loop is found as the backward branch after the last 16-bit HGMMA (the dot of a block); the kernel is compiled
+with the LoRA shrink in the launch, 16-bit x, the launcher's constants (the LoRA dots' TF32x3 precision) and its
+specialisation of the integer arguments (`launch_ints`). Its registers match what ncu reports for the launch on an
+H200 (166 at 32 rows); the sixteenth session's counts (294 instructions, 159 registers at 32 rows) came from a
+compile without those two and overstated the loop (x's loads were not vectorised).
 """
 from __future__ import annotations
 
@@ -32,14 +35,31 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from ahazero.engine import lora_kernels as lk  # noqa: E402
 from ahazero.models import nf4_kernels as nk  # noqa: E402
 from rollout import set_constant  # noqa: E402  (bench/rollout.py's --set)
 
 
+def launch_ints(rows: int) -> dict[str, int]:
+    """The integer arguments of `nf4_gemv`'s launch for Qwen2.5-1.5B's gate/up group (K 1536, two weights of
+    8,960 rows) on an H100/H200's 132 SMs, with the LoRA shrink (r=32) in the launch."""
+    K, O, G, R = 1536, 8960, 2, 32
+    row_blocks = K // nk.QBLOCK
+    tiles = G * triton.cdiv(O, nk.BLOCK_O)
+    splits, per_split = nk._splits(tiles, row_blocks, 132, rows <= nk.FMA_MAX_ROWS)
+    shrink_splits = triton.cdiv(K, nk.SHRINK_K)
+    return dict(N=rows, K=K, R=R, G=G, row_blocks=row_blocks, x_stride=K, x_row_stride=K // 2,
+                blocks_per_split=per_split, tiles=tiles, splits=splits, producers=G * shrink_splits,
+                o0=O, o1=O, o2=O, end0=tiles // 2, end1=tiles)
+
+
 def compile_kernel(rows: int, lookup: str):
     """`_nf4_gemv_kernel` for sm_90 as `nf4_gemv` launches it for bf16 x of `rows` rows (LoRA r=32, the shrink in
-    the launch, no bias)."""
+    the launch, no bias), with the launcher's specialisation of the integer arguments (`launch_ints`): one equal
+    to 1 becomes a constant, one divisible by 16 is marked so (what lets Triton vectorise loads whose strides are
+    those integers; without it the code differs from the GPU's)."""
     fn = nk._nf4_gemv_kernel
+    ints = launch_ints(rows)
     block_n = max(16, triton.next_power_of_2(rows))
     types = {"x_ptr": "*bf16", "xa_ptr": "*fp32", "partial_ptr": "*fp32", "count_ptr": "*i32"}
     for g in range(3):
@@ -49,12 +69,13 @@ def compile_kernel(rows: int, lookup: str):
     constants = dict(HAS_BIAS=False, HAS_LORA=True, BLOCK_N=block_n, BLOCK_O=nk.BLOCK_O, BLOCK_R=32,
                      X_PAIRS=True, DOT_F32=False, FMA=False, LOOKUP=lookup,
                      PERMUTE_PTX=nk.permute_lookup_ptx(torch.bfloat16) if lookup == "permute" else "",
-                     PREFETCH=nk.PREFETCH, PRECISION="ieee", SHRINK_SPLITS=6, SHRINK_K=256,
+                     PREFETCH=nk.PREFETCH, PRECISION=lk.DOT_PRECISION, SHRINK_SPLITS=6, SHRINK_K=256,
                      SHRINK_BLOCK_K=nk.SHRINK_BLOCK_K, SHRINK_ROWS=block_n, USE_PDL=True)
+    constants.update({name: 1 for name, value in ints.items() if value == 1})
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         signature[name] = "constexpr" if name in constants else types.get(name, "i32")
-        if signature[name].startswith("*"):
+        if signature[name].startswith("*") or (signature[name] == "i32" and ints.get(name, 1) % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=nk.NUM_WARPS, num_stages=1, enable_fp_fusion=False))
@@ -69,15 +90,16 @@ def cuobjdump(kernel, *flags: str) -> str:
 
 
 def main_loop(sass: str) -> list[str]:
-    """The instructions from the target of the first backward branch after the last HGMMA to that branch."""
+    """The instructions of the loop over a split's blocks: the first backward branch after the last 16-bit HGMMA
+    (the block's dot; the LoRA epilogue's float32 dots are TF32 HGMMAs), from its target to the branch."""
     lines = [(int(m.group(1), 16), m.group(2).strip()) for m in
              re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass, re.M)]
-    last_dot = max(i for i, (_, ins) in enumerate(lines) if "HGMMA" in ins)
+    last_dot = max(i for i, (_, ins) in enumerate(lines) if re.search(r"HGMMA\S*\.(BF16|F16)\b", ins))
     for at, ins in lines[last_dot:]:
         target = re.search(r"BRA (0x[0-9a-f]+)", ins)
         if target and int(target.group(1), 16) < at:
             return [i for a, i in lines if int(target.group(1), 16) <= a <= at]
-    raise SystemExit("no loop found after the last HGMMA")
+    raise SystemExit("no loop found after the last 16-bit HGMMA")
 
 
 def main():

@@ -22,8 +22,9 @@ one 32-bit load per pair) give its product, and the block's rows' absmax scales 
 rounded as bf16(nf4[code]) rather than bf16(nf4[code] * absmax), a difference of the same size as the
 rounding itself (the engine's log-probs against the transformers forward: mean |diff| 2.4e-2 on 16-bit
 weights, 2.3e-2 with the old lookup, 2.9e-2 with this one, bench/RESULTS.md sixteenth session); bitsandbytes'
-own 4-bit inference kernel rounds both factors to 16 bits. sm_90, Triton 3.6, 32 rows: 294 SASS
-instructions a block in the loop (394 with "nibbles"), 159 registers (176). The other lookups scale each
+own 4-bit inference kernel rounds both factors to 16 bits. sm_90, Triton 3.6 (scripts/nf4_sass.py): 263 SASS
+instructions a block in the loop at 32 rows (356 with "nibbles"), 234 at 16 (338); 166 registers at 32 rows, 111 at
+16, set by the LoRA epilogue's TF32 dots more than by the loop. The other lookups scale each
 value, exactly as `nf4.dequantize_nf4` does (absmax = dyn[q] * absmax2[block // 256] + offset, w =
 nf4[code] * absmax, in float32, rounded to x's dtype), from the block's bytes read as a [32, BO] tile
 (a 16-byte vector load per thread): "nibbles" two 4-byte loads from the [16] code within one 64-byte
