@@ -71,6 +71,8 @@ def compile_kernel(rows: int, lookup: str):
                      PERMUTE_PTX=nk.permute_lookup_ptx(torch.bfloat16) if lookup == "permute" else "",
                      PREFETCH=nk.PREFETCH, PRECISION=lk.DOT_PRECISION, SHRINK_SPLITS=6, SHRINK_K=256,
                      SHRINK_BLOCK_K=nk.SHRINK_BLOCK_K, SHRINK_ROWS=block_n, USE_PDL=True)
+    kept = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}  # the kernel's do_not_specialize
+    ints = {name: value for name, value in ints.items() if name not in kept}
     constants.update({name: 1 for name, value in ints.items() if value == 1})
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

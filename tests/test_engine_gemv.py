@@ -325,3 +325,21 @@ def test_permute_lookup_ptx_gives_every_bytes_nf4_values(dtype):
         bytes_ = [(word >> (8 * i)) & 0xFF for i in range(4)]
         assert [regs[f"${i}"] for i in range(4)] == [values[b >> 4] for b in bytes_], hex(word)
         assert [regs[f"${i + 4}"] for i in range(4)] == [values[b & 15] for b in bytes_], hex(word)
+
+
+def test_per_call_integers_compile_once():
+    """Triton compiles a new variant for an integer argument equal to 1 or divisible by 16: the decode kernels'
+    row count (batch buckets 1, 16, 32, ...) and the sampler's per-step seed are left unspecialised, so a batch
+    shrinking to 1 row mid-rollout or a seed of 16 reuses the compiled kernel; the widths stay specialised (they
+    let Triton vectorise the weights' loads)."""
+    from ahazero.engine import sample_kernels
+    from ahazero.models import nf4_kernels
+
+    def unspecialised(kernel):  # (the interpreter's wrapper keeps the decorator's arguments)
+        if hasattr(kernel, "params"):
+            return {p.name for p in kernel.params if p.do_not_specialize}
+        return set(kernel.kwargs["do_not_specialize"] or ())
+
+    assert unspecialised(gemv_kernels._gemv_kernel) == {"N"}
+    assert unspecialised(nf4_kernels._nf4_gemv_kernel) == {"N"}
+    assert unspecialised(sample_kernels._sample_kernel) == {"seed"}

@@ -82,7 +82,7 @@ FUSED_SHRINK = True
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # one compile for every batch (models/nf4_kernels.py's _nf4_gemv_kernel says why)
 def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, la0, la1, la2, lb0, lb1, lb2, y0, y1, y2, s0, s1, s2,
                  o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr, N, K, R, G, x_row_stride, tiles, producers,
                  K_PER_SPLIT: tl.constexpr, SHRINK_SPLITS: tl.constexpr, SHRINK_K: tl.constexpr,

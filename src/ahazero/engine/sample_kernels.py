@@ -36,7 +36,7 @@ PROGRAMS_PER_SM = 2
 STATS = 5  # per split: max, sum of exp(scaled - max), best score, its index, its scaled logit
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every step: one compile for all of them
 def _sample_kernel(logits_ptr, tokens_ptr, logprobs_ptr, partial_ptr, count_ptr, V, stride_row, inv_temperature,
                    seed, GREEDY: tl.constexpr, V_PER_SPLIT: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_inputs(USE_PDL)

@@ -414,7 +414,11 @@ def _nf4_step(acc, byte, q, a2, xa, xb, dyn_ptr, offset, table_ptr, dtype: tl.co
     return acc
 
 
-@triton.jit
+# The rows N are not specialised on: Triton compiles a new variant of a kernel for an integer argument equal to 1 (a
+# constant) or divisible by 16, and N only bounds masks here. Decode's batch buckets (1, 2, 4, 8, 16, ...) would
+# otherwise compile every group's kernel again at 1 and 16 rows: seconds in the middle of a rollout, the first time a
+# batch shrinks that far (engine/gemv_kernels.py's kernel likewise).
+@triton.jit(do_not_specialize=["N"])
 def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2_0, abs2_1, abs2_2,
                      offset0, offset1, offset2, table0, table1, table2, dyn0, dyn1, dyn2, bias0, bias1, bias2,
                      la0, la1, la2, lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr,
