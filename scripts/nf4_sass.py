@@ -47,7 +47,7 @@ def launch_ints(rows: int) -> dict[str, int]:
     row_blocks = K // nk.QBLOCK
     tiles = G * triton.cdiv(O, nk.BLOCK_O)
     splits, per_split = nk._splits(tiles, row_blocks, 132, rows <= nk.FMA_MAX_ROWS)
-    shrink_splits = triton.cdiv(K, nk.SHRINK_K)
+    shrink_splits = triton.cdiv(K, nk.SHRINK_K)  # (SHRINK_K is a multiple of SHRINK_BLOCK_K, as lora_input rounds it)
     return dict(N=rows, K=K, R=R, G=G, row_blocks=row_blocks, x_stride=K, x_row_stride=K // 2,
                 blocks_per_split=per_split, tiles=tiles, splits=splits, producers=G * shrink_splits,
                 o0=O, o1=O, o2=O, end0=tiles // 2, end1=tiles)
@@ -69,7 +69,8 @@ def compile_kernel(rows: int, lookup: str):
     constants = dict(HAS_BIAS=False, HAS_LORA=True, BLOCK_N=block_n, BLOCK_O=nk.BLOCK_O, BLOCK_R=32,
                      X_PAIRS=True, DOT_F32=False, FMA=False, LOOKUP=lookup,
                      PERMUTE_PTX=nk.permute_lookup_ptx(torch.bfloat16) if lookup == "permute" else "",
-                     PREFETCH=nk.PREFETCH, PRECISION=lk.DOT_PRECISION, SHRINK_SPLITS=6, SHRINK_K=256,
+                     PREFETCH=nk.PREFETCH, PRECISION=lk.DOT_PRECISION,
+                     SHRINK_SPLITS=ints["producers"] // ints["G"], SHRINK_K=nk.SHRINK_K,
                      SHRINK_BLOCK_K=nk.SHRINK_BLOCK_K, SHRINK_ROWS=block_n, USE_PDL=True)
     kept = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}  # the kernel's do_not_specialize
     ints = {name: value for name, value in ints.items() if name not in kept}
