@@ -151,8 +151,8 @@ def test_qlora_step_trains_only_the_adapter_and_engine_decodes_the_4bit_weights(
     out = model.fast_generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
                               lora_request=model.load_lora(model.save_lora(tmp_path / "lora")))
     with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt], device=model.device), do_sample=False, max_new_tokens=10, min_new_tokens=10,
-                             pad_token_id=tiny.QWEN_PAD)[0, len(prompt):].tolist()
+        ref = model.generate(torch.tensor([prompt], device=model.device), do_sample=False, max_new_tokens=10,
+                             min_new_tokens=10, pad_token_id=tiny.QWEN_PAD)[0, len(prompt):].tolist()
     assert out[0].outputs[0].token_ids == ref
 
 
