@@ -328,12 +328,13 @@ def test_permute_lookup_ptx_gives_every_bytes_nf4_values(dtype):
 
 
 def test_per_call_integers_compile_once():
-    """Triton compiles a new variant for an integer argument equal to 1 or divisible by 16: the decode kernels'
-    row count (batch buckets 1, 16, 32, ...) and the sampler's per-step seed are left unspecialised, so a batch
-    shrinking to 1 row mid-rollout or a seed of 16 reuses the compiled kernel; the widths stay specialised (they
-    let Triton vectorise the weights' loads)."""
-    from ahazero.engine import sample_kernels
-    from ahazero.models import nf4_kernels
+    """Triton compiles a new variant for an integer argument equal to 1 or divisible by 16: the counts that change
+    from call to call (a decode batch's rows, a prefill's or a training batch's tokens, a sequence length, the
+    sampler's per-step seed) are left unspecialised, so a batch shrinking to 1 row mid-rollout, a prompt batch of
+    16k tokens or a seed of 16 reuses the compiled kernel (each compile took 0.5-4 s on the H200 machines, in the
+    middle of a rollout); the widths and strides stay specialised (they let Triton vectorise the loads)."""
+    from ahazero.engine import fused_kernels, lora_kernels, sample_kernels
+    from ahazero.models import nf4_kernels, rope, swiglu_kernels
 
     def unspecialised(kernel):  # (the interpreter's wrapper keeps the decorator's arguments)
         if hasattr(kernel, "params"):
@@ -343,3 +344,8 @@ def test_per_call_integers_compile_once():
     assert unspecialised(gemv_kernels._gemv_kernel) == {"N"}
     assert unspecialised(nf4_kernels._nf4_gemv_kernel) == {"N"}
     assert unspecialised(sample_kernels._sample_kernel) == {"seed"}
+    assert unspecialised(lora_kernels._shrink_kernel) == unspecialised(lora_kernels._expand_kernel) == {"N"}
+    assert unspecialised(swiglu_kernels._swiglu_lora_kernel) == {"M"}
+    assert unspecialised(swiglu_kernels._swiglu_lora_backward_kernel) == {"M"}
+    assert unspecialised(rope._rope_kernel) == {"rows", "T"}
+    assert unspecialised(fused_kernels._silu_mul_kernel) == {"n"}

@@ -137,7 +137,7 @@ def _(q, k, v, cos, sin, positions, cache_k, cache_v):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # n = rows x width: one compile for every batch
 def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_inputs(USE_PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -45,7 +45,7 @@ EXPAND_BLOCK_O = 128
 EXPAND_WARPS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N, the tokens of a prefill or the rows of a batch: one compile
 def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, stride_x,
                    K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
@@ -73,7 +73,7 @@ def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, 
             tl.store(counter, 0)  # ready for the next launch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R,
                    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                    USE_PDL: tl.constexpr):

@@ -47,7 +47,7 @@ def _round(v):
     return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # a NaN stays NaN
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "T"])  # a batch's length changes every step: one compile
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, rows, H, T, sx_b, sx_h, sx_t, so_b, so_h, so_t, sc_b, sc_t,
                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr, BACKWARD: tl.constexpr):
     """Rows in (batch, position, head) order, head fastest; x, out [B, H, T, D] strided (D contiguous);

@@ -55,7 +55,7 @@ def _with_lora(base_ptr, s_ptr, s_stride, b_ptr, b_stride_r, b_stride_n, rows, r
     return total.to(base_ptr.dtype.element_ty).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M, a batch's tokens, changes every step: one compile
 def _swiglu_lora_kernel(gate_ptr, up_ptr, hidden_ptr, sg_ptr, sg_stride, bg_ptr, bg_stride_r, bg_stride_n,
                         su_ptr, su_stride, bu_ptr, bu_stride_r, bu_stride_n, M, I, R,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -75,7 +75,7 @@ def _swiglu_lora_kernel(gate_ptr, up_ptr, hidden_ptr, sg_ptr, sg_stride, bg_ptr,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _swiglu_lora_backward_kernel(grad_ptr, gate_ptr, up_ptr, sg_ptr, sg_stride, bg_ptr, bg_stride_r, bg_stride_n,
                                  su_ptr, su_stride, bu_ptr, bu_stride_r, bu_stride_n,
                                  gsd_ptr, gsd_stride, ad_ptr, ad_stride_r, ad_stride_n, M, I, R,
