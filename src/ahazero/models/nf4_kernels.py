@@ -162,8 +162,8 @@ def last_to_arrive(counter, S):
 
 
 @triton.jit
-def split_k_sum(acc, partial_at, split_stride, mask, s, S, counter):
-    """The end of split s of S of a split-K tile: stores its float32 partial `acc` at partial_at + s *
+def split_k_sum(acc, partial_at, split_stride, mask, s, S, counter, MAX_S: tl.constexpr):
+    """The end of split s of S <= MAX_S of a split-K tile: stores its float32 partial `acc` at partial_at + s *
     split_stride (where `mask`) and bumps the tile's counter. Returns (done, acc): the tile's last split to
     arrive gets done and the S partials added in split order (deterministic; its own from registers), and
     resets the counter to 0 for the next launch; the others get (False, their own acc). Shared by the
@@ -172,12 +172,12 @@ def split_k_sum(acc, partial_at, split_stride, mask, s, S, counter):
     done = last_to_arrive(counter, S)
     if done:
         total = tl.zeros_like(acc)
-        t = 0
-        while t < S:  # (its own partial is masked off: a vector & a scalar bool is int32 in Triton 3.9's interpreter)
-            p = tl.load(partial_at + t * split_stride, mask=tl.where(t != s, mask, False), other=0.0,
-                        cache_modifier=".cg")
+        for t in tl.static_range(MAX_S):  # unrolled: the S - 1 loads are in flight together (a loop over S
+            # waited for each load in turn: an L2 round trip a split). Its own partial and those past S are
+            # masked off (nested wheres: a vector & a scalar bool is int32 in Triton 3.9's interpreter).
+            p = tl.load(partial_at + t * split_stride, mask=tl.where(t < S, tl.where(t != s, mask, False), False),
+                        other=0.0, cache_modifier=".cg")
             total += tl.where(t == s, acc, p)
-            t += 1
         acc = total
         tl.store(counter, 0)
     return done, acc
@@ -294,13 +294,15 @@ def publish_shrink(p, x_ptr, stride_x, a0, a1, a2, partial_ptr, ready_ptr, G, N,
 
 @triton.jit
 def gather_shrink(xa_ptr, ready_ptr, g, G, N, R, n, n_ok, tiles_g, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(x A_g^T)^T [BR, BN] float32 from a shrink fused into this launch (`publish_shrink`): waits until its SPLITS producers have bumped ready_ptr[g], adds their partials
-    [SPLITS, G, N, R] in split order (deterministic), and the last of projection g's tiles_g readers (one
-    per tile) sets ready_ptr[g] and its own count ready_ptr[G + g] back to 0 for the next launch. The
-    producers are the launch's first programs, started before any consumer, so the wait ends."""
-    seen = tl.atomic_add(ready_ptr + g, 0, sem="acquire", scope="gpu")
-    while seen < SPLITS:
-        seen = tl.atomic_add(ready_ptr + g, 0, sem="acquire", scope="gpu")
+    """(x A_g^T)^T [BR, BN] float32 from a shrink fused into this launch (`publish_shrink`): waits until its
+    SPLITS producers have bumped ready_ptr[g], adds their partials [SPLITS, G, N, R] in split order
+    (deterministic), and the last of projection g's tiles_g readers (one per tile) sets ready_ptr[g] and its
+    own count ready_ptr[G + g] back to 0 for the next launch. The producers are the launch's first programs,
+    started before any consumer, so the wait ends."""
+    seen = tl.load(ready_ptr + g, volatile=True)  # polled by plain loads (every tile's finishing program
+    while seen < SPLITS:  # polls: atomics on the one address would queue behind each other in the L2)
+        seen = tl.load(ready_ptr + g, volatile=True)
+    tl.atomic_add(ready_ptr + g, 0, sem="acquire", scope="gpu")  # then once with acquire: the partials are visible
     ranks = tl.arange(0, BLOCK_R)  # [BR]
     at = xa_ptr + (g * N + n[None, :]) * R + ranks[:, None]  # [BR, BN] in split 0
     mask = (ranks[:, None] < R) & n_ok[None, :]
@@ -317,10 +319,10 @@ def gather_shrink(xa_ptr, ready_ptr, g, G, N, R, n, n_ok, tiles_g, SPLITS: tl.co
 @triton.jit
 def end_tile(acc, tile, s, tiles, S, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_ptr, b_ptr, scale, g, N, O, R,
              cols, col_ok, n, n_ok, ready_ptr, G, tiles_g, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SHRINK_SPLITS: tl.constexpr):
-    """The end of program (tile, split s of S) of a split-K GEMV over projection g: acc^T [BO, BN] float32, its
-    sums for rows `cols` of W_g and rows `n` of x. With several splits, `split_k_sum` over the partials
-    [S, tiles, BO, BN]; the tile's last split then stores y_g [N, O] = (acc + bias) rounded to y's dtype
+             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SHRINK_SPLITS: tl.constexpr, MAX_S: tl.constexpr):
+    """The end of program (tile, split s of S <= MAX_S) of a split-K GEMV over projection g: acc^T [BO, BN]
+    float32, its sums for rows `cols` of W_g and rows `n` of x. With several splits, `split_k_sum` over the
+    partials [S, tiles, BO, BN]; the tile's last split then stores y_g [N, O] = (acc + bias) rounded to y's dtype
     (cuBLAS's rounding: one, after the bias), and with LoRA y = (y + scale * (xa_g B_g^T)) rounded once, in
     float32 (PEFT's float32 adapter; the grouped expand's math, engine/lora_kernels.py). xa_ptr: the LoRA
     shrink's x A_g^T [G, N, R] float32 (SHRINK_SPLITS 0), or with SHRINK_SPLITS > 0 the partials of a shrink
@@ -329,25 +331,29 @@ def end_tile(acc, tile, s, tiles, S, partial_ptr, count_ptr, y_ptr, bias_ptr, xa
     engine/gemv_kernels.py."""
     BLOCK_O: tl.constexpr = acc.shape[0]
     BLOCK_N: tl.constexpr = acc.shape[1]
+    # the bias and B first: in flight during the split-K round trips (a load after them would add one)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BO]
+    if HAS_LORA:
+        ranks = tl.arange(0, BLOCK_R)  # [BR]
+        b = tl.load(b_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & (ranks[None, :] < R),
+                    other=0.0)  # [BO, BR]
     done = S == 1
     if S > 1:
         tile_at = tl.arange(0, BLOCK_O)[:, None] * BLOCK_N + n[None, :]  # [BO, BN]
         tile_size = BLOCK_O * BLOCK_N
         done, acc = split_k_sum(acc, partial_ptr + tile * tile_size + tile_at, tiles * tile_size,
-                                col_ok[:, None] & n_ok[None, :], s, S, count_ptr + tile)
+                                col_ok[:, None] & n_ok[None, :], s, S, count_ptr + tile, MAX_S)
     if done:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+            acc += bias[:, None]
         y = acc.to(y_ptr.dtype.element_ty)  # [BO, BN]
         if HAS_LORA:
-            ranks = tl.arange(0, BLOCK_R)  # [BR]
             if SHRINK_SPLITS > 0:
                 xa = gather_shrink(xa_ptr, ready_ptr, g, G, N, R, n, n_ok, tiles_g, SHRINK_SPLITS, BLOCK_R)
             else:
                 xa = tl.load(xa_ptr + (g * N + n[None, :]) * R + ranks[:, None],
                              mask=(ranks[:, None] < R) & n_ok[None, :], other=0.0)  # [BR, BN] = (x A_g^T)^T
-            b = tl.load(b_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & (ranks[None, :] < R),
-                        other=0.0)  # [BO, BR]
             delta = tl.dot(b.to(tl.float32), xa, input_precision=PRECISION)  # [BO, BN]
             y = (y.to(tl.float32) + scale * delta).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + n[None, :] * O + cols[:, None], y, mask=col_ok[:, None] & n_ok[None, :])
@@ -429,7 +435,7 @@ def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
                      LOOKUP: tl.constexpr, PERMUTE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
                      PRECISION: tl.constexpr,
                      SHRINK_SPLITS: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
-                     SHRINK_ROWS: tl.constexpr, USE_PDL: tl.constexpr):
+                     SHRINK_ROWS: tl.constexpr, MAX_S: tl.constexpr, USE_PDL: tl.constexpr):
     """Program pid of a 1-D grid, laid out as engine/gemv_kernels.py's: the first `producers` publish the
     splits of a LoRA shrink fused into this launch (SHRINK_SPLITS > 0); program producers + tile + s * tiles
     computes column tile `tile`, split s: acc [BO, BN] = W_g[cols, blocks of s] @ x[:, blocks of s]^T, then
@@ -449,7 +455,7 @@ def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
                   lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr,
                   N, R, G, row_blocks, x_row_stride, blocks_per_split, tiles, splits,
                   HAS_BIAS, HAS_LORA, BLOCK_N, BLOCK_O, BLOCK_R, X_PAIRS, DOT_F32, FMA, LOOKUP, PERMUTE_PTX, PREFETCH,
-                  PRECISION, SHRINK_SPLITS, USE_PDL)
+                  PRECISION, SHRINK_SPLITS, MAX_S, USE_PDL)
 
 
 @triton.jit
@@ -460,8 +466,7 @@ def _nf4_tile(q_pid, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
               HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
               BLOCK_R: tl.constexpr, X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr,
               LOOKUP: tl.constexpr, PERMUTE_PTX: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
-              SHRINK_SPLITS: tl.constexpr,
-              USE_PDL: tl.constexpr):
+              SHRINK_SPLITS: tl.constexpr, MAX_S: tl.constexpr, USE_PDL: tl.constexpr):
     """Tile program q_pid of `_nf4_gemv_kernel` (x_row_stride in 32-bit pairs when X_PAIRS)."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     tile = q_pid % tiles
@@ -528,7 +533,7 @@ def _nf4_tile(q_pid, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
     tiles_g = tl.where(g == 0, end0, tl.where(g == 1, end1 - end0, tiles - end1))
     end_tile(acc, tile, s, tiles, splits, partial_ptr, count_ptr, pick(g, y0, y1, y2), pick(g, bias0, bias1, bias2),
              xa_ptr, pick(g, lb0, lb1, lb2), pick(g, s0, s1, s2), g, N, O, R, cols, col_ok, n, n_ok,
-             count_ptr + tiles, G, tiles_g, HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION, SHRINK_SPLITS)
+             count_ptr + tiles, G, tiles_g, HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION, SHRINK_SPLITS, MAX_S)
 
 
 @functools.cache
@@ -725,7 +730,7 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
         BLOCK_R=block_r(R), X_PAIRS=pairs, DOT_F32=INTERPRET or x.dtype == torch.float32,
         FMA=fma, LOOKUP=lookup, PERMUTE_PTX=ptx, PREFETCH=PREFETCH, PRECISION=precision,
         SHRINK_SPLITS=shrink_splits, SHRINK_K=shrink_span, SHRINK_BLOCK_K=SHRINK_BLOCK_K,
-        SHRINK_ROWS=max(16, block_n), num_warps=NUM_WARPS, num_stages=1, **pdl_options(x.device),
+        SHRINK_ROWS=max(16, block_n), MAX_S=splits, num_warps=NUM_WARPS, num_stages=1, **pdl_options(x.device),
         enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
     return ys
 
