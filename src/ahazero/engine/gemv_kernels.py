@@ -70,7 +70,12 @@ PROGRAMS_PER_SM = 1  # split K until about this many programs per SM
 # H200, bench/kernels.py --only gemv (2026-11-27, sixth session), one Qwen2.5-1.5B layer's 4 groups with their
 # shrink, us at N = 1 / 6 / 32: 82.7 / 84.4 / 98.0 with these constants (2 programs per SM: 85.2 / 88.0 / 104.1);
 # cuBLAS + shrink + expand: 102.1 / 102.0 / 108.1; cuBLAS alone, without LoRA: 57.5 / 56.1 / 55.8
-MIN_K_PER_SPLIT = 256
+MIN_K_PER_SPLIT = 1024  # a split reads at least this many columns of K: a Qwen2.5-1.5B layer's q/k/v and o (K 1536)
+# run unsplit, its down projection (K 8960) in 6 splits as before. The split-K partials' round trip and the wait of a
+# tile's last split cost more than the spread over more SMs buys for a few MB of weights. H200, eighteenth session
+# (bench/RESULTS.md), per launch with LoRA, 256 -> unsplit: q/k/v 8.2 -> 7.2 us at 6 rows, 10.1 -> 8.4 at 32, 16.8 ->
+# 10.0 at 64; o 8.5 -> 6.9, 10.7 -> 8.1, 20.5 -> 9.7 (bench/gemv_latency.py); W1 at 64 rows 16,649-16,778 ->
+# 18,811-19,019 tokens/s, W2 unchanged within its noise (0.480-0.489 against 0.477-0.482 s)
 # (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES) above 32 rows (up to MAX_ROWS), where x^T is 64 or 128 wide. H200, 64
 # rows (bench/kernels.py --only gemv --fused-configs): 76.0 us a layer; 64/64/4/4 78.2, 64/64/4/3 at 2 programs per
 # SM 82.1, 128/128/8/3 83.3, 64/64/8/4 90.7, 128/64/8/3 95.8, 128/64/4/4 107.4
@@ -135,13 +140,13 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, la0, la1, la2, lb0, lb1
 def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None,
             xa: torch.Tensor | None, lora_b: list[torch.Tensor] | None, scales: list[float],
             block_o: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-            num_stages: int | None = None, programs_per_sm: int = PROGRAMS_PER_SM,
-            min_k_per_split: int = MIN_K_PER_SPLIT, lora_a: list[torch.Tensor] | None = None,
+            num_stages: int | None = None, programs_per_sm: int | None = None,
+            min_k_per_split: int | None = None, lora_a: list[torch.Tensor] | None = None,
             shrink_k: int | None = None) -> list[torch.Tensor]:
     """The group's outputs [y_g [N, O_g]]. LoRA: either xa, the shrink's x A_g^T [G, N, R], or lora_a (G
     tensors [R, K], float32 as PEFT's) for the shrink in this launch, shrink_k columns of K per producer.
     The tile options left None are the module's, read at the call: (BLOCK_O, BLOCK_K, NUM_WARPS,
-    NUM_STAGES or WIDE_STAGES) up to 32 rows, LARGE_CONFIG above."""
+    NUM_STAGES or WIDE_STAGES) up to 32 rows, LARGE_CONFIG above; PROGRAMS_PER_SM, MIN_K_PER_SPLIT."""
     N, K = x.shape
     config = (BLOCK_O, BLOCK_K, NUM_WARPS, None) if N <= 32 else LARGE_CONFIG
     block_o, block_k, num_warps, num_stages = (given if given is not None else default for given, default
@@ -156,7 +161,8 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
     tiles = ends[-1]
     if num_stages is None:  # up to 32 rows
         num_stages = WIDE_STAGES if tiles >= sm_count(x.device) else NUM_STAGES
-    splits, per_split = split_k(tiles, K, sm_count(x.device), programs_per_sm, min_k_per_split, block_k)
+    splits, per_split = split_k(tiles, K, sm_count(x.device), programs_per_sm or PROGRAMS_PER_SM,
+                                min_k_per_split or MIN_K_PER_SPLIT, block_k)
     block_n = max(16, triton.next_power_of_2(N))
     counts, partial = split_k_workspace(x.device, tiles + 2 * G)  # tile counters, then the shrink's (2 a group)
     if splits > 1:
@@ -257,7 +263,7 @@ def checked(device: torch.device, dtype: torch.dtype, kind: str = "dense") -> bo
     off for the process with a warning: decode then runs the per-projection path (cuBLAS or the NF4 module's
     kernel) + the LoRA kernels, never a wrong result. (The first call runs eagerly: the CUDA graphs' warm-up.)"""
     gen = torch.Generator(device=device).manual_seed(0)
-    N, K, outs, R, scales = 6, 1024, (130, 64), 8, [0.5, 2.0]
+    N, K, outs, R, scales = 6, 2048, (130, 64), 8, [0.5, 2.0]  # K split in 2 or more (MIN_K_PER_SPLIT)
 
     def rand(*shape, dt=torch.float32):
         return torch.randn(*shape, device=device, generator=gen).to(dt)
