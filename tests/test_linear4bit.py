@@ -123,9 +123,13 @@ def test_load_in_4bit_quantises_linears_and_stays_close_to_16bit(arch, tmp_path)
     ids = torch.tensor([tok.encode("Natalia sold clips to 48 of her friends in April")], device=m4.device)
     with torch.no_grad():
         l16, l4, l_twin = m16(ids).logits, m4(ids).logits, dequantized_copy(m4)(ids).logits
-    torch.testing.assert_close(l4, l_twin, atol=1e-5, rtol=1e-5)  # the 4-bit model is its dequantised twin
     rel = (l4 - l16).norm() / l16.norm()
     assert 0.005 < rel < 0.2  # NF4 error, neither zero (not quantised) nor broken
+    if l4.device.type == "cpu":  # the 4-bit model is its dequantised twin: the same dequantise-then-matmul
+        torch.testing.assert_close(l4, l_twin, atol=1e-5, rtol=1e-5)
+    else:  # a GPU's fused NF4 kernel adds in another order than cuBLAS (and rounds in the model's dtype): the
+        # 4-bit model is still far closer to its twin than to the 16-bit model
+        assert (l4 - l_twin).norm() < 0.1 * (l4 - l16).norm()
     weight_bytes = sum(m.weight.numel() for m in linears)
     assert weight_bytes == sum(m.in_features * m.out_features for m in linears) // 2
 
