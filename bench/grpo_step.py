@@ -425,6 +425,9 @@ def worker(args) -> None:
         sys.path.append(str(Path(args.peer_path).resolve()))  # (the GPU image has no `datasets`, which ahazero needs)
     import torch
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if args.log_compiles:
+        import compile_log  # bench/ is this script's folder
+        compile_log.install()
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     run = Run(args, device)
@@ -470,6 +473,7 @@ def worker_argv(args) -> list[str]:
             + (["--lora-autocast"] if args.lora_autocast else [])
             + (["--snapshot", str(Path(args.snapshot).resolve())] if args.snapshot else [])
             + (["--tile-tokens", str(args.tile_tokens)] if args.tile_tokens else [])
+            + (["--log-compiles"] if args.log_compiles else [])
             + (["--peer-path", str(Path(args.peer_path).resolve())] if args.peer_path else []))
 
 
@@ -587,6 +591,8 @@ def main(argv=None) -> None:
     p.add_argument("--snapshot", default=None, help="folder for each backend's <backend>.peak.txt: what is "
                    "allocated at the run's peak, by allocation site (records the whole run, which slows it)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ahazero-bench-grpo-step"))
+    p.add_argument("--log-compiles", action="store_true", help="each Triton compile of a backend's process on its "
+                   "stderr: kernel, seconds, the frames that launched it (bench/compile_log.py)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
