@@ -45,7 +45,8 @@ Run on a GPU machine, from the repository root:
   python bench/rollout.py --workload W1 --prompts 4 --load-in-4bit --backends ahazero   (issue 6: 4-bit at batch 32)
 Each run prints a markdown table and appends one JSON line per backend to --out (on the device machine,
 pass --out $OUT/rollout.jsonl so the lines come back). `--smoke` runs a shrunken model on the CPU with
-few tokens: it checks the script, not the speed.
+few tokens: it checks the script, not the speed. An engine row's seconds are the median of `--repeats` calls (3)
+after a warm-up call; the transformers rows time one call after theirs.
 The Llama shape has a smaller vocabulary than the Qwen tokenizer: prompt ids are taken modulo it.
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,6 +69,7 @@ WORKLOADS = {"W1": dict(prompts=16, n=8, new_tokens=512), "W2": dict(prompts=1, 
 SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+REPEATS = 3  # timed engine calls after the warm-up (--repeats)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
 
@@ -164,10 +167,14 @@ def run_engine(model, tok, prompts, wl, max_seq_length, **options) -> dict:
     gen = create_generator(model, tok, max_seq_length=max_seq_length, **options)
     params = SamplingParams(temperature=1.0, max_tokens=wl["new_tokens"], n=wl["n"], ignore_eos=True, seed=0)
     _, first = timed(lambda: gen.generate(prompts, params))
-    outs, seconds = timed(lambda: gen.generate(prompts, params))
+    each = []
+    for _ in range(REPEATS):  # the median of a few calls: one call of W2 moved by up to 10% from run to run
+        outs, seconds = timed(lambda: gen.generate(prompts, params))
+        each.append(seconds)
     assert all(len(c.token_ids) == wl["new_tokens"] for o in outs for c in o.outputs)
     from torch._dynamo.utils import counters
-    result = dict(seconds=seconds, first_call_s=first, slots=gen.runner.allocated_slots,
+    result = dict(seconds=statistics.median(each), seconds_each=each, first_call_s=first,
+                  slots=gen.runner.allocated_slots,
                   peak_gib=peak_gib(),
                   compiled_graphs=counters["stats"]["unique_graphs"],
                   cuda_graphs=len(gen.runner.graphs.graphs) if gen.runner.graphs else 0)
@@ -296,9 +303,13 @@ def main():
     ap.add_argument("--n", type=int, help="override the workload's completions per prompt")
     ap.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (issue 6)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 8 new tokens")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls of the engine after its warm-up call; "
+                    "seconds is their median (seconds_each in the JSON)")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.CONSTANT=VALUE",
                     help="set a module constant for the whole run, e.g. ahazero.models.nf4_kernels.PREFETCH=2")
     args = ap.parse_args()
+    global REPEATS
+    REPEATS = max(1, args.repeats)
     for setting in args.set:
         set_constant(setting)
     wl = dict(WORKLOADS[args.workload], **(dict(new_tokens=8) if args.smoke else {}))
