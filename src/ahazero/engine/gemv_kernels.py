@@ -19,8 +19,8 @@ the weight tile the MMA's A operand (BLOCK_O >= 64 rows fills Hopper's wgmma) an
 rows, the small B operand. Tiles run over the group's projections one after another (the first
 cdiv(O_0, BLOCK_O) tiles are projection 0's, and so on), so one grid covers q, k and v. K is split until
 about PROGRAMS_PER_SM programs per SM (a down projection has only 24 tiles of 64 rows), in parts of at least
-MIN_K_PER_SPLIT columns (a 1.5B model's q/k/v and o run unsplit: their split's round trip cost more than it
-spread); each split stores
+MIN_K_PER_SPLIT columns (a 1.5B model's q/k/v and o run unsplit: for their few MB the split-K round trip
+cost more than spreading them over more SMs saved); each split stores
 its float32 partial and bumps its tile's counter, and the last split of a tile to arrive adds the
 partials in split order (deterministic) and finishes the tile (models/nf4_kernels.py's end_tile):
   y = (acc + bias) rounded to x's dtype                         (cuBLAS's rounding: one, after the bias)
