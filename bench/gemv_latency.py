@@ -2,7 +2,8 @@
 each launched alone by engine/gemv_kernels.py's `_launch` with parts of its work taken away, beside cuBLAS, an
 empty launch of the same grid (the floor of a launch in a CUDA graph) and the bytes at the copy bandwidth.
 
-  L               the engine's launch: split K, the LoRA shrink in the launch, the expand in the epilogue
+  L               the engine's launch: K split as it splits it, the LoRA shrink in the launch, the expand in the
+                  tile's epilogue
   -               the same without the adapter (no shrink producers, no wait for them, no expand)
   -/-/-/u         no LoRA, one program a tile (no split-K partials' round trip)
   16/512/3        no LoRA, tiles of 16 weight rows, 512 columns a step, 3 stages (split as the engine splits)
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from ahazero.models.nf4_kernels import wait_for_inputs  # noqa: E402
 
 LAYERS = 28
 H, I, KV, R = 1536, 8960, 256, 32  # Qwen2.5-1.5B: hidden, intermediate, k/v width; LoRA rank
@@ -44,9 +46,7 @@ def variant(spec: str) -> tuple[bool, dict]:
 
 @triton.jit
 def _empty_kernel(out_ptr, USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_inputs(USE_PDL)
     tl.store(out_ptr + tl.program_id(0), 1.0)
 
 
