@@ -42,7 +42,7 @@ from rollout import set_constant  # noqa: E402  (bench/rollout.py's --set)
 
 def launch_ints(rows: int) -> dict[str, int]:
     """The integer arguments of `nf4_gemv`'s launch for Qwen2.5-1.5B's gate/up group (K 1536, two weights of
-    8,960 rows) on an H100/H200's 132 SMs, with the LoRA shrink (r=32) in the launch."""
+    8,960 rows) on an H100/H200's 132 SMs, with the LoRA shrink (r=32) in the launch; and `splits`, its SPLITS."""
     K, O, G, R = 1536, 8960, 2, 32
     row_blocks = K // nk.QBLOCK
     tiles = G * triton.cdiv(O, nk.BLOCK_O)
@@ -60,6 +60,7 @@ def compile_kernel(rows: int, lookup: str):
     those integers; without it the code differs from the GPU's)."""
     fn = nk._nf4_gemv_kernel
     ints = launch_ints(rows)
+    splits = ints.pop("splits")
     block_n = max(16, triton.next_power_of_2(rows))
     types = {"x_ptr": "*bf16", "xa_ptr": "*fp32", "partial_ptr": "*fp32", "count_ptr": "*i32"}
     for g in range(3):
@@ -71,7 +72,7 @@ def compile_kernel(rows: int, lookup: str):
                      PERMUTE_PTX=nk.permute_lookup_ptx(torch.bfloat16) if lookup == "permute" else "",
                      PREFETCH=nk.PREFETCH, PRECISION=lk.DOT_PRECISION,
                      SHRINK_SPLITS=ints["producers"] // ints["G"], SHRINK_K=nk.SHRINK_K,
-                     SHRINK_BLOCK_K=nk.SHRINK_BLOCK_K, SHRINK_ROWS=block_n, USE_PDL=True)
+                     SHRINK_BLOCK_K=nk.SHRINK_BLOCK_K, SHRINK_ROWS=block_n, SPLITS=splits, USE_PDL=True)
     kept = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}  # the kernel's do_not_specialize
     ints = {name: value for name, value in ints.items() if name not in kept}
     constants.update({name: 1 for name, value in ints.items() if value == 1})

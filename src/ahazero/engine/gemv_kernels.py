@@ -95,7 +95,7 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, la0, la1, la2, lb0, lb1
                  K_PER_SPLIT: tl.constexpr, SHRINK_SPLITS: tl.constexpr, SHRINK_K: tl.constexpr,
                  SHRINK_BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr, MAX_S: tl.constexpr, USE_PDL: tl.constexpr):
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """Program pid of a 1-D grid. The first `producers` programs (G * SHRINK_SPLITS with the shrink fused,
     else none) each publish one split of the LoRA shrink (nf4_kernels.publish_shrink: adapter g's x A_g^T
     over SHRINK_K columns of K, into xa_ptr [SHRINK_SPLITS, G, N, R]); program producers + tile + s * tiles
@@ -133,10 +133,10 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, la0, la1, la2, lb0, lb1
             else:
                 acc = tl.dot(w, xt, acc)
         tiles_g = tl.where(g == 0, end0, tl.where(g == 1, end1 - end0, tiles - end1))
-        end_tile(acc, tile, s, tiles, tl.cdiv(K, K_PER_SPLIT), partial_ptr, count_ptr, pick(g, y0, y1, y2),
+        end_tile(acc, tile, s, tiles, partial_ptr, count_ptr, pick(g, y0, y1, y2),
                  pick(g, bias0, bias1, bias2), xa_ptr, pick(g, lb0, lb1, lb2), pick(g, s0, s1, s2), g, N, O, R,
                  cols, col_ok, n, n_ok, count_ptr + tiles, G, tiles_g, HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION,
-                 SHRINK_SPLITS, MAX_S)
+                 SHRINK_SPLITS, SPLITS)
 
 
 def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None,
@@ -181,7 +181,7 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
         SHRINK_SPLITS=shrink_splits, SHRINK_K=shrink_span, SHRINK_BLOCK_K=nf4_kernels.SHRINK_BLOCK_K,
         HAS_BIAS=biases is not None, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_K=block_k,
         BLOCK_R=block_r(R), DOT_F32=INTERPRET or x.dtype == torch.float32,
-        PRECISION=lora_kernels.DOT_PRECISION, MAX_S=splits,
+        PRECISION=lora_kernels.DOT_PRECISION, SPLITS=splits,
         num_warps=num_warps, num_stages=num_stages, **pdl_options(x.device))
     return ys
 

@@ -162,8 +162,8 @@ def last_to_arrive(counter, S):
 
 
 @triton.jit
-def split_k_sum(acc, partial_at, split_stride, mask, s, S, counter, MAX_S: tl.constexpr):
-    """The end of split s of S <= MAX_S of a split-K tile: stores its float32 partial `acc` at partial_at + s *
+def split_k_sum(acc, partial_at, split_stride, mask, s, counter, S: tl.constexpr):
+    """The end of split s of S of a split-K tile: stores its float32 partial `acc` at partial_at + s *
     split_stride (where `mask`) and bumps the tile's counter. Returns (done, acc): the tile's last split to
     arrive gets done and the S partials added in split order (deterministic; its own from registers), and
     resets the counter to 0 for the next launch; the others get (False, their own acc). Shared by the
@@ -172,11 +172,11 @@ def split_k_sum(acc, partial_at, split_stride, mask, s, S, counter, MAX_S: tl.co
     done = last_to_arrive(counter, S)
     if done:
         total = tl.zeros_like(acc)
-        for t in tl.static_range(MAX_S):  # unrolled: the S - 1 loads are in flight together (a loop over S
-            # waited for each load in turn: an L2 round trip a split). Its own partial and those past S are
-            # masked off (nested wheres: a vector & a scalar bool is int32 in Triton 3.9's interpreter).
-            p = tl.load(partial_at + t * split_stride, mask=tl.where(t < S, tl.where(t != s, mask, False), False),
-                        other=0.0, cache_modifier=".cg")
+        for t in tl.static_range(S):  # unrolled: the S - 1 loads are in flight together (a loop over a
+            # runtime S waited for each load in turn: an L2 round trip a split). Its own partial is masked off
+            # (a where: a vector & a scalar bool is int32 in Triton 3.9's interpreter).
+            p = tl.load(partial_at + t * split_stride, mask=tl.where(t != s, mask, False), other=0.0,
+                        cache_modifier=".cg")
             total += tl.where(t == s, acc, p)
         acc = total
         tl.store(counter, 0)
@@ -317,10 +317,10 @@ def gather_shrink(xa_ptr, ready_ptr, g, G, N, R, n, n_ok, tiles_g, SPLITS: tl.co
 
 
 @triton.jit
-def end_tile(acc, tile, s, tiles, S, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_ptr, b_ptr, scale, g, N, O, R,
+def end_tile(acc, tile, s, tiles, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_ptr, b_ptr, scale, g, N, O, R,
              cols, col_ok, n, n_ok, ready_ptr, G, tiles_g, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SHRINK_SPLITS: tl.constexpr, MAX_S: tl.constexpr):
-    """The end of program (tile, split s of S <= MAX_S) of a split-K GEMV over projection g: acc^T [BO, BN]
+             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SHRINK_SPLITS: tl.constexpr, S: tl.constexpr):
+    """The end of program (tile, split s of S) of a split-K GEMV over projection g: acc^T [BO, BN]
     float32, its sums for rows `cols` of W_g and rows `n` of x. With several splits, `split_k_sum` over the
     partials [S, tiles, BO, BN]; the tile's last split then stores y_g [N, O] = (acc + bias) rounded to y's dtype
     (cuBLAS's rounding: one, after the bias), and with LoRA y = (y + scale * (xa_g B_g^T)) rounded once, in
@@ -343,7 +343,7 @@ def end_tile(acc, tile, s, tiles, S, partial_ptr, count_ptr, y_ptr, bias_ptr, xa
         tile_at = tl.arange(0, BLOCK_O)[:, None] * BLOCK_N + n[None, :]  # [BO, BN]
         tile_size = BLOCK_O * BLOCK_N
         done, acc = split_k_sum(acc, partial_ptr + tile * tile_size + tile_at, tiles * tile_size,
-                                col_ok[:, None] & n_ok[None, :], s, S, count_ptr + tile, MAX_S)
+                                col_ok[:, None] & n_ok[None, :], s, count_ptr + tile, S)
     if done:
         if HAS_BIAS:
             acc += bias[:, None]
@@ -429,13 +429,13 @@ def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
                      offset0, offset1, offset2, table0, table1, table2, dyn0, dyn1, dyn2, bias0, bias1, bias2,
                      la0, la1, la2, lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr,
                      partial_ptr, count_ptr, N, K, R, G, row_blocks, x_stride, x_row_stride, blocks_per_split, tiles,
-                     splits, producers,
+                     producers,
                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
                      BLOCK_R: tl.constexpr, X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr,
                      LOOKUP: tl.constexpr, PERMUTE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
                      PRECISION: tl.constexpr,
                      SHRINK_SPLITS: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
-                     SHRINK_ROWS: tl.constexpr, MAX_S: tl.constexpr, USE_PDL: tl.constexpr):
+                     SHRINK_ROWS: tl.constexpr, SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """Program pid of a 1-D grid, laid out as engine/gemv_kernels.py's: the first `producers` publish the
     splits of a LoRA shrink fused into this launch (SHRINK_SPLITS > 0); program producers + tile + s * tiles
     computes column tile `tile`, split s: acc [BO, BN] = W_g[cols, blocks of s] @ x[:, blocks of s]^T, then
@@ -453,20 +453,20 @@ def _nf4_gemv_kernel(x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
         _nf4_tile(pid - producers, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2_0, abs2_1, abs2_2,
                   offset0, offset1, offset2, table0, table1, table2, dyn0, dyn1, dyn2, bias0, bias1, bias2,
                   lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr,
-                  N, R, G, row_blocks, x_row_stride, blocks_per_split, tiles, splits,
+                  N, R, G, row_blocks, x_row_stride, blocks_per_split, tiles,
                   HAS_BIAS, HAS_LORA, BLOCK_N, BLOCK_O, BLOCK_R, X_PAIRS, DOT_F32, FMA, LOOKUP, PERMUTE_PTX, PREFETCH,
-                  PRECISION, SHRINK_SPLITS, MAX_S, USE_PDL)
+                  PRECISION, SHRINK_SPLITS, SPLITS, USE_PDL)
 
 
 @triton.jit
 def _nf4_tile(q_pid, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2_0, abs2_1, abs2_2,
               offset0, offset1, offset2, table0, table1, table2, dyn0, dyn1, dyn2, bias0, bias1, bias2,
               lb0, lb1, lb2, y0, y1, y2, s0, s1, s2, o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr,
-              N, R, G, row_blocks, x_row_stride, blocks_per_split, tiles, splits,
+              N, R, G, row_blocks, x_row_stride, blocks_per_split, tiles,
               HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
               BLOCK_R: tl.constexpr, X_PAIRS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr,
               LOOKUP: tl.constexpr, PERMUTE_PTX: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
-              SHRINK_SPLITS: tl.constexpr, MAX_S: tl.constexpr, USE_PDL: tl.constexpr):
+              SHRINK_SPLITS: tl.constexpr, SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """Tile program q_pid of `_nf4_gemv_kernel` (x_row_stride in 32-bit pairs when X_PAIRS)."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     tile = q_pid % tiles
@@ -531,9 +531,9 @@ def _nf4_tile(q_pid, x_ptr, packed0, packed1, packed2, absq0, absq1, absq2, abs2
         blk += 1
 
     tiles_g = tl.where(g == 0, end0, tl.where(g == 1, end1 - end0, tiles - end1))
-    end_tile(acc, tile, s, tiles, splits, partial_ptr, count_ptr, pick(g, y0, y1, y2), pick(g, bias0, bias1, bias2),
+    end_tile(acc, tile, s, tiles, partial_ptr, count_ptr, pick(g, y0, y1, y2), pick(g, bias0, bias1, bias2),
              xa_ptr, pick(g, lb0, lb1, lb2), pick(g, s0, s1, s2), g, N, O, R, cols, col_ok, n, n_ok,
-             count_ptr + tiles, G, tiles_g, HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION, SHRINK_SPLITS, MAX_S)
+             count_ptr + tiles, G, tiles_g, HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION, SHRINK_SPLITS, SPLITS)
 
 
 @functools.cache
@@ -725,12 +725,12 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
         *as_group(lora_a if lora_a is not None else ys), *as_group(lora_b if has_lora else ys), *as_group(ys),
         *as_group(scales if has_lora else [0.0]), *as_group(outs), *as_group(ends)[:2],
         xa if has_lora else partial, partial, counts, N, K, R, G, row_blocks, x.stride(0),
-        x.stride(0) // 2 if pairs else x.stride(0), per_split, tiles, splits, producers,
+        x.stride(0) // 2 if pairs else x.stride(0), per_split, tiles, producers,
         HAS_BIAS=has_bias, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=BLOCK_O,
         BLOCK_R=block_r(R), X_PAIRS=pairs, DOT_F32=INTERPRET or x.dtype == torch.float32,
         FMA=fma, LOOKUP=lookup, PERMUTE_PTX=ptx, PREFETCH=PREFETCH, PRECISION=precision,
         SHRINK_SPLITS=shrink_splits, SHRINK_K=shrink_span, SHRINK_BLOCK_K=SHRINK_BLOCK_K,
-        SHRINK_ROWS=max(16, block_n), MAX_S=splits, num_warps=NUM_WARPS, num_stages=1, **pdl_options(x.device),
+        SHRINK_ROWS=max(16, block_n), SPLITS=splits, num_warps=NUM_WARPS, num_stages=1, **pdl_options(x.device),
         enable_fp_fusion=False)  # absmax = dyn[q] * absmax2 + offset rounded twice, as torch does
     return ys
 
