@@ -330,8 +330,8 @@ def test_permute_lookup_ptx_gives_every_bytes_nf4_values(dtype):
 def test_per_call_integers_compile_once():
     """Triton compiles a new variant for an integer argument equal to 1 or divisible by 16: the counts that change
     from call to call (a decode batch's rows, a prefill's or a training batch's tokens, a sequence length, the
-    sampler's per-step seed) are left unspecialised, so a batch shrinking to 1 row mid-rollout, a prompt batch of
-    16k tokens or a seed of 16 reuses the compiled kernel (each compile took 0.5-4 s on the H200 machines, in the
+    sampler's per-step seed) are left unspecialised, so a batch shrinking to 1 row mid-rollout, a prefill of 96
+    tokens or a seed of 16 reuses the compiled kernel (each compile took 0.2-5.7 s on the H200 machines, in the
     middle of a rollout); the widths and strides stay specialised (they let Triton vectorise the loads)."""
     from ahazero.engine import fused_kernels, lora_kernels, sample_kernels
     from ahazero.models import nf4_kernels, rope, swiglu_kernels
