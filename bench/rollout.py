@@ -47,6 +47,9 @@ Each run prints a markdown table and appends one JSON line per backend to --out 
 pass --out $OUT/rollout.jsonl so the lines come back). `--smoke` runs a shrunken model on the CPU with
 few tokens: it checks the script, not the speed. An engine row's seconds are the median of `--repeats` calls (3)
 after a warm-up call; the transformers rows time one call after theirs.
+A/B of one module constant in one process (single runs of W2 moved by 5-10% between processes, more than the
+effects weighed in the nineteenth session), alternating the values --rounds times:
+  python bench/rollout.py --workload W2 --ab "ahazero.engine.gemv_kernels.MIN_K_PER_SPLIT=256|1024" --rounds 3
 The Llama shape has a smaller vocabulary than the Qwen tokenizer: prompt ids are taken modulo it.
 """
 from __future__ import annotations
@@ -244,6 +247,36 @@ def run_profile(model, tok, prompts, wl, max_seq_length, steps: int = 32, **opti
     return result
 
 
+def parse_ab(spec: str) -> tuple[str, list[str]]:
+    """"module.CONSTANT=A|B[|...]" -> ("module.CONSTANT", ["A", "B", ...]): the values --ab alternates."""
+    target, sep, values = spec.partition("=")
+    values = values.split("|")
+    if not sep or len(values) < 2 or "" in values:
+        raise SystemExit(f"--ab takes MODULE.CONSTANT=A|B[|...], got {spec!r}")
+    return target, values
+
+
+def run_ab(model, tok, prompts, wl, max_seq_length, spec: str, rounds: int) -> list[dict]:
+    """The `ahazero` backend under each value of one module constant in turn, `rounds` times, in this one process
+    (the same model, prompts and machine): per value its seconds each round, their median, and the median over
+    rounds of its time / the first value's time in the same round (paired: a drift between rounds cancels)."""
+    import importlib
+    target, values = parse_ab(spec)
+    module, _, name = target.rpartition(".")
+    original = getattr(importlib.import_module(module), name)
+    each: dict[str, list[float]] = {v: [] for v in values}
+    try:
+        for _ in range(rounds):
+            for v in values:
+                set_constant(f"{target}={v}")
+                each[v].append(run_engine(model, tok, prompts, wl, max_seq_length)["seconds"])
+    finally:
+        setattr(importlib.import_module(module), name, original)
+    first = each[values[0]]
+    return [dict(value=v, seconds=statistics.median(s), seconds_each_round=s,
+                 paired_ratio=statistics.median(t / f for t, f in zip(s, first))) for v, s in each.items()]
+
+
 def set_constant(setting: str) -> None:
     """"module.CONSTANT=value" (value a Python literal, or else a string) set before anything runs."""
     import ast
@@ -307,7 +340,14 @@ def main():
                     "seconds is their median (seconds_each in the JSON)")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.CONSTANT=VALUE",
                     help="set a module constant for the whole run, e.g. ahazero.models.nf4_kernels.PREFETCH=2")
+    ap.add_argument("--ab", metavar="MODULE.CONSTANT=A|B[|...]",
+                    help="instead of --backends: the ahazero backend under each value of the constant in turn, "
+                         "--rounds times in this process (each value's median, and its time against the first "
+                         "value's in the same round)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --ab")
     args = ap.parse_args()
+    if args.ab:
+        parse_ab(args.ab)  # a malformed spec fails before the model is built
     global REPEATS
     REPEATS = max(1, args.repeats)
     for setting in args.set:
@@ -327,6 +367,20 @@ def main():
     device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     print(f"{device}; {args.model} {args.workload}: {wl}; prompt lengths {min(map(len, prompts))}-"
           f"{max(map(len, prompts))}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; roofline {roof:,.0f} tokens/s")
+    if args.ab:
+        rows = run_ab(model, tok, prompts, wl, max_seq_length, args.ab, max(1, args.rounds))
+        target = args.ab.partition("=")[0]
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(dict(r, backend="ahazero", ab=target, settings=args.set, workload=args.workload,
+                                        model=args.model, device=device, tokens=tokens, prompts=wl["prompts"],
+                                        load_in_4bit=args.load_in_4bit, torch=torch.__version__)) + "\n")
+        print(f"\n| {target} | tokens/s (median) | seconds each round | time against {rows[0]['value']}, paired |")
+        print("| --- | --- | --- | --- |")
+        for r in rows:
+            each = ", ".join(f"{t:.3f}" for t in r["seconds_each_round"])
+            print(f"| {r['value']} | {tokens / r['seconds']:,.0f} | {each} | {r['paired_ratio']:.3f} |")
+        return
     rows = []
     for name in args.backends.split(","):
         gc.collect()
