@@ -256,14 +256,15 @@ def parse_ab(spec: str) -> tuple[str, list[str]]:
     return target, values
 
 
-def run_ab(model, tok, prompts, wl, max_seq_length, spec: str, rounds: int) -> list[dict]:
-    """The `ahazero` backend under each value of one module constant in turn, `rounds` times, in this one process
-    (the same model, prompts and machine): per value its seconds each round, their median, and the median over
-    rounds of its time / the first value's time in the same round (paired: a drift between rounds cancels)."""
+def run_ab(model, tok, prompts, wl, max_seq_length, target: str, values: list[str], rounds: int) -> list[dict]:
+    """The `ahazero` backend under each value of the module constant `target` in turn (`parse_ab`), `rounds` times,
+    in this one process (the same model, prompts and machine): per value its seconds each round, their median, and
+    the median over rounds of its time / the first value's time in the same round (paired: a drift between rounds
+    cancels). The constant is put back afterwards."""
     import importlib
-    target, values = parse_ab(spec)
     module, _, name = target.rpartition(".")
-    original = getattr(importlib.import_module(module), name)
+    module = importlib.import_module(module)
+    original = getattr(module, name)
     each: dict[str, list[float]] = {v: [] for v in values}
     try:
         for _ in range(rounds):
@@ -271,7 +272,7 @@ def run_ab(model, tok, prompts, wl, max_seq_length, spec: str, rounds: int) -> l
                 set_constant(f"{target}={v}")
                 each[v].append(run_engine(model, tok, prompts, wl, max_seq_length)["seconds"])
     finally:
-        setattr(importlib.import_module(module), name, original)
+        setattr(module, name, original)
     first = each[values[0]]
     return [dict(value=v, seconds=statistics.median(s), seconds_each_round=s,
                  paired_ratio=statistics.median(t / f for t, f in zip(s, first))) for v, s in each.items()]
@@ -346,8 +347,7 @@ def main():
                          "value's in the same round)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --ab")
     args = ap.parse_args()
-    if args.ab:
-        parse_ab(args.ab)  # a malformed spec fails before the model is built
+    ab = parse_ab(args.ab) if args.ab else None  # a malformed spec fails before the model is built
     global REPEATS
     REPEATS = max(1, args.repeats)
     for setting in args.set:
@@ -367,9 +367,9 @@ def main():
     device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     print(f"{device}; {args.model} {args.workload}: {wl}; prompt lengths {min(map(len, prompts))}-"
           f"{max(map(len, prompts))}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; roofline {roof:,.0f} tokens/s")
-    if args.ab:
-        rows = run_ab(model, tok, prompts, wl, max_seq_length, args.ab, max(1, args.rounds))
-        target = args.ab.partition("=")[0]
+    if ab:
+        target, values = ab
+        rows = run_ab(model, tok, prompts, wl, max_seq_length, target, values, max(1, args.rounds))
         with open(args.out, "a") as f:
             for r in rows:
                 f.write(json.dumps(dict(r, backend="ahazero", ab=target, settings=args.set, workload=args.workload,
