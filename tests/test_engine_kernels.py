@@ -52,6 +52,45 @@ def test_grouped_lora_matches_reference(N, K, outs, R, dtype, precision):
         torch.testing.assert_close(got.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the shrink's side stream exists on a GPU only")
+def test_shrink_beside_the_base_gemms_gives_the_same_bits_eagerly_and_in_a_cuda_graph(monkeypatch):
+    """W1's 128-row decode group (q/k/v of Qwen2.5-1.5B, LoRA r=32): the shrink on its side stream while cuBLAS
+    runs the bases, against everything on one stream, eagerly and replayed from a graph on fresh inputs."""
+    from ahazero.engine.layers import Projection, project
+    torch.manual_seed(0)
+    N, K, outs, R = 128, 1536, [1536, 256, 256], 32
+    ps = [Projection(torch.nn.Linear(K, o, device=DEVICE, dtype=torch.bfloat16), torch.randn(R, K, device=DEVICE)
+                     / K ** 0.5, torch.randn(o, R, device=DEVICE), 2.0) for o in outs]
+    x = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16)  # [N, K], the graph's static input
+
+    def one_stream(inp):
+        monkeypatch.setattr(lora_kernels, "SHRINK_BESIDE_BASES", False)
+        try:
+            return project(inp, ps, lora_kernels.grouped_lora)
+        finally:
+            monkeypatch.setattr(lora_kernels, "SHRINK_BESIDE_BASES", True)
+
+    want = one_stream(x)
+    for got, p, ref in zip(project(x, ps, lora_kernels.grouped_lora), ps, want):
+        assert torch.equal(got, ref)
+        exact = (x.float() @ p.base.weight.float().t() + p.base.bias.float()
+                 + (x.float() @ p.lora_a.t()) @ p.lora_b.t() * 2)  # [N, O]
+        assert ((got.float() - exact).norm() / exact.norm()).item() < 1e-2
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as the engine's graphs do
+        project(x, ps, lora_kernels.grouped_lora)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = project(x, ps, lora_kernels.grouped_lora)
+    for _ in range(3):
+        x.copy_(torch.randn(N, K, device=DEVICE))
+        graph.replay()
+        for got, ref in zip(out, one_stream(x.clone())):
+            assert torch.equal(got, ref)
+
+
 @pytest.mark.slow
 def test_engine_with_lora_kernels_matches_torch_lora():
     import tiny

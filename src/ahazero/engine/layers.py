@@ -49,9 +49,8 @@ def project(x: torch.Tensor, projections: tuple[Projection, ...], grouped_lora=N
     ranks = {None if p.lora_a is None else p.lora_a.shape[0] for p in projections}
     if grouped_lora is None or None in ranks or len(ranks) > 1:
         return [p(x) for p in projections]
-    ys = [_base_linear(p.base, x) for p in projections]  # each [N, out_i]
-    grouped_lora(x, ys, projections)  # ys[i] += s_i * (x A_i^T) B_i^T, in place
-    return ys
+    # each [N, out_i] = base(x) + s_i * (x A_i^T) B_i^T
+    return grouped_lora(x, projections, lambda: [_base_linear(p.base, x) for p in projections])
 
 
 def _base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ Without a GPU the same kernels run in Triton's interpreter (TRITON_INTERPRET=1),
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +45,12 @@ SHRINK_BLOCK_K = 64
 SHRINK_WARPS = 2
 EXPAND_BLOCK_O = 128
 EXPAND_WARPS = 4
+# The shrink reads only x, so on a GPU it runs on a side stream beside the group's base GEMMs (cuBLAS, where the
+# one-launch projections of engine/gemv_kernels.py do not serve: W1's 128-row decode, prefills), and the expand
+# waits for both. H200, twentieth session (bench/RESULTS.md), W1 at 128 rows: the shrink 7.8 us and the expand
+# 10.1 us a group, 38% of a decode step's GPU time, against 28% for the base GEMMs.
+SHRINK_BESIDE_BASES = True
+_shrink_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 @triton.jit(do_not_specialize=["N"])  # N, the tokens of a prefill or the rows of a batch: one compile
@@ -153,7 +161,30 @@ def lora_expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tenso
     _expand_add(xa, list(b), list(y), list(scales))
 
 
-def grouped_lora(x: torch.Tensor, ys: list[torch.Tensor], projections) -> None:
-    """Add each projection's LoRA term to its base output ys[i] [N, out_i], in place. x: [N, in]."""
-    xa = lora_shrink(x, [p.lora_a for p in projections])  # [G, N, r]
+def shrink_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream of `device`'s shrinks, made once (only Triton kernels run on it, so cuBLAS keeps no
+    workspace for it)."""
+    if device not in _shrink_streams:
+        _shrink_streams[device] = torch.cuda.Stream(device)
+    return _shrink_streams[device]
+
+
+def grouped_lora(x: torch.Tensor, projections, bases: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The group's outputs: `bases()`, each projection's base output [N, out_i] (made on the current stream),
+    plus its LoRA term s_i * (x A_i^T) B_i^T, added in place. x: [N, in]. On a GPU the shrink runs on a side
+    stream while `bases()` runs (SHRINK_BESIDE_BASES); forked from and joined back to the current stream, so
+    the order of everything else, and a CUDA graph captured from it, stays as before."""
+    a = [p.lora_a for p in projections]
+    beside = SHRINK_BESIDE_BASES and x.is_cuda and not torch.compiler.is_compiling()
+    if not beside:
+        ys = bases()
+        xa = lora_shrink(x, a)  # [G, N, r]
+    else:
+        main, side = torch.cuda.current_stream(x.device), shrink_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):  # xa's memory is the side stream's: its next use there waits for main again
+            xa = lora_shrink(x, a)  # [G, N, r]
+        ys = bases()
+        main.wait_stream(side)
     lora_expand_add(xa, [p.lora_b for p in projections], ys, [p.scale for p in projections])
+    return ys
