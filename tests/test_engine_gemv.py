@@ -131,15 +131,17 @@ def test_project_serves_4bit_groups_through_one_nf4_launch(monkeypatch):
             close(g, want)
     assert len(launches) == 1
     from ahazero.models import nf4_kernels
+    monkeypatch.setattr(gemv_kernels, "MAX_ROWS", 1)  # the 16-bit bound does not apply to 4-bit groups
+    assert gemv_kernels.project(x, ps, lora_kernels.grouped_lora) is not None
     rows = torch.randn(nf4_kernels.MAX_ROWS + 1, K, device=DEVICE)  # 4-bit batches above it: the NF4 module's path
-    assert nf4_kernels.MAX_ROWS <= gemv_kernels.MAX_ROWS  # (so the 16-bit bound is not what declines it)
     assert gemv_kernels.project(rows, ps, lora_kernels.grouped_lora) is None
     dense = (ps[0], Projection(torch.nn.Linear(K, 8, device=DEVICE), torch.randn(4, K, device=DEVICE),
                                torch.randn(8, 4, device=DEVICE), 0.5))
     assert gemv_kernels.project(x, dense, lora_kernels.grouped_lora) is None  # 4-bit and 16-bit: no one launch
 
 
-def test_project_serves_decode_batches_and_declines_the_rest():
+def test_project_serves_decode_batches_and_declines_the_rest(monkeypatch):
+    monkeypatch.setattr(gemv_kernels, "MAX_ROWS", 64)  # (32 by default) so that 40 rows reach LARGE_CONFIG
     torch.manual_seed(0)
     K = 64
     lins = [torch.nn.Linear(K, o, bias=True, device=DEVICE) for o in (32, 16)]

@@ -57,11 +57,12 @@ from . import lora_kernels
 
 logger = logging.getLogger("ahazero")
 
-MAX_ROWS = 64  # 16-bit batches above this go to cuBLAS + the LoRA kernels; 4-bit ones above nf4_kernels.MAX_ROWS
-# to the NF4 module's path. H200, 2026-11-28 (bench/RESULTS.md), a Qwen2.5-1.5B layer with the shrink in the launch:
-# 76.0 us at 64 rows against cuBLAS + shrink + expand's 93.4 (W1 at 64 rows 18,350 -> 20,163 tokens/s), 111.2 at 128
-# against 102.6 (W1: 27,950 against 30,422 tokens/s); nineteenth session, q/k/v and o unsplit: W1 (128 rows) through
-# this launch 24,163 against 30,168 tokens/s
+MAX_ROWS = 32  # 16-bit batches above this go to cuBLAS + the LoRA kernels; 4-bit ones above nf4_kernels.MAX_ROWS
+# to the NF4 module's path. H200, twentieth session (bench/RESULTS.md), paired in one process (`bench/rollout.py
+# --ab`): W1 at 64 rows 16,694 tokens/s through this launch against 19,018 through cuBLAS + the LoRA kernels (the
+# shrink beside the GEMMs, lora_kernels.SHRINK_BESIDE_BASES); at 32 rows 12,387 against 10,365, W2 (6 rows) 0.457
+# against 0.581 s. (2026-11-28, unpaired: 64 rows 20,163 this way against 18,350; nineteenth session: W1 at 128
+# rows 24,163 against 30,168.)
 BLOCK_O = 64
 BLOCK_K = 128
 NUM_WARPS = 4
@@ -80,8 +81,8 @@ MIN_K_PER_SPLIT = 1024  # a split reads at least this many columns of K: a Qwen2
 # 10.0 at 64; o 8.5 -> 6.9, 10.7 -> 8.1, 20.5 -> 9.7 (bench/gemv_latency.py); W1 at 64 rows 16,649-16,778 ->
 # 18,811-19,019 tokens/s, W2 unchanged within its noise (0.480-0.489 against 0.477-0.482 s); W1 at 32 rows 12,325 ->
 # 12,892 (nineteenth session)
-# (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES) above 32 rows (up to MAX_ROWS), where x^T is 64 or 128 wide. H200, 64
-# rows (bench/kernels.py --only gemv --fused-configs): 76.0 us a layer; 64/64/4/4 78.2, 64/64/4/3 at 2 programs per
+# (BLOCK_O, BLOCK_K, NUM_WARPS, NUM_STAGES) above 32 rows, where x^T is 64 or 128 wide (with MAX_ROWS raised). H200,
+# 64 rows (bench/kernels.py --only gemv --fused-configs): 76.0 us a layer; 64/64/4/4 78.2, 64/64/4/3 at 2 programs per
 # SM 82.1, 128/128/8/3 83.3, 64/64/8/4 90.7, 128/64/8/3 95.8, 128/64/4/4 107.4
 LARGE_CONFIG = (64, 128, 4, 3)
 # The LoRA shrink in the group's launch (16-bit and NF4 weights; the module docstring), its producers over
