@@ -52,6 +52,27 @@ def test_grouped_lora_matches_reference(N, K, outs, R, dtype, precision):
         torch.testing.assert_close(got.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("N,I,R,dtype", [(5, 300, 8, torch.float32), (37, 130, 32, torch.bfloat16),
+                                         (128, 256, 16, torch.bfloat16)])
+def test_expand_in_the_silu_mul_launch_equals_expand_then_silu_mul(N, I, R, dtype):
+    """The gate/up group's expand inside SiLU * up: the same bits as lora_expand_add then fused_kernels.silu_mul,
+    and near PEFT's float32 math then torch's SiLU (a few of the output dtype's roundings: the kernel's exp differs,
+    as tests/test_engine_fused.py::test_silu_mul allows)."""
+    from ahazero.engine import fused_kernels
+    torch.manual_seed(0)
+    xa = torch.randn(2, N, R, device=DEVICE)  # [2, N, R] float32, the shrink's x A^T
+    b = [torch.randn(I, R, device=DEVICE) / R ** 0.5 for _ in range(2)]  # each [I, R]
+    gate, up = (torch.randn(N, I, device=DEVICE).to(dtype) for _ in range(2))  # the base outputs
+    scales = [0.5, 2.0]
+    got = lora_kernels.lora_expand_silu_mul(xa, b, gate, up, scales)
+    ys = [gate.clone(), up.clone()]
+    lora_kernels.lora_expand_add(xa, b, ys, scales)
+    assert torch.equal(got, fused_kernels.silu_mul(*ys))
+    g, u = ((y.float() + xa[i] @ b[i].t() * scales[i]).to(dtype) for i, y in enumerate((gate, up)))
+    want = (torch.nn.functional.silu(g) * u).float()
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -5, atol=2 ** -7 * want.abs().max().item())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the shrink's side stream exists on a GPU only")
 def test_shrink_beside_the_base_gemms_gives_the_same_bits_eagerly_and_in_a_cuda_graph(monkeypatch):
     """W1's 128-row decode group (q/k/v of Qwen2.5-1.5B, LoRA r=32): the shrink on its side stream while cuBLAS

@@ -46,11 +46,21 @@ class Projection:
 def project(x: torch.Tensor, projections: tuple[Projection, ...], grouped_lora=None) -> list[torch.Tensor]:
     """Every projection of one input x [N, in] -> [N, out_i]. With `grouped_lora` (engine/lora_kernels.py)
     their adapters run in two launches for the whole group instead of two GEMMs and three casts each."""
-    ranks = {None if p.lora_a is None else p.lora_a.shape[0] for p in projections}
-    if grouped_lora is None or None in ranks or len(ranks) > 1:
+    if grouped_lora is None or lora_rank(projections) is None:
         return [p(x) for p in projections]
     # each [N, out_i] = base(x) + s_i * (x A_i^T) B_i^T
-    return grouped_lora(x, projections, lambda: [_base_linear(p.base, x) for p in projections])
+    return grouped_lora(x, projections, lambda: base_outputs(x, projections))
+
+
+def lora_rank(projections: tuple[Projection, ...]) -> int | None:
+    """The adapters' rank when every projection has an adapter and they share it (grouped LoRA serves them)."""
+    ranks = {None if p.lora_a is None else p.lora_a.shape[0] for p in projections}
+    return ranks.pop() if len(ranks) == 1 else None
+
+
+def base_outputs(x: torch.Tensor, projections: tuple[Projection, ...]) -> list[torch.Tensor]:
+    """Each projection's base layer on x [N, in], without its adapter: [N, out_i]."""
+    return [_base_linear(p.base, x) for p in projections]
 
 
 def _base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -46,10 +46,15 @@ SHRINK_WARPS = 2
 EXPAND_BLOCK_O = 128
 EXPAND_WARPS = 4
 # The shrink reads only x, so on a GPU it runs on a side stream beside the group's base GEMMs (cuBLAS, where the
-# one-launch projections of engine/gemv_kernels.py do not serve: W1's 128-row decode, prefills), and the expand
-# waits for both. H200, twentieth session (bench/RESULTS.md), W1 at 128 rows: the shrink 7.8 us and the expand
-# 10.1 us a group, 38% of a decode step's GPU time, against 28% for the base GEMMs.
+# one-launch projections of engine/gemv_kernels.py do not serve: above its MAX_ROWS rows), and the expand waits
+# for both. Decode batches only (up to DECODE_ROWS rows): a prefill's GEMMs fill the GPU, and the memory
+# the side stream's allocations leave cached (a long prefill's partial sums: tens of MiB) serves no other stream.
+# H200, twentieth session (bench/RESULTS.md): W1 at 64 rows through cuBLAS 18,199 -> 18,933 tokens/s (paired), at
+# 128 rows unchanged (29,544 -> 29,637), where the shrink took 7.8 us and the expand 10.1 us a group.
 SHRINK_BESIDE_BASES = True
+# Where cuBLAS runs the gate/up group (above gemv_kernels.MAX_ROWS rows), its expand is done in the SiLU * up
+# launch (`grouped_lora_silu_mul`): one launch a layer fewer, and gate and up are not written out and read back.
+EXPAND_IN_SILU_MUL = True
 _shrink_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -102,6 +107,35 @@ def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R,
     y_at = y_ptr + rows[:, None] * O + cols[None, :]
     y = tl.load(y_at, mask=y_mask, other=0.0).to(tl.float32)
     tl.store(y_at, (y + scale * delta).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _expand_silu_mul_kernel(xa_ptr, bg_ptr, bu_ptr, gate_ptr, up_ptr, out_ptr, sg, su, N, I, R,
+                            BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+                            PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program (row block, column block): out = silu(g) * u over its tile, g = gate + sg * xa[0] Bg^T and
+    u = up + su * xa[1] Bu^T each rounded to the output dtype first: `_expand_kernel`'s math and roundings for
+    the gate/up group, then engine/fused_kernels.py's silu_mul, without writing g and u out in between."""
+    wait_for_inputs(USE_PDL)
+    pid_n, pid_o = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
+    ranks = tl.arange(0, BLOCK_R)  # [BR]
+    xa_at = rows[:, None] * R + ranks[None, :]  # [BN, BR] into xa[g] [N, R]
+    xa_mask = (rows[:, None] < N) & (ranks[None, :] < R)
+    b_at = cols[None, :] * R + ranks[:, None]  # [BR, BO]: B^T tiles
+    b_mask = (cols[None, :] < I) & (ranks[:, None] < R)
+    y_at = rows[:, None] * I + cols[None, :]  # [BN, BO]
+    y_mask = (rows[:, None] < N) & (cols[None, :] < I)
+    dtype = out_ptr.dtype.element_ty
+    dg = tl.dot(tl.load(xa_ptr + xa_at, mask=xa_mask, other=0.0),
+                tl.load(bg_ptr + b_at, mask=b_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
+    du = tl.dot(tl.load(xa_ptr + N * R + xa_at, mask=xa_mask, other=0.0),
+                tl.load(bu_ptr + b_at, mask=b_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
+    g = (tl.load(gate_ptr + y_at, mask=y_mask, other=0.0).to(tl.float32) + sg * dg).to(dtype).to(tl.float32)
+    u = (tl.load(up_ptr + y_at, mask=y_mask, other=0.0).to(tl.float32) + su * du).to(dtype).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + y_at, (silu * u).to(dtype), mask=y_mask)
 
 
 def split_k_for(N: int) -> int:
@@ -161,6 +195,28 @@ def lora_expand_add(xa: torch.Tensor, b: list[torch.Tensor], y: list[torch.Tenso
     _expand_add(xa, list(b), list(y), list(scales))
 
 
+@torch.library.custom_op("ahazero::lora_expand_silu_mul", mutates_args=())
+def lora_expand_silu_mul(xa: torch.Tensor, b: list[torch.Tensor], gate: torch.Tensor, up: torch.Tensor,
+                         scales: list[float]) -> torch.Tensor:
+    """silu(gate + s_0 xa[0] B_0^T) * (up + s_1 xa[1] B_1^T) [N, I], each sum rounded to gate's dtype: the gate/up
+    group's expand and engine/fused_kernels.silu_mul in one launch. xa [2, N, R]; b: 2 tensors [I, R]; gate, up
+    [N, I], the base outputs."""
+    N, I = gate.shape
+    R = xa.shape[2]
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(I, EXPAND_BLOCK_O))
+    _expand_silu_mul_kernel[grid](xa, b[0], b[1], gate, up, out, scales[0], scales[1], N, I, R,
+                                  BLOCK_N=BLOCK_N, BLOCK_O=EXPAND_BLOCK_O, BLOCK_R=block_r(R),
+                                  PRECISION=DOT_PRECISION, num_warps=EXPAND_WARPS, **pdl_options(xa.device))
+    return out
+
+
+@lora_expand_silu_mul.register_fake
+def _(xa, b, gate, up, scales):
+    return torch.empty_like(gate)
+
+
 def shrink_stream(device: torch.device) -> torch.cuda.Stream:
     """The side stream of `device`'s shrinks, made once (only Triton kernels run on it, so cuBLAS keeps no
     workspace for it)."""
@@ -171,20 +227,32 @@ def shrink_stream(device: torch.device) -> torch.cuda.Stream:
 
 def grouped_lora(x: torch.Tensor, projections, bases: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
     """The group's outputs: `bases()`, each projection's base output [N, out_i] (made on the current stream),
-    plus its LoRA term s_i * (x A_i^T) B_i^T, added in place. x: [N, in]. On a GPU the shrink runs on a side
-    stream while `bases()` runs (SHRINK_BESIDE_BASES); forked from and joined back to the current stream, so
-    the order of everything else, and a CUDA graph captured from it, stays as before."""
-    a = [p.lora_a for p in projections]
-    beside = SHRINK_BESIDE_BASES and x.is_cuda and not torch.compiler.is_compiling()
-    if not beside:
-        ys = bases()
-        xa = lora_shrink(x, a)  # [G, N, r]
-    else:
-        main, side = torch.cuda.current_stream(x.device), shrink_stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):  # xa's memory is the side stream's: its next use there waits for main again
-            xa = lora_shrink(x, a)  # [G, N, r]
-        ys = bases()
-        main.wait_stream(side)
+    plus its LoRA term s_i * (x A_i^T) B_i^T, added in place. x: [N, in]."""
+    xa, ys = _shrink_beside(x, projections, bases)
     lora_expand_add(xa, [p.lora_b for p in projections], ys, [p.scale for p in projections])
     return ys
+
+
+def grouped_lora_silu_mul(x: torch.Tensor, gate_up, bases: Callable[[], list[torch.Tensor]]) -> torch.Tensor:
+    """silu(gate) * up [N, I] for the (gate, up) projections `gate_up` of x [N, in], `bases()` their base outputs:
+    `grouped_lora` then fused_kernels.silu_mul, with the expand and SiLU * up in one launch (EXPAND_IN_SILU_MUL)."""
+    xa, (gate, up) = _shrink_beside(x, gate_up, bases)
+    return lora_expand_silu_mul(xa, [p.lora_b for p in gate_up], gate, up, [p.scale for p in gate_up])
+
+
+def _shrink_beside(x: torch.Tensor, projections, bases: Callable[[], list[torch.Tensor]]):
+    """(the shrink x A_i^T [G, N, r], `bases()`). In a decode batch on a GPU the shrink runs on a side stream
+    while `bases()` runs (SHRINK_BESIDE_BASES), forked from and joined back to the current stream, so the order
+    of everything else, and a CUDA graph captured from it, stays as before."""
+    a = [p.lora_a for p in projections]
+    beside = (SHRINK_BESIDE_BASES and x.is_cuda and x.shape[0] <= DECODE_ROWS
+              and not torch.compiler.is_compiling())
+    if not beside:
+        return lora_shrink(x, a), bases()
+    main, side = torch.cuda.current_stream(x.device), shrink_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):  # xa's memory is the side stream's: its next use there waits for main again
+        xa = lora_shrink(x, a)  # [G, N, r]
+    ys = bases()
+    main.wait_stream(side)
+    return xa, ys

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ...models.lora import decoder_and_head
 from ..attention import DecodeMetadata, PrefillMetadata, decode_attention, prefill_attention
 from ..kv_cache import KVCache, KVShape
-from ..layers import Projection, apply_rope, embedding_weight, project, projection, rms_norm
+from ..layers import (Projection, apply_rope, base_outputs, embedding_weight, lora_rank, project, projection,
+                      rms_norm)
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # static tables; "dynamic" ones change with length
@@ -193,13 +194,20 @@ def _decode_fused(w: LlamaWeights, input_ids, meta: DecodeMetadata, kv: KVCache,
     in the next RMSNorm, RoPE of q and k and the KV-cache write are one launch, SiLU * up one; attention
     is the Triton kernel, which reads the cache the RoPE launch wrote. Returns logits [B, V]."""
     from .. import fused_kernels as fused
-    from .. import gemv_kernels
+    from .. import gemv_kernels, lora_kernels
     from ..attention_kernels import decode_attention_op
     B, D = input_ids.shape[0], w.head_dim
 
     def proj(x, projections):  # each group in (1 +) 1 launch where gemv_kernels serves it
         ys = gemv_kernels.project(x, projections, w.grouped_lora) if w.gemv_kernels else None
         return ys if ys is not None else project(x, projections, w.grouped_lora)
+
+    def swiglu(x, gate_up):  # silu(gate) * up [B, I]; where cuBLAS serves gate/up, the LoRA expand in this launch
+        ys = gemv_kernels.project(x, gate_up, w.grouped_lora) if w.gemv_kernels else None
+        if ys is None and w.grouped_lora is not None and lora_rank(gate_up) is not None:
+            if lora_kernels.EXPAND_IN_SILU_MUL:
+                return lora_kernels.grouped_lora_silu_mul(x, gate_up, lambda: base_outputs(x, gate_up))
+        return fused.silu_mul(*(ys if ys is not None else project(x, gate_up, w.grouped_lora)))
 
     h = F.embedding(input_ids, w.embed)  # [B, H] the residual stream
     delta = None  # what the last layer adds to h, not yet added
@@ -217,7 +225,6 @@ def _decode_fused(w: LlamaWeights, input_ids, meta: DecodeMetadata, kv: KVCache,
         q = fused.rope_and_cache(q, k, v, rope[0], rope[1], meta.positions, cache_k, cache_v)  # [B, Hq, D]
         a = decode_attention_op(q, cache_k, cache_v, meta.positions, D ** -0.5)  # [B, Hq, D]
         x, h = fused.add_rms_norm(h, proj(a.reshape(B, -1), (lw.o,))[0], lw.post_norm, w.eps)
-        gate, up = proj(x, (lw.gate, lw.up))  # each [B, I]
-        delta = proj(fused.silu_mul(gate, up), (lw.down,))[0]  # [B, H]
+        delta = proj(swiglu(x, (lw.gate, lw.up)), (lw.down,))[0]  # [B, H]
     x, _ = fused.add_rms_norm(h, delta, w.norm, w.eps)
     return w.lm_head(x)  # [B, V]
