@@ -243,7 +243,7 @@ def nf4_table(batches, nf4_configs):
                 for K, lins, qs, a, b in groups:
                     if kind == "each":
                         lk.grouped_lora(xs[K], [Projection(q, ai, bi, 2.0) for q, ai, bi in zip(qs, a, b)],
-                                        lambda: [q(xs[K]) for q in qs])
+                                        lambda p, x: p.base(x))
                     else:
                         gk._run(xs[K], kind, lins if kind == "dense" else qs, a, b, [2.0] * len(qs))
 

@@ -75,8 +75,9 @@ def test_expand_in_the_silu_mul_launch_equals_expand_then_silu_mul(N, I, R, dtyp
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the shrink's side stream exists on a GPU only")
 def test_shrink_beside_the_base_gemms_gives_the_same_bits_eagerly_and_in_a_cuda_graph(monkeypatch):
-    """W1's 128-row decode group (q/k/v of Qwen2.5-1.5B, LoRA r=32): the shrink on its side stream while cuBLAS
-    runs the bases, against everything on one stream, eagerly and replayed from a graph on fresh inputs."""
+    """W1's 128-row decode group (q/k/v of Qwen2.5-1.5B, LoRA r=32): the shrink on its side stream and k and v on
+    another while cuBLAS runs q, against everything on one stream, eagerly and replayed from a graph on fresh
+    inputs."""
     from ahazero.engine.layers import Projection, project
     torch.manual_seed(0)
     N, K, outs, R = 128, 1536, [1536, 256, 256], 32

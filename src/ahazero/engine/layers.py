@@ -49,7 +49,7 @@ def project(x: torch.Tensor, projections: tuple[Projection, ...], grouped_lora=N
     if grouped_lora is None or lora_rank(projections) is None:
         return [p(x) for p in projections]
     # each [N, out_i] = base(x) + s_i * (x A_i^T) B_i^T
-    return grouped_lora(x, projections, lambda: base_outputs(x, projections))
+    return grouped_lora(x, projections, base_output)
 
 
 def lora_rank(projections: tuple[Projection, ...]) -> int | None:
@@ -58,9 +58,9 @@ def lora_rank(projections: tuple[Projection, ...]) -> int | None:
     return ranks.pop() if len(ranks) == 1 else None
 
 
-def base_outputs(x: torch.Tensor, projections: tuple[Projection, ...]) -> list[torch.Tensor]:
-    """Each projection's base layer on x [N, in], without its adapter: [N, out_i]."""
-    return [_base_linear(p.base, x) for p in projections]
+def base_output(p: Projection, x: torch.Tensor) -> torch.Tensor:
+    """The projection's base layer on x [N, in], without its adapter: [N, out]."""
+    return _base_linear(p.base, x)
 
 
 def _base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,10 @@ SHRINK_BESIDE_BASES = True
 # Where cuBLAS runs the gate/up group (above gemv_kernels.MAX_ROWS rows), its expand is done in the SiLU * up
 # launch (`grouped_lora_silu_mul`): one launch a layer fewer, and gate and up are not written out and read back.
 EXPAND_IN_SILU_MUL = True
-_shrink_streams: dict[torch.device, torch.cuda.Stream] = {}
+# And the group's other base GEMMs (k and v; up) run on a second side stream beside its first (q; gate) where there
+# are several (BASES_BESIDE): cuBLAS then keeps a workspace for that stream too (32 MiB on Hopper).
+BASES_BESIDE = True
+_side_streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 
 
 @triton.jit(do_not_specialize=["N"])  # N, the tokens of a prefill or the rows of a batch: one compile
@@ -217,42 +220,54 @@ def _(xa, b, gate, up, scales):
     return torch.empty_like(gate)
 
 
-def shrink_stream(device: torch.device) -> torch.cuda.Stream:
-    """The side stream of `device`'s shrinks, made once (only Triton kernels run on it, so cuBLAS keeps no
-    workspace for it)."""
-    if device not in _shrink_streams:
-        _shrink_streams[device] = torch.cuda.Stream(device)
-    return _shrink_streams[device]
+def side_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """(the shrinks' side stream, the other bases' side stream) of `device`, made once: a stream cuBLAS has run on
+    keeps its workspace for the life of the process."""
+    if device not in _side_streams:
+        _side_streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+    return _side_streams[device]
 
 
-def grouped_lora(x: torch.Tensor, projections, bases: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
-    """The group's outputs: `bases()`, each projection's base output [N, out_i] (made on the current stream),
-    plus its LoRA term s_i * (x A_i^T) B_i^T, added in place. x: [N, in]."""
-    xa, ys = _shrink_beside(x, projections, bases)
+def grouped_lora(x: torch.Tensor, projections, base: Callable) -> list[torch.Tensor]:
+    """The group's outputs: each projection p's base output `base(p, x)` [N, out_i] plus its LoRA term
+    s_i * (x A_i^T) B_i^T, added in place. x: [N, in]."""
+    xa, ys = _shrink_beside(x, projections, base)
     lora_expand_add(xa, [p.lora_b for p in projections], ys, [p.scale for p in projections])
     return ys
 
 
-def grouped_lora_silu_mul(x: torch.Tensor, gate_up, bases: Callable[[], list[torch.Tensor]]) -> torch.Tensor:
-    """silu(gate) * up [N, I] for the (gate, up) projections `gate_up` of x [N, in], `bases()` their base outputs:
-    `grouped_lora` then fused_kernels.silu_mul, with the expand and SiLU * up in one launch (EXPAND_IN_SILU_MUL)."""
-    xa, (gate, up) = _shrink_beside(x, gate_up, bases)
+def grouped_lora_silu_mul(x: torch.Tensor, gate_up, base: Callable) -> torch.Tensor:
+    """silu(gate) * up [N, I] for the (gate, up) projections `gate_up` of x [N, in], `base(p, x)` their base
+    outputs: `grouped_lora` then fused_kernels.silu_mul, with the expand and SiLU * up in one launch
+    (EXPAND_IN_SILU_MUL)."""
+    xa, (gate, up) = _shrink_beside(x, gate_up, base)
     return lora_expand_silu_mul(xa, [p.lora_b for p in gate_up], gate, up, [p.scale for p in gate_up])
 
 
-def _shrink_beside(x: torch.Tensor, projections, bases: Callable[[], list[torch.Tensor]]):
-    """(the shrink x A_i^T [G, N, r], `bases()`). In a decode batch on a GPU the shrink runs on a side stream
-    while `bases()` runs (SHRINK_BESIDE_BASES), forked from and joined back to the current stream, so the order
-    of everything else, and a CUDA graph captured from it, stays as before."""
+def _shrink_beside(x: torch.Tensor, projections, base: Callable):
+    """(the shrink x A_i^T [G, N, r], [base(p, x) for each projection p]). In a decode batch on a GPU the shrink
+    runs on a side stream (SHRINK_BESIDE_BASES) and the bases after the first on another (BASES_BESIDE) while
+    the first base runs, each forked from and joined back to the current stream, so the order of everything
+    else, and a CUDA graph captured from it, stays as before. Memory a side stream allocates (xa, the other
+    bases' outputs) is freed on the current stream; its next use on that side stream waits for the current
+    stream again, so it is never overwritten while read."""
     a = [p.lora_a for p in projections]
     beside = (SHRINK_BESIDE_BASES and x.is_cuda and x.shape[0] <= DECODE_ROWS
               and not torch.compiler.is_compiling())
     if not beside:
-        return lora_shrink(x, a), bases()
-    main, side = torch.cuda.current_stream(x.device), shrink_stream(x.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):  # xa's memory is the side stream's: its next use there waits for main again
+        return lora_shrink(x, a), [base(p, x) for p in projections]
+    main = torch.cuda.current_stream(x.device)
+    shrink_side, bases_side = side_streams(x.device)
+    shrink_side.wait_stream(main)
+    with torch.cuda.stream(shrink_side):
         xa = lora_shrink(x, a)  # [G, N, r]
-    ys = bases()
-    main.wait_stream(side)
+    others = []
+    if BASES_BESIDE and len(projections) > 1:
+        bases_side.wait_stream(main)
+        with torch.cuda.stream(bases_side):
+            others = [base(p, x) for p in projections[1:]]
+    ys = [base(p, x) for p in projections[:len(projections) - len(others)]] + others
+    main.wait_stream(shrink_side)
+    if others:
+        main.wait_stream(bases_side)
     return xa, ys

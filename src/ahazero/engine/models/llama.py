@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ...models.lora import decoder_and_head
 from ..attention import DecodeMetadata, PrefillMetadata, decode_attention, prefill_attention
 from ..kv_cache import KVCache, KVShape
-from ..layers import (Projection, apply_rope, base_outputs, embedding_weight, lora_rank, project, projection,
+from ..layers import (Projection, apply_rope, base_output, embedding_weight, lora_rank, project, projection,
                       rms_norm)
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -206,7 +206,7 @@ def _decode_fused(w: LlamaWeights, input_ids, meta: DecodeMetadata, kv: KVCache,
         ys = gemv_kernels.project(x, gate_up, w.grouped_lora) if w.gemv_kernels else None
         if ys is None and w.grouped_lora is not None and lora_rank(gate_up) is not None:
             if lora_kernels.EXPAND_IN_SILU_MUL:
-                return lora_kernels.grouped_lora_silu_mul(x, gate_up, lambda: base_outputs(x, gate_up))
+                return lora_kernels.grouped_lora_silu_mul(x, gate_up, base_output)
         return fused.silu_mul(*(ys if ys is not None else project(x, gate_up, w.grouped_lora)))
 
     h = F.embedding(input_ids, w.embed)  # [B, H] the residual stream
