@@ -9,7 +9,9 @@ K over S programs so a small batch still fills the GPU: each split stores its pa
 row block's counter, and the last split to arrive adds the S partials in split order (deterministic) into
 xa, as models/nf4_kernels.py does. (Until 2026-11-27, sixth session, the expand added the S partials
 itself, in every one of its programs: at W1's batch of 128 on an H200 it took 16.4 us a call, 28% of the
-step's GPU time, bench/RESULTS.md.)
+step's GPU time, bench/RESULTS.md.) In a decode batch on a GPU the shrink and the group's base GEMMs after
+its first run on side streams beside that first GEMM, and the gate/up group's expand runs inside SiLU * up
+(`lora_expand_silu_mul`): SHRINK_BESIDE_BASES, BASES_BESIDE and EXPAND_IN_SILU_MUL below.
 kernel -> launcher -> torch.library custom op (one opaque op for torch.compile and CUDA graphs).
 Without a GPU the same kernels run in Triton's interpreter (TRITON_INTERPRET=1), as the tests do.
 """
@@ -52,12 +54,15 @@ EXPAND_WARPS = 4
 # H200, twentieth session (bench/RESULTS.md): W1 at 64 rows through cuBLAS 18,199 -> 18,933 tokens/s (paired), at
 # 128 rows unchanged (29,544 -> 29,637), where the shrink took 7.8 us and the expand 10.1 us a group.
 SHRINK_BESIDE_BASES = True
-# Where cuBLAS runs the gate/up group (above gemv_kernels.MAX_ROWS rows), its expand is done in the SiLU * up
-# launch (`grouped_lora_silu_mul`): one launch a layer fewer, and gate and up are not written out and read back.
-EXPAND_IN_SILU_MUL = True
 # And the group's other base GEMMs (k and v; up) run on a second side stream beside its first (q; gate) where there
-# are several (BASES_BESIDE): cuBLAS then keeps a workspace for that stream too (32 MiB on Hopper).
+# are several 16-bit ones (BASES_BESIDE; a 4-bit base dequantises its weight into a temporary, which would be made
+# twice at once): cuBLAS then keeps a workspace for that stream too (32 MiB on Hopper). H200, twentieth session,
+# paired: W1 30,231 -> 32,321 tokens/s at 128 rows, 18,554 -> 20,296 at 64.
 BASES_BESIDE = True
+# Where cuBLAS runs the gate/up group, its expand is done in the SiLU * up launch (`grouped_lora_silu_mul`): one
+# launch a layer fewer, and gate and up are not written out and read back. H200, twentieth session, paired: W1
+# 30,795 -> 31,406 tokens/s at 128 rows, 19,193 -> 19,440 at 64.
+EXPAND_IN_SILU_MUL = True
 _side_streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 
 
@@ -262,7 +267,7 @@ def _shrink_beside(x: torch.Tensor, projections, base: Callable):
     with torch.cuda.stream(shrink_side):
         xa = lora_shrink(x, a)  # [G, N, r]
     others = []
-    if BASES_BESIDE and len(projections) > 1:
+    if BASES_BESIDE and len(projections) > 1 and all(type(p.base) is torch.nn.Linear for p in projections):
         bases_side.wait_stream(main)
         with torch.cuda.stream(bases_side):
             others = [base(p, x) for p in projections[1:]]
