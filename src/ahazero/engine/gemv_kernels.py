@@ -60,9 +60,9 @@ logger = logging.getLogger("ahazero")
 MAX_ROWS = 32  # 16-bit batches above this go to cuBLAS + the LoRA kernels; 4-bit ones above nf4_kernels.MAX_ROWS
 # to the NF4 module's path. H200, twentieth session (bench/RESULTS.md), paired in one process (`bench/rollout.py
 # --ab`): W1 at 64 rows 16,694 tokens/s through this launch against 19,018 through cuBLAS + the LoRA kernels (the
-# shrink beside the GEMMs, lora_kernels.SHRINK_BESIDE_BASES); at 32 rows 12,387 against 10,365, W2 (6 rows) 0.457
-# against 0.581 s. (2026-11-28, unpaired: 64 rows 20,163 this way against 18,350; nineteenth session: W1 at 128
-# rows 24,163 against 30,168.)
+# shrink beside the GEMMs, lora_kernels.SHRINK_BESIDE_BASES; 20,296 since, BASES_BESIDE); at 32 rows 12,387 against
+# 10,365, W2 (6 rows) 0.457 against 0.581 s. (2026-11-28, unpaired: 64 rows 20,163 this way against 18,350;
+# nineteenth session: W1 at 128 rows 24,163 against 30,168.)
 BLOCK_O = 64
 BLOCK_K = 128
 NUM_WARPS = 4
