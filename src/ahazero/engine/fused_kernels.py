@@ -137,15 +137,23 @@ def _(q, k, v, cos, sin, positions, cache_k, cache_v):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@triton.jit
+def silu_mul_values(g, u, dtype: tl.constexpr):
+    """silu(g) rounded to dtype, times u, rounded to dtype (torch's roundings of F.silu(gate) * up); g and u in
+    `dtype` or float32. Shared with engine/lora_kernels.py's expand-in-SiLU launch."""
+    g = g.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return (silu * u.to(tl.float32)).to(dtype)
+
+
 @triton.jit(do_not_specialize=["n"])  # n = rows x width: one compile for every batch
 def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_inputs(USE_PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + offs, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
+    g = tl.load(gate_ptr + offs, mask=mask, other=0.0)
+    u = tl.load(up_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, silu_mul_values(g, u, out_ptr.dtype.element_ty), mask=mask)
 
 
 @torch.library.custom_op("ahazero::silu_mul", mutates_args=())

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ..models.nf4_kernels import (as_group, block_r, last_to_arrive, pdl_options, pick, shrink_sum,
                                   split_k_workspace, wait_for_inputs)
+from .fused_kernels import silu_mul_values
 
 BLOCK_N = 16  # rows per program: small batches are the point, and a row block re-reads A and B from L2
 # The shrink is latency-bound at decode sizes (A is 32 x 1536 to 32 x 8960, x a few rows): its time is
@@ -94,6 +95,21 @@ def _shrink_kernel(x_ptr, a0, a1, a2, partial_ptr, count_ptr, out_ptr, N, K, R, 
             tl.store(counter, 0)  # ready for the next launch
 
 
+@triton.jit
+def _expanded_tile(xa_ptr, b_ptr, y_ptr, scale, rows, cols, ranks, N, O, R, PRECISION: tl.constexpr):
+    """(y[rows, cols] + scale * xa[rows] @ B[cols]^T rounded to y's dtype [BN, BO], its offsets, its mask): the
+    expand's math for one tile, xa [N, R] float32, B [O, R], y [N, O]. Shared by both expand kernels."""
+    xa_mask = (rows[:, None] < N) & (ranks[None, :] < R)
+    xa = tl.load(xa_ptr + rows[:, None] * R + ranks[None, :], mask=xa_mask, other=0.0)  # [BN, BR]
+    b_mask = (cols[None, :] < O) & (ranks[:, None] < R)
+    b = tl.load(b_ptr + cols[None, :] * R + ranks[:, None], mask=b_mask, other=0.0)  # [BR, BO] = B^T tile
+    delta = tl.dot(xa, b.to(tl.float32), input_precision=PRECISION)  # [BN, BO]
+    y_mask = (rows[:, None] < N) & (cols[None, :] < O)
+    y_at = rows[:, None] * O + cols[None, :]  # [BN, BO]
+    y = tl.load(y_ptr + y_at, mask=y_mask, other=0.0).to(tl.float32)
+    return (y + scale * delta).to(y_ptr.dtype.element_ty), y_at, y_mask
+
+
 @triton.jit(do_not_specialize=["N"])
 def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R,
                    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
@@ -101,20 +117,12 @@ def _expand_kernel(xa_ptr, b0, b1, b2, y0, y1, y2, s0, s1, s2, o0, o1, o2, N, R,
     """Program (row block, column block, adapter g): y_g[rows, cols] += s_g * xa[g, rows] @ B_g[cols]^T."""
     wait_for_inputs(USE_PDL)
     pid_n, pid_o, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b_ptr, y_ptr = pick(g, b0, b1, b2), pick(g, y0, y1, y2)
-    scale, O = pick(g, s0, s1, s2), pick(g, o0, o1, o2)
+    y_ptr = pick(g, y0, y1, y2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
-    ranks = tl.arange(0, BLOCK_R)  # [BR]
-    xa_mask = (rows[:, None] < N) & (ranks[None, :] < R)
-    xa = tl.load(xa_ptr + (g * N + rows[:, None]) * R + ranks[None, :], mask=xa_mask, other=0.0)  # [BN, BR]
-    b_mask = (cols[None, :] < O) & (ranks[:, None] < R)
-    b = tl.load(b_ptr + cols[None, :] * R + ranks[:, None], mask=b_mask, other=0.0)  # [BR, BO] = B^T tile
-    delta = tl.dot(xa, b.to(tl.float32), input_precision=PRECISION)  # [BN, BO]
-    y_mask = (rows[:, None] < N) & (cols[None, :] < O)
-    y_at = y_ptr + rows[:, None] * O + cols[None, :]
-    y = tl.load(y_at, mask=y_mask, other=0.0).to(tl.float32)
-    tl.store(y_at, (y + scale * delta).to(y_ptr.dtype.element_ty), mask=y_mask)
+    y, y_at, y_mask = _expanded_tile(xa_ptr + g * N * R, pick(g, b0, b1, b2), y_ptr, pick(g, s0, s1, s2), rows,
+                                     cols, tl.arange(0, BLOCK_R), N, pick(g, o0, o1, o2), R, PRECISION)
+    tl.store(y_ptr + y_at, y, mask=y_mask)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -122,28 +130,16 @@ def _expand_silu_mul_kernel(xa_ptr, bg_ptr, bu_ptr, gate_ptr, up_ptr, out_ptr, s
                             BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
                             PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (row block, column block): out = silu(g) * u over its tile, g = gate + sg * xa[0] Bg^T and
-    u = up + su * xa[1] Bu^T each rounded to the output dtype first: `_expand_kernel`'s math and roundings for
-    the gate/up group, then engine/fused_kernels.py's silu_mul, without writing g and u out in between."""
+    u = up + su * xa[1] Bu^T: `_expand_kernel`'s tiles of the gate/up group, then engine/fused_kernels.py's
+    silu_mul, without writing g and u out in between."""
     wait_for_inputs(USE_PDL)
     pid_n, pid_o = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
     ranks = tl.arange(0, BLOCK_R)  # [BR]
-    xa_at = rows[:, None] * R + ranks[None, :]  # [BN, BR] into xa[g] [N, R]
-    xa_mask = (rows[:, None] < N) & (ranks[None, :] < R)
-    b_at = cols[None, :] * R + ranks[:, None]  # [BR, BO]: B^T tiles
-    b_mask = (cols[None, :] < I) & (ranks[:, None] < R)
-    y_at = rows[:, None] * I + cols[None, :]  # [BN, BO]
-    y_mask = (rows[:, None] < N) & (cols[None, :] < I)
-    dtype = out_ptr.dtype.element_ty
-    dg = tl.dot(tl.load(xa_ptr + xa_at, mask=xa_mask, other=0.0),
-                tl.load(bg_ptr + b_at, mask=b_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
-    du = tl.dot(tl.load(xa_ptr + N * R + xa_at, mask=xa_mask, other=0.0),
-                tl.load(bu_ptr + b_at, mask=b_mask, other=0.0).to(tl.float32), input_precision=PRECISION)
-    g = (tl.load(gate_ptr + y_at, mask=y_mask, other=0.0).to(tl.float32) + sg * dg).to(dtype).to(tl.float32)
-    u = (tl.load(up_ptr + y_at, mask=y_mask, other=0.0).to(tl.float32) + su * du).to(dtype).to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-    tl.store(out_ptr + y_at, (silu * u).to(dtype), mask=y_mask)
+    g, y_at, y_mask = _expanded_tile(xa_ptr, bg_ptr, gate_ptr, sg, rows, cols, ranks, N, I, R, PRECISION)
+    u, _, _ = _expanded_tile(xa_ptr + N * R, bu_ptr, up_ptr, su, rows, cols, ranks, N, I, R, PRECISION)
+    tl.store(out_ptr + y_at, silu_mul_values(g, u, out_ptr.dtype.element_ty), mask=y_mask)
 
 
 def split_k_for(N: int) -> int:
@@ -266,13 +262,15 @@ def _shrink_beside(x: torch.Tensor, projections, base: Callable):
     shrink_side.wait_stream(main)
     with torch.cuda.stream(shrink_side):
         xa = lora_shrink(x, a)  # [G, N, r]
-    others = []
-    if BASES_BESIDE and len(projections) > 1 and all(type(p.base) is torch.nn.Linear for p in projections):
+    others_beside = (BASES_BESIDE and len(projections) > 1
+                     and all(type(p.base) is torch.nn.Linear for p in projections))
+    if others_beside:
         bases_side.wait_stream(main)
         with torch.cuda.stream(bases_side):
             others = [base(p, x) for p in projections[1:]]
-    ys = [base(p, x) for p in projections[:len(projections) - len(others)]] + others
-    main.wait_stream(shrink_side)
-    if others:
+        ys = [base(projections[0], x)] + others
         main.wait_stream(bases_side)
+    else:
+        ys = [base(p, x) for p in projections]
+    main.wait_stream(shrink_side)
     return xa, ys
