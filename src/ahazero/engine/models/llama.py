@@ -204,9 +204,9 @@ def _decode_fused(w: LlamaWeights, input_ids, meta: DecodeMetadata, kv: KVCache,
 
     def swiglu(x, gate_up):  # silu(gate) * up [B, I]; where cuBLAS serves gate/up, the LoRA expand in this launch
         ys = gemv_kernels.project(x, gate_up, w.grouped_lora) if w.gemv_kernels else None
-        if ys is None and w.grouped_lora is not None and lora_rank(gate_up) is not None:
-            if lora_kernels.EXPAND_IN_SILU_MUL:
-                return lora_kernels.grouped_lora_silu_mul(x, gate_up, base_output)
+        if (ys is None and w.grouped_lora is not None and lora_kernels.EXPAND_IN_SILU_MUL
+                and lora_rank(gate_up) is not None):
+            return lora_kernels.grouped_lora_silu_mul(x, gate_up, base_output)
         return fused.silu_mul(*(ys if ys is not None else project(x, gate_up, w.grouped_lora)))
 
     h = F.embedding(input_ids, w.embed)  # [B, H] the residual stream
