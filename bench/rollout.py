@@ -367,14 +367,15 @@ def main():
     device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     print(f"{device}; {args.model} {args.workload}: {wl}; prompt lengths {min(map(len, prompts))}-"
           f"{max(map(len, prompts))}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; roofline {roof:,.0f} tokens/s")
+    run_info = dict(settings=args.set, workload=args.workload, model=args.model, device=device, tokens=tokens,
+                    prompts=wl["prompts"], load_in_4bit=args.load_in_4bit, roofline_tokens_per_s=roof,
+                    bandwidth_gbs=bandwidth / 1e9, torch=torch.__version__)  # in every JSON line
     if ab:
         target, values = ab
         rows = run_ab(model, tok, prompts, wl, max_seq_length, target, values, max(1, args.rounds))
         with open(args.out, "a") as f:
             for r in rows:
-                f.write(json.dumps(dict(r, backend="ahazero", ab=target, settings=args.set, workload=args.workload,
-                                        model=args.model, device=device, tokens=tokens, prompts=wl["prompts"],
-                                        load_in_4bit=args.load_in_4bit, torch=torch.__version__)) + "\n")
+                f.write(json.dumps(dict(r, backend="ahazero", ab=target, **run_info)) + "\n")
         print(f"\n| {target} | tokens/s (median) | seconds each round | time against {rows[0]['value']}, paired |")
         print("| --- | --- | --- | --- |")
         for r in rows:
@@ -392,11 +393,7 @@ def main():
         except Exception as err:  # noqa: BLE001 - report the failure, keep measuring the others
             result = dict(error=f"{type(err).__name__}: {err}")
         result.setdefault("peak_gib", peak_gib())
-        result.update(backend=name, settings=args.set, workload=args.workload, model=args.model, device=device,
-                      tokens=tokens,
-                      prompts=wl["prompts"], load_in_4bit=args.load_in_4bit,
-                      roofline_tokens_per_s=roof,
-                      bandwidth_gbs=bandwidth / 1e9, torch=torch.__version__)
+        result.update(backend=name, **run_info)
         if "seconds" in result:
             result["tokens_per_s"] = tokens / result["seconds"]
             result["roofline_fraction"] = result["tokens_per_s"] / roof
