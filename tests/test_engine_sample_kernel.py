@@ -49,6 +49,16 @@ def test_the_seed_decides_the_draws():
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
 
 
+def test_the_draws_do_not_depend_on_the_split_of_the_vocabulary():
+    """Each column's noise comes from its own Philox counter: one split or several, the same tokens (a batch
+    size's split must not change what a seed draws). V not a multiple of 4: the last counter of a row is partial."""
+    logits = torch.randn(6, 3001, device=DEVICE)
+    whole = sample_kernels.sample_unfiltered(logits, 1.0, 11, min_v_per_split=4096)  # one split
+    split = sample_kernels.sample_unfiltered(logits, 1.0, 11, min_v_per_split=1)  # splits of BLOCK_V
+    assert whole[0].tolist() == split[0].tolist()
+    torch.testing.assert_close(whole[1], split[1])
+
+
 def test_the_sampler_takes_the_kernel_for_unfiltered_params_only():
     logits = torch.randn(3, 40, device=DEVICE)
     kernel = Sampler(kernel=True)

@@ -7,7 +7,8 @@ tokens, its logsumexp op alone took 10.6 ms of a 32-step profile on an H200; thi
 This kernel reads the logits once, in their own dtype:
   scaled  = logits * (1 / temperature) in float32         (temperature 1 for greedy, as the log-prob's)
   lse     = log sum exp(scaled), online (running max and sum)
-  token   = argmax(scaled - log(-log U)),  U ~ Uniform[0, 1) from Philox (tl.rand(seed, row * V + col))
+  token   = argmax(scaled - log(-log U)),  U ~ Uniform[0, 1) from Philox: one call (tl.rand4x) gives the
+            4 draws of 4 adjacent columns, its counter row * ceil(V / 4) + col // 4
             Gumbel-max, the exponential race of sampler.py in log space: argmax(p / E) with E = -log U;
             greedy: argmax(scaled), the first index of the maximum as torch.argmax
   logprob = scaled[token] - lse
@@ -30,9 +31,15 @@ from ..models.nf4_kernels import (last_to_arrive, pdl_options, sm_count, split_k
 
 logger = logging.getLogger("ahazero")
 
-BLOCK_V = 1024
+# The kernel is bound by the noise's arithmetic (Philox and two logs a column), not the logits' bytes (128 x 151,936
+# bf16: 39 MB, 9 us at 4.2 TB/s), so it wants many programs. H200, twenty-first session (bench/RESULTS.md,
+# `python bench/kernels.py --only sample`), us a call at 6 / 32 / 64 / 128 rows: 17.8 / 49.1 / 83.3 / 138.4 with
+# a Philox call per column and (1024, 4096, 2, 4 warps); 15.0 / 38.0 / 63.4 / 106.9 with one per 4 columns; 14.6 /
+# 31.3 / 51.2 / 90.5 with these.
+BLOCK_V = 2048
 MIN_V_PER_SPLIT = 4096
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 16
+NUM_WARPS = 8
 STATS = 5  # per split: max, sum of exp(scaled - max), best score, its index, its scaled logit
 
 
@@ -49,8 +56,10 @@ def _sample_kernel(logits_ptr, tokens_ptr, logprobs_ptr, partial_ptr, count_ptr,
     best_at = tl.zeros((), tl.int32)
     best_logit = tl.zeros((), tl.float32)
     lanes = tl.arange(0, BLOCK_V)
+    quads = tl.arange(0, BLOCK_V // 4)
     for v0 in range(0, V_PER_SPLIT, BLOCK_V):
-        cols = s * V_PER_SPLIT + v0 + lanes  # [BV]
+        start = s * V_PER_SPLIT + v0  # a multiple of BLOCK_V, so of 4
+        cols = start + lanes  # [BV]
         ok = cols < V
         x = tl.load(logits_ptr + row.to(tl.int64) * stride_row + cols, mask=ok, other=float("-inf"))
         x = x.to(tl.float32) * inv_temperature  # [BV] scaled
@@ -61,7 +70,9 @@ def _sample_kernel(logits_ptr, tokens_ptr, logprobs_ptr, partial_ptr, count_ptr,
         if GREEDY:
             score = x
         else:
-            u = tl.rand(seed, (row * V + cols).to(tl.uint32))  # [BV] uniform [0, 1)
+            counters = (row * tl.cdiv(V, 4) + start // 4 + quads).to(tl.uint32)  # [BV / 4]
+            u0, u1, u2, u3 = tl.rand4x(seed, counters)  # 4 x [BV / 4] uniform [0, 1)
+            u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), BLOCK_V)  # [BV], 4 adjacent from one call
             score = tl.where(ok, x - tl.log(-tl.log(u)), float("-inf"))
         block_best = tl.max(score, axis=0)
         block_at = tl.argmax(score, axis=0)  # the first index of the block's maximum
@@ -105,7 +116,7 @@ def _sample_kernel(logits_ptr, tokens_ptr, logprobs_ptr, partial_ptr, count_ptr,
 
 
 def sample_unfiltered(logits: torch.Tensor, temperature: float, seed: int,
-                      min_v_per_split: int = MIN_V_PER_SPLIT) -> tuple[torch.Tensor, torch.Tensor]:
+                      min_v_per_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] (any float dtype) -> tokens [B] int64, log-probs [B] float32 (see the module docstring).
     temperature 0 is greedy (its log-probs at temperature 1)."""
     B, V = logits.shape
@@ -117,14 +128,16 @@ def sample_unfiltered(logits: torch.Tensor, temperature: float, seed: int,
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
     if B == 0:
         return tokens, logprobs
-    splits, per_split = split_k(B, V, sm_count(logits.device), PROGRAMS_PER_SM, min_v_per_split, BLOCK_V)
+    splits, per_split = split_k(B, V, sm_count(logits.device), PROGRAMS_PER_SM, min_v_per_split or MIN_V_PER_SPLIT,
+                                BLOCK_V)
     counts, partial = split_k_workspace(logits.device, B)
     if splits > 1:
         partial = torch.empty(B, splits, STATS, dtype=torch.float32, device=logits.device)
     greedy = temperature == 0
     _sample_kernel[(B, splits)](logits, tokens, logprobs, partial, counts, V, logits.stride(0),
                                 1.0 if greedy else 1.0 / temperature, seed % (2 ** 31 - 1), GREEDY=greedy,
-                                V_PER_SPLIT=per_split, BLOCK_V=BLOCK_V, **pdl_options(logits.device))
+                                V_PER_SPLIT=per_split, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
+                                **pdl_options(logits.device))
     return tokens, logprobs
 
 
