@@ -142,6 +142,7 @@ def test_project_serves_4bit_groups_through_one_nf4_launch(monkeypatch):
 
 def test_project_serves_decode_batches_and_declines_the_rest(monkeypatch):
     monkeypatch.setattr(gemv_kernels, "MAX_ROWS", 64)  # (32 by default) so that 40 rows reach LARGE_CONFIG
+    monkeypatch.setattr(gemv_kernels, "SMALL_GROUP_MAX_ROWS", 0)  # every group bound by MAX_ROWS
     torch.manual_seed(0)
     K = 64
     lins = [torch.nn.Linear(K, o, bias=True, device=DEVICE) for o in (32, 16)]
@@ -159,6 +160,27 @@ def test_project_serves_decode_batches_and_declines_the_rest(monkeypatch):
     assert gemv_kernels.project(x, mixed, lora_kernels.grouped_lora) is None
     half = (Projection(torch.nn.Linear(K, 8, device=DEVICE, dtype=torch.bfloat16)),)
     assert gemv_kernels.project(x, half) is None  # weight dtype differs from x's
+
+
+def test_small_groups_keep_the_one_launch_up_to_their_own_bound(monkeypatch):
+    """A group of at most SMALL_GROUP_WEIGHTS weight elements takes the one launch up to SMALL_GROUP_MAX_ROWS
+    rows, a larger one up to MAX_ROWS only."""
+    torch.manual_seed(0)
+    K = 64
+    lins = [torch.nn.Linear(K, o, bias=True, device=DEVICE) for o in (32, 16)]  # 48 x 64 weight elements
+    ps = tuple(Projection(lin, torch.randn(4, K, device=DEVICE), torch.randn(lin.out_features, 4, device=DEVICE),
+                          0.5) for lin in lins)
+    monkeypatch.setattr(gemv_kernels, "MAX_ROWS", 8)
+    monkeypatch.setattr(gemv_kernels, "SMALL_GROUP_MAX_ROWS", 40)
+    monkeypatch.setattr(gemv_kernels, "SMALL_GROUP_WEIGHTS", 48 * K)
+    x = torch.randn(40, K, device=DEVICE)  # above MAX_ROWS, at the small groups' bound
+    got = gemv_kernels.project(x, ps, lora_kernels.grouped_lora)
+    for g, want in zip(got, project(x, ps)):
+        close(g, want)
+    assert gemv_kernels.project(torch.randn(41, K, device=DEVICE), ps, lora_kernels.grouped_lora) is None
+    monkeypatch.setattr(gemv_kernels, "SMALL_GROUP_WEIGHTS", 48 * K - 1)  # now a large group
+    assert gemv_kernels.project(x, ps, lora_kernels.grouped_lora) is None
+    assert gemv_kernels.project(x[:8], ps, lora_kernels.grouped_lora) is not None
 
 
 @pytest.mark.slow

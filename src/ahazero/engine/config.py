@@ -31,7 +31,8 @@ class EngineConfig:
     engine/fused_kernels.py (needs the Triton attention).
     `gemv_kernels` runs each decode group of projections (q/k/v, o, gate/up, down) as one launch of
     engine/gemv_kernels.py, the LoRA shrink and expand in it, instead of cuBLAS per projection plus the LoRA
-    kernels (needs fused_kernels; batches above gemv_kernels.MAX_ROWS rows keep cuBLAS).
+    kernels (needs fused_kernels; batches above gemv_kernels.MAX_ROWS rows keep cuBLAS, except a group of few
+    weights, as q/k/v and o, up to gemv_kernels.SMALL_GROUP_MAX_ROWS).
     `sample_kernel` samples unfiltered params (temperature only, or greedy) in one Triton launch
     (engine/sample_kernels.py) instead of about ten torch ops over [B, V] (needs triton).
     Both check themselves once per device against PyTorch before they serve, and turn themselves off with

@@ -63,6 +63,14 @@ MAX_ROWS = 32  # 16-bit batches above this go to cuBLAS + the LoRA kernels; 4-bi
 # shrink beside the GEMMs, lora_kernels.SHRINK_BESIDE_BASES; 20,296 since, BASES_BESIDE); at 32 rows 12,387 against
 # 10,365, W2 (6 rows) 0.457 against 0.581 s. (2026-11-28, unpaired: 64 rows 20,163 this way against 18,350;
 # nineteenth session: W1 at 128 rows 24,163 against 30,168.)
+# A group of at most SMALL_GROUP_WEIGHTS weight elements (Qwen2.5-1.5B's q/k/v 3.1 M, o 2.4 M; its gate/up 27.5 M,
+# down 13.8 M) keeps the one launch up to SMALL_GROUP_MAX_ROWS rows: through cuBLAS its GEMMs are a launch's latency
+# each (H200, twentieth session, 64 rows: k and v 6.2 us apiece for 0.8 MB, o 6.6 us), and its LoRA shrink and expand
+# two more launches, where the one launch took 10.0 us for q/k/v and 9.7 for o with LoRA (eighteenth session).
+# H200, twenty-first session, paired (`bench/rollout.py --ab`): W1 at 64 rows 20,397 -> 22,129 tokens/s, at 128 rows
+# 32,744 -> 33,759.
+SMALL_GROUP_WEIGHTS = 4 * 2 ** 20
+SMALL_GROUP_MAX_ROWS = 128
 BLOCK_O = 64
 BLOCK_K = 128
 NUM_WARPS = 4
@@ -230,6 +238,8 @@ def _weight_kind(x: torch.Tensor, projections) -> str | None:
     bases = [p.base for p in projections]
     if all(type(b) is nn.Linear and b.weight.dtype == x.dtype and b.weight.is_contiguous() for b in bases):
         kind, max_rows = "dense", MAX_ROWS
+        if sum(b.weight.numel() for b in bases) <= SMALL_GROUP_WEIGHTS:
+            max_rows = max(max_rows, SMALL_GROUP_MAX_ROWS)
     elif all(type(b) is Linear4bit and b.use_fused_kernel(x.device) for b in bases):
         kind, max_rows = "nf4", nf4_kernels.MAX_ROWS
     else:
