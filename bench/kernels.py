@@ -10,6 +10,11 @@ per kernel configuration, beside the torch path it replaces. GPU only.
         PROGRAMS_PER_SM); beside the path it replaces, cuBLAS (F.linear) per projection + shrink + expand,
         and cuBLAS alone (no LoRA: the weights' floor). Above 32 rows (GEMV_LARGE_CONFIGS) the engine takes
         cuBLAS + the LoRA kernels; the table says whether one launch would do better there.
+  sample     engine/sample_kernels.py's one-pass sampling (temperature 1) over Qwen's 151,936 logits, by
+        (PROGRAMS_PER_SM, MIN_V_PER_SPLIT, BLOCK_V, NUM_WARPS); us per call.
+  attention  engine/attention_kernels.py's decode attention (Qwen2.5-1.5B's 12 query and 2 KV heads, W1's slot of
+        768 positions, 8 completions a prompt of 61-141 tokens) early, midway and late in a 512-token rollout, by
+        (CHUNK, BLOCK_T, NUM_WARPS); us per layer.
   nf4   models/nf4_kernels.py's fused dequantise-GEMV for the layer's 4 groups with LoRA, one launch per group
         (engine/gemv_kernels.py's nf4 path), by (LOOKUP, BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM,
         MIN_BLOCKS_PER_SPLIT, PREFETCH); beside it the same groups on 16-bit weights through the
@@ -19,7 +24,8 @@ Each time is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph
 engine's graphs run it) over LAYERS distinct layers (so the weights come from memory, not from L2),
 divided by LAYERS: microseconds per layer. Every configuration is first checked against the reference.
 
-Run on a GPU machine, from the repository root:  python bench/kernels.py [--only lora|gemv|nf4] [--batches 1,6,32]
+Run on a GPU machine, from the repository root:  python bench/kernels.py [--only lora|gemv|nf4|sample|attention]
+[--batches 1,6,32]
 [--set MODULE.CONSTANT=VALUE]
 """
 from __future__ import annotations
@@ -59,6 +65,13 @@ NF4_CONFIGS = [  # (LOOKUP, BLOCK_O, NUM_WARPS, PROGRAMS_PER_SM, MIN_BLOCKS_PER_
     # code's 90.2 / 98.7; (2 programs per SM, 8 blocks) the fastest of 4 / 4, 3 / 4, 6 / 4, 2 / 8 and 128 x 8 warps
     ("permute", 64, 4, 2, 8, 2), ("permute", 64, 4, 2, 6, 2), ("permute", 64, 4, 2, 12, 2), ("permute", 64, 4, 3, 8, 2),
     ("permute", 64, 4, 1, 8, 2), ("permute", 64, 4, 2, 8, 1), ("permute", 64, 4, 2, 8, 3), ("nibbles", 64, 4, 4, 4, 2)]
+
+
+SAMPLE_CONFIGS = [  # (PROGRAMS_PER_SM, MIN_V_PER_SPLIT, BLOCK_V, NUM_WARPS)
+    (2, 4096, 1024, 4), (4, 4096, 1024, 4), (8, 4096, 1024, 4), (16, 2048, 1024, 4), (8, 4096, 2048, 8),
+    (8, 4096, 1024, 8), (4, 4096, 2048, 8), (16, 4096, 2048, 8)]
+ATTENTION_CONFIGS = [  # (CHUNK, BLOCK_T, NUM_WARPS); CHUNK None: chunk_for's choice
+    (None, 64, 4), (128, 64, 4), (64, 64, 4), (128, 32, 4), (64, 32, 4), (256, 64, 8), (128, 64, 8), (256, 128, 8)]
 
 
 def bench(fn) -> float:
@@ -273,9 +286,65 @@ def nf4_table(batches, nf4_configs):
     Linear4bit.fused_kernel = None
 
 
+def sample_table(batches):
+    """engine/sample_kernels.py at temperature 1, each configuration checked against the first (the same
+    Philox noise whatever the split: the same tokens)."""
+    from ahazero.engine import sample_kernels as sk
+    default = (sk.PROGRAMS_PER_SM, sk.MIN_V_PER_SPLIT, sk.BLOCK_V, sk.NUM_WARPS)
+    V = 151936
+    print("\nSampling, us per call (temperature 1, V = 151,936, bf16 logits)")
+    print("| N | " + " | ".join("pps %d minV %d BV %d w %d" % c for c in SAMPLE_CONFIGS) + " |")
+    print("| --- " * (len(SAMPLE_CONFIGS) + 1) + "|")
+    for N in batches:
+        logits = [torch.randn(N, V, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(LAYERS)]  # [N, V] each
+        want = None
+        row = []
+        for cfg in SAMPLE_CONFIGS:
+            sk.PROGRAMS_PER_SM, sk.MIN_V_PER_SPLIT, sk.BLOCK_V, sk.NUM_WARPS = cfg
+            tokens, logprobs = sk.sample_unfiltered(logits[0], 1.0, 1234)
+            if want is None:
+                want = (tokens, logprobs)
+            ok = torch.equal(tokens, want[0]) and torch.allclose(logprobs, want[1], atol=1e-4)
+            row.append(bench(lambda: [sk.sample_unfiltered(x, 1.0, 1234) for x in logits]) if ok else float("nan"))
+        print(f"| {N} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
+    sk.PROGRAMS_PER_SM, sk.MIN_V_PER_SPLIT, sk.BLOCK_V, sk.NUM_WARPS = default
+
+
+def attention_table(batches):
+    """engine/attention_kernels.py over a W1-like cache: rows in groups of 8 sharing a prompt length of 61-141,
+    `new` tokens generated; each configuration checked against the first."""
+    from ahazero.engine import attention_kernels as ak
+    default = (ak.BLOCK_T, ak.NUM_WARPS)
+    Hq, Hkv, D, T = 12, 2, 128, 768
+    gen = torch.Generator().manual_seed(0)
+    print("\nDecode attention, us per layer (Hq 12, Hkv 2, D 128, slots of 768 positions; early/mid/late: 32, 256, "
+          "500 tokens generated)")
+    print("| N | tokens generated | " + " | ".join("chunk %s BT %d w %d" % c for c in ATTENTION_CONFIGS) + " |")
+    print("| --- " * (len(ATTENTION_CONFIGS) + 2) + "|")
+    for N in batches:
+        caches = [(torch.randn(N, Hkv, T, D, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(N, Hkv, T, D, device="cuda", dtype=torch.bfloat16)) for _ in range(LAYERS)]
+        q = torch.randn(N, Hq, D, device="cuda", dtype=torch.bfloat16)  # [N, Hq, D]
+        prompts = torch.randint(61, 142, (-(-N // 8),), generator=gen).repeat_interleave(8)[:N]  # [N]
+        for new in (32, 256, 500):
+            positions = (prompts + new - 1).to("cuda")  # [N]
+            want = None
+            row = []
+            for chunk, block_t, warps in ATTENTION_CONFIGS:
+                ak.BLOCK_T, ak.NUM_WARPS = block_t, warps
+                out = ak._decode_attention(q, *caches[0], positions, D ** -0.5, chunk=chunk)
+                if want is None:
+                    want = out
+                ok = rel(out, want) < 1e-2
+                row.append(bench(lambda: [ak._decode_attention(q, k, v, positions, D ** -0.5, chunk=chunk)
+                                          for k, v in caches]) if ok else float("nan"))
+            print(f"| {N} | {new} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
+    ak.BLOCK_T, ak.NUM_WARPS = default
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("lora", "gemv", "nf4"))
+    p.add_argument("--only", choices=("lora", "gemv", "nf4", "sample", "attention"))
     p.add_argument("--batches", default="1,6,32,128", help="the nf4 table takes those up to nf4_kernels.MAX_ROWS")
     p.add_argument("--default-only", action="store_true",
                    help="gemv and nf4 up to 32 rows: time the default configuration only, not the lists above")
@@ -299,6 +368,10 @@ def main():
         default = [(gk.BLOCK_O, gk.BLOCK_K, gk.NUM_WARPS, None, gk.PROGRAMS_PER_SM)]  # stages: _launch's choice
         gemv_table(batches, default if args.default_only else GEMV_CONFIGS,
                    [int(k) for k in args.shrink_k.split(",") if k], args.fused_configs)
+    if args.only in (None, "sample"):
+        sample_table(batches)
+    if args.only in (None, "attention"):
+        attention_table(batches)
     if args.only in (None, "nf4"):
         default = [(nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH)]
         nf4_table([b for b in batches if b <= nk.MAX_ROWS], default if args.default_only else NF4_CONFIGS)

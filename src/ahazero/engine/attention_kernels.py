@@ -29,6 +29,7 @@ BLOCK_T = 64  # KV positions per tile inside a program
 # 6.6 us a layer on an H200 for 2 MB of cache (bench/RESULTS.md, 2026-11-27, sixth session). The chunk
 # halves, down to one tile, until there are MIN_PROGRAMS_PER_SM programs per SM.
 MIN_PROGRAMS_PER_SM = 2
+NUM_WARPS = 4
 MERGE_IN_PARTIAL = True  # H200, 2026-11-29: W2 0.487 -> 0.440 s (bench/rollout.py --set ...MERGE_IN_PARTIAL=False)
 
 
@@ -144,7 +145,7 @@ def _decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Ten
                                       q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
                                       out.stride(0), out.stride(1), **common, CHUNK=chunk, BLOCK_T=BLOCK_T,
                                       IS_FP32=q.dtype == torch.float32 or INTERPRET, MERGE=merge,
-                                      **pdl_options(q.device))
+                                      num_warps=NUM_WARPS, **pdl_options(q.device))
     if not merge:
         _merge_kernel[(B, Hkv)](acc, ml, out, out.stride(0), out.stride(1), **common, **pdl_options(q.device))
     return out
