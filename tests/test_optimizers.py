@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from ahazero import GRPOConfig
-from ahazero.grpo.optimizers import (AdamW8bit, PagedAdamW32bit, dequantize_blockwise, quantize_blockwise,
-                                     unsigned_dynamic_code)
+from ahazero.grpo import optimizers
+from ahazero.grpo.optimizers import (AdamW8bit, PagedAdamW32bit, adamw_update, copied_in, dequantize_blockwise,
+                                     gather, init_state, pieces, quantize_blockwise, unsigned_dynamic_code)
 from ahazero.grpo.trainer import make_optimizer
 from ahazero.models.nf4 import dynamic_code
 
@@ -165,6 +166,79 @@ def test_small_params_match_torch_adamw():
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # measured: bit-identical on the CPU
     assert set(opt8.state[ours[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def one_at_a_time(params, states, lr, betas, eps, weight_decay):
+    """The update of each parameter alone (dequantise its moments, AdamW, quantise), as AdamW8bit did before it
+    laid a chunk's parameters end to end."""
+    signed, unsigned = dynamic_code(), unsigned_dynamic_code()
+    for p in params:
+        if p.grad is None:
+            continue
+        state = states.setdefault(p, init_state(p, p.numel() >= 4096))
+        state["step"] += 1
+        if "state1" in state:
+            m = dequantize_blockwise(state["state1"], state["absmax1"], signed)  # [n]
+            v = dequantize_blockwise(state["state2"], state["absmax2"], unsigned)
+        else:
+            m, v = state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1)
+        new_p, m, v = adamw_update(p.detach().reshape(-1).float(), p.grad.reshape(-1).float(), m, v, state["step"],
+                                   lr, betas[0], betas[1], eps, weight_decay)
+        p.detach().copy_(new_p.view(p.shape))
+        if "state1" in state:
+            (state["state1"], state["absmax1"]), (state["state2"], state["absmax2"]) = (
+                quantize_blockwise(m, signed), quantize_blockwise(v, unsigned))
+        else:
+            state["exp_avg"], state["exp_avg_sq"] = m.view(p.shape), v.view(p.shape)
+
+
+def test_chunked_step_equals_each_parameter_alone(monkeypatch):
+    """Parameters laid end to end in chunks (8-bit ones with a partial last block, bf16, float32 state; chunks cut
+    at 12,000 values; one parameter without a gradient for a step, so its step count differs, and then its state
+    is gathered from another chunk's buffers: its last block's padding must decode to 0, which the gradient that
+    undoes its first, shrinking its first moment tenfold, would show): parameters and state bit for bit those of
+    updating each parameter alone, over 4 steps."""
+    monkeypatch.setattr(optimizers, "CHUNK_ELEMENTS", 12000)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5000,), (80, 64), (33,), (4096,), (300, 20), (7, 5), (9000,)]
+    ours = [(torch.randn(s, generator=gen) * 0.1).to(torch.bfloat16 if i == 1 else torch.float32).requires_grad_()
+            for i, s in enumerate(shapes)]
+    reference = [p.detach().clone().requires_grad_() for p in ours]
+    kw = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    opt, states = AdamW8bit(ours, **kw), {}
+    first = {}
+    for step in range(4):
+        for i, (a, b) in enumerate(zip(ours, reference)):
+            skip = step == 1 and i == 4
+            a.grad = None if skip else (torch.randn(a.shape, generator=gen) * torch.rand(1, generator=gen)).to(a.dtype)
+            if step == 0:
+                first[i] = a.grad
+            elif step == 2 and i == 4:
+                a.grad = -first[i]
+            b.grad = None if skip else a.grad.clone()
+        opt.step()
+        one_at_a_time(reference, states, **kw)
+    assert len(optimizers.update_chunks(ours, [opt.state[p] for p in ours])) >= 3
+    for a, b in zip(ours, reference):
+        assert torch.equal(a, b)
+        mine, want = opt.state[a], states[b]
+        assert mine.keys() == want.keys() and mine["step"] == want["step"]
+        for key in want:
+            if torch.is_tensor(want[key]):
+                assert mine[key].shape == want[key].shape and torch.equal(mine[key], want[key]), key
+    assert opt.state[ours[4]]["step"] == 3
+
+
+def test_gather_pads_each_tensor_to_its_segment_and_finds_its_own_layout():
+    tensors = [torch.arange(3, dtype=torch.bfloat16), torch.arange(5, dtype=torch.bfloat16).view(1, 5)]
+    flat = gather(tensors, [4, 8], torch.float32, torch.device("cpu"), fill=7)
+    assert flat.dtype == torch.float32 and flat.tolist() == [0, 1, 2, 7, 0, 1, 2, 3, 4, 7, 7, 7]
+    assert torch.equal(copied_in(tensors, [4, 8], torch.float32, torch.device("cpu"), fill=7), flat)
+    views = pieces(flat, [3, 5], [4, 8])
+    assert [v.tolist() for v in views] == [[0, 1, 2], [0, 1, 2, 3, 4]]
+    assert gather(views, [4, 8], torch.float32, torch.device("cpu")) is flat  # laid out already: no copy
+    assert gather(views[::-1], [8, 4], torch.float32, torch.device("cpu")) is not flat  # another order
+    assert gather(views, [4, 8], torch.float64, torch.device("cpu")) is not flat
 
 
 def state_bytes(opt):
