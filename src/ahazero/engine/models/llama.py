@@ -198,12 +198,15 @@ def _decode_fused(w: LlamaWeights, input_ids, meta: DecodeMetadata, kv: KVCache,
     from ..attention_kernels import decode_attention_op
     B, D = input_ids.shape[0], w.head_dim
 
-    def proj(x, projections):  # each group in (1 +) 1 launch where gemv_kernels serves it
-        ys = gemv_kernels.project(x, projections, w.grouped_lora) if w.gemv_kernels else None
+    def one_launch(x, projections):  # the group in (1 +) 1 launch, or None where gemv_kernels does not serve it
+        return gemv_kernels.project(x, projections, w.grouped_lora) if w.gemv_kernels else None
+
+    def proj(x, projections):
+        ys = one_launch(x, projections)
         return ys if ys is not None else project(x, projections, w.grouped_lora)
 
     def swiglu(x, gate_up):  # silu(gate) * up [B, I]; where cuBLAS serves gate/up, the LoRA expand in this launch
-        ys = gemv_kernels.project(x, gate_up, w.grouped_lora) if w.gemv_kernels else None
+        ys = one_launch(x, gate_up)
         if (ys is None and w.grouped_lora is not None and lora_kernels.EXPAND_IN_SILU_MUL
                 and lora_rank(gate_up) is not None):
             return lora_kernels.grouped_lora_silu_mul(x, gate_up, base_output)
