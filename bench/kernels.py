@@ -227,7 +227,7 @@ def nf4_table(batches, nf4_configs):
     configuration (the shrink in the launch), and the default's with the shrink's own launch."""
     from ahazero.engine import gemv_kernels as gk
     from ahazero.engine import lora_kernels as lk
-    from ahazero.engine.layers import Projection
+    from ahazero.engine.layers import Projection, base_output
     from ahazero.models import nf4_kernels as nk
     from ahazero.models.linear4bit import Linear4bit
     dev = torch.device("cuda")
@@ -256,7 +256,7 @@ def nf4_table(batches, nf4_configs):
                 for K, lins, qs, a, b in groups:
                     if kind == "each":
                         lk.grouped_lora(xs[K], [Projection(q, ai, bi, 2.0) for q, ai, bi in zip(qs, a, b)],
-                                        lambda p, x: p.base(x))
+                                        base_output)
                     else:
                         gk._run(xs[K], kind, lins if kind == "dense" else qs, a, b, [2.0] * len(qs))
 
