@@ -19,6 +19,7 @@ from ahazero.grpo.optimizers import (AdamW8bit, PagedAdamW32bit, adamw_update, c
 from ahazero.grpo.trainer import make_optimizer
 from ahazero.models.nf4 import dynamic_code
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BS = 256
 TIE = 1e-6  # distances to two table entries this close count as a tie
 
@@ -171,7 +172,7 @@ def test_small_params_match_torch_adamw():
 def one_at_a_time(params, states, lr, betas, eps, weight_decay):
     """The update of each parameter alone (dequantise its moments, AdamW, quantise), as AdamW8bit did before it
     laid a chunk's parameters end to end."""
-    signed, unsigned = dynamic_code(), unsigned_dynamic_code()
+    signed, unsigned = dynamic_code(params[0].device), unsigned_dynamic_code(params[0].device)
     for p in params:
         if p.grad is None:
             continue
@@ -192,25 +193,28 @@ def one_at_a_time(params, states, lr, betas, eps, weight_decay):
             state["exp_avg"], state["exp_avg_sq"] = m.view(p.shape), v.view(p.shape)
 
 
-def test_chunked_step_equals_each_parameter_alone(monkeypatch):
+@pytest.mark.parametrize("device, paged", [("cpu", False), pytest.param("cuda", False, marks=CUDA),
+                                           pytest.param("cuda", True, marks=CUDA)])
+def test_chunked_step_equals_each_parameter_alone(monkeypatch, device, paged):
     """Parameters laid end to end in chunks (8-bit ones with a partial last block, bf16, float32 state; chunks cut
     at 12,000 values; one parameter without a gradient for a step, so its step count differs, and then its state
     is gathered from another chunk's buffers: its last block's padding must decode to 0, which the gradient that
     undoes its first, shrinking its first moment tenfold, would show): parameters and state bit for bit those of
-    updating each parameter alone, over 4 steps."""
+    updating each parameter alone, over 4 steps. On a GPU too, with the state paged to pinned memory."""
     monkeypatch.setattr(optimizers, "CHUNK_ELEMENTS", 12000)
     gen = torch.Generator().manual_seed(3)
     shapes = [(5000,), (80, 64), (33,), (4096,), (300, 20), (7, 5), (9000,)]
-    ours = [(torch.randn(s, generator=gen) * 0.1).to(torch.bfloat16 if i == 1 else torch.float32).requires_grad_()
-            for i, s in enumerate(shapes)]
+    ours = [(torch.randn(s, generator=gen) * 0.1).to(device, torch.bfloat16 if i == 1 else torch.float32)
+            .requires_grad_() for i, s in enumerate(shapes)]
     reference = [p.detach().clone().requires_grad_() for p in ours]
     kw = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
-    opt, states = AdamW8bit(ours, **kw), {}
+    opt, states = AdamW8bit(ours, paged=paged, **kw), {}
     first = {}
     for step in range(4):
         for i, (a, b) in enumerate(zip(ours, reference)):
             skip = step == 1 and i == 4
-            a.grad = None if skip else (torch.randn(a.shape, generator=gen) * torch.rand(1, generator=gen)).to(a.dtype)
+            a.grad = None if skip else (torch.randn(a.shape, generator=gen) * torch.rand(1, generator=gen)).to(
+                device, a.dtype)
             if step == 0:
                 first[i] = a.grad
             elif step == 2 and i == 4:
@@ -225,7 +229,8 @@ def test_chunked_step_equals_each_parameter_alone(monkeypatch):
         assert mine.keys() == want.keys() and mine["step"] == want["step"]
         for key in want:
             if torch.is_tensor(want[key]):
-                assert mine[key].shape == want[key].shape and torch.equal(mine[key], want[key]), key
+                assert mine[key].shape == want[key].shape and torch.equal(mine[key].to(device), want[key]), key
+                assert mine[key].is_pinned() if paged else mine[key].device == a.device
     assert opt.state[ours[4]]["step"] == 3
 
 
@@ -306,8 +311,9 @@ def test_state_dict_round_trip(through_disk):
 
 def test_paged_state_stays_in_its_own_buffers_and_updates_as_unpaged(monkeypatch):
     """paged=True (CUDA parameters: state in pinned CPU memory, copied in and back inside step): the same
-    parameters and state as unpaged, every state tensor written back into the buffer it started in, and a
-    state dict that loads back paged. On the CPU the paging is forced (no pinning) to run that path."""
+    parameters and state as unpaged; after the first step a chunk's state is views of one pinned buffer per
+    kind (one copy each way), which later steps write back into; and a state dict that loads back paged. On
+    the CPU the paging is forced (no pinning) to run that path."""
     from ahazero.grpo import optimizers
     monkeypatch.setattr(optimizers, "_pages", lambda p, paged: paged)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
@@ -317,6 +323,12 @@ def test_paged_state_stays_in_its_own_buffers_and_updates_as_unpaged(monkeypatch
     run_steps(plain, opt_plain, 1, seed=5)
     run_steps(paged, opt_paged, 1, seed=5)
     buffers = {id(p): {k: v for k, v in opt_paged.state[p].items() if torch.is_tensor(v)} for p in paged}
+    eight_bit = [opt_paged.state[p] for p in paged[:2]]  # one chunk: 5,000 and 80 x 64 values
+    for key in ("state1", "absmax1", "state2", "absmax2"):
+        base = eight_bit[0][key]._base
+        assert base is not None and eight_bit[1][key]._base is base
+    copies = []
+    monkeypatch.setattr(optimizers, "copied_in", lambda *a, **k: copies.append(a) or copied_in(*a, **k))
     run_steps(plain, opt_plain, 3, seed=6)
     run_steps(paged, opt_paged, 3, seed=6)
     for a, b in zip(paged, plain):
@@ -326,6 +338,7 @@ def test_paged_state_stays_in_its_own_buffers_and_updates_as_unpaged(monkeypatch
         assert state["step"] == want["step"] == 4
         for key, buffer in buffers[id(p)].items():
             assert state[key] is buffer and torch.equal(buffer, want[key])
+    assert copies == []  # every chunk's state was gathered from its own buffers
     resumed = [p.detach().clone().requires_grad_() for p in paged]
     opt_resumed = AdamW8bit(resumed, paged=True, **kw)
     opt_resumed.load_state_dict(opt_paged.state_dict())

@@ -158,9 +158,9 @@ class AdamW8bit(torch.optim.Optimizer):
     def _step_chunk(self, params: list[Tensor], hyper: dict) -> None:
         """One update of `params` (one device, one kind of state, one step count; `update_chunks`) and their state,
         on their values laid end to end: op for op the update of each alone, as the blocks are each one's own.
-        The moments are rebuilt, never changed in place; unpaged, a parameter's new state tensors are views of the
-        chunk's new buffers (the next step finds them laid out and copies nothing), paged they are copied back
-        into its pinned buffers."""
+        The moments are rebuilt, never changed in place: a parameter's new state tensors are views of the chunk's
+        new buffers (the next step finds them laid out and copies nothing), or, paged, of pinned buffers laid out
+        alike (one copy each way a chunk; `_kept_in`)."""
         device, states = params[0].device, [self.state[p] for p in params]
         sizes = [p.numel() for p in params]
         segments = [-(-n // BLOCKSIZE) * BLOCKSIZE for n in sizes]  # each parameter's whole blocks
@@ -183,19 +183,19 @@ class AdamW8bit(torch.optim.Optimizer):
         torch._foreach_copy_(params, [t.view(p.shape) for t, p in zip(pieces(new_p, sizes, segments), params)])
         if eight_bit:
             (codes1, absmax1), (codes2, absmax2) = quantize_blockwise(m, signed), quantize_blockwise(v, unsigned)
-            new_state = {"state1": pieces(codes1, sizes, segments), "absmax1": pieces(absmax1, blocks, blocks),
-                         "state2": pieces(codes2, sizes, segments), "absmax2": pieces(absmax2, blocks, blocks)}
+            flat = [(codes1, segments), (absmax1, blocks), (codes2, segments), (absmax2, blocks)]
+            new_state = dict(zip(("state1", "absmax1", "state2", "absmax2"), flat))
         else:
-            new_state = {"exp_avg": [t.view(p.shape) for t, p in zip(pieces(m, sizes, segments), params)],
-                         "exp_avg_sq": [t.view(p.shape) for t, p in zip(pieces(v, sizes, segments), params)]}
-        paged = _pages(params[0], self.paged)
-        for i, state in enumerate(states):
+            new_state = {"exp_avg": (m, segments), "exp_avg_sq": (v, segments)}
+        for state in states:
             state["step"] = step
-            for key, values in new_state.items():
-                if paged:  # into its pinned buffers (same shapes: the codes and absmax keep their sizes)
-                    state[key].copy_(values[i], non_blocking=True)
-                else:
-                    state[key] = values[i]
+        for key, (values, key_segments) in new_state.items():
+            kept = [s[key] for s in states]
+            placed = _kept_in(values, kept, key_segments, paged=_pages(params[0], self.paged))
+            if placed is not values and placed is kept[0]._base:
+                continue  # the pinned buffer they are views of has the new values: the views stay
+            for state, t, piece in zip(states, kept, pieces(placed, [t.numel() for t in kept], key_segments)):
+                state[key] = piece.view(t.shape)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their dtype (only their device follows the parameter).
@@ -251,17 +251,11 @@ def update_chunks(params: list[Tensor], states: list[dict]) -> list[list[Tensor]
 def gather(tensors: list[Tensor], segments: list[int], dtype: torch.dtype, device: torch.device,
            fill: int = 0) -> Tensor:
     """[sum(segments)] of `dtype` on `device`: tensor i, flattened, at the start of segment i, the rest `fill`.
-    Where the tensors are already views laid out so in one such buffer (`pieces`), that buffer itself."""
-    base = tensors[0]._base
-    if base is not None and base.dtype == dtype and base.device == device and base.dim() == 1 \
-            and base.numel() == sum(segments):
-        offset = base.storage_offset()
-        for t, segment in zip(tensors, segments):
-            if t._base is not base or t.storage_offset() != offset or not t.is_contiguous():
-                break
-            offset += segment
-        else:
-            return base
+    Where the tensors are already views laid out so in one such buffer (`pieces`), that buffer itself, or one
+    copy of it from another device (paged state in pinned memory)."""
+    base = laid_out(tensors, segments, dtype)
+    if base is not None:
+        return base if base.device == device else base.to(device, non_blocking=True)
     if all(t.device == device for t in tensors):  # one torch.cat (a few launches) with the padding between
         source = tensors[0].dtype if len({t.dtype for t in tensors}) == 1 else dtype
         padding = torch.full((max(segments),), fill, dtype=source, device=device)
@@ -270,6 +264,19 @@ def gather(tensors: list[Tensor], segments: list[int], dtype: torch.dtype, devic
             parts += [t.reshape(-1).to(source), padding[:segment - t.numel()]]
         return torch.cat(parts).to(dtype)
     return copied_in(tensors, segments, dtype, device, fill)
+
+
+def laid_out(tensors: list[Tensor], segments: list[int], dtype: torch.dtype) -> Tensor | None:
+    """The 1-D `dtype` buffer whose segments (`pieces`) the tensors are, in order, if they are; else None."""
+    base = tensors[0]._base
+    if base is None or base.dtype != dtype or base.dim() != 1 or base.numel() != sum(segments):
+        return None
+    offset = base.storage_offset()
+    for t, segment in zip(tensors, segments):
+        if t._base is not base or t.storage_offset() != offset or not t.is_contiguous():
+            return None
+        offset += segment
+    return base
 
 
 def copied_in(tensors: list[Tensor], segments: list[int], dtype: torch.dtype, device: torch.device,
@@ -299,6 +306,18 @@ def _zero_code(code: Tensor) -> int:
 def _pages(p: Tensor, paged: bool) -> bool:
     """Whether p's state lives in pinned CPU memory (paged, for a CUDA parameter)."""
     return paged and p.is_cuda
+
+
+def _kept_in(values: Tensor, kept: list[Tensor], segments: list[int], paged: bool) -> Tensor:
+    """Where a chunk's new state buffer `values` (on the parameters' device) is kept: itself, or, paged, a pinned
+    CPU buffer laid out alike: the one the state `kept` is views of (the copy back is one copy), else a new one
+    (a chunk's first step, or its parameters changed)."""
+    if not paged:
+        return values
+    host = laid_out(kept, segments, values.dtype)
+    if host is None or host.device.type != "cpu":
+        host = torch.empty(values.shape, dtype=values.dtype).pin_memory()  # [sum(segments)]
+    return host.copy_(values, non_blocking=True)
 
 
 def _placed(t: Tensor, p: Tensor, paged: bool) -> Tensor:
