@@ -28,9 +28,14 @@ Each is captured once per (layer, pass, shapes) as a CUDA graph and then replaye
   sequences. They do where completions reach max_completion_length (long reasoning early in training,
   and bench/memory.py); rows of other lengths run eagerly. A capture costs about two eager passes, so
   where shapes come and go (graphs of more than MAX_SHAPES shapes dropped MAX_EVICTIONS times) no new
-  ones are captured. BUCKET_TOKENS > 1 (off by default, not yet measured on a GPU) pads each packed
-  row to a multiple of it with one more sequence of its own (grpo/packing.py `padded_to_multiple`) and
-  bounds the longest sequence by a multiple of it, so that rows of lengths within one bucket share graphs.
+  ones are captured. BUCKET_TOKENS > 1 (off by default) pads each packed row to a multiple of it with one
+  more sequence of its own (grpo/packing.py `padded_to_multiple`) and bounds the longest sequence by a
+  multiple of it, so that rows of lengths within one bucket share graphs. Measured on an H200 on the seed
+  notebook's 4-bit step (bench/RESULTS.md, twenty-second session): 128 saved 12% of steps 6-9 (1.06 s a
+  step against 1.20) for a peak of 1.92 GiB against 1.63. Its rows are 6 copies of one prompt with their
+  completions, so a prompt 22 tokens longer moves the row to another bucket: graphs captured for a shape
+  replayed a step or two before the next shape, and the pool (0.15 GiB) stayed reserved beside the eager
+  passes of each new one.
 
 Eager, as without graphs, where a graph could not be right or is not worth it: off CUDA; a layer with an
 active dropout (a replay would repeat its mask); FSDP2's sharded parameters; keyword arguments that are
@@ -52,7 +57,8 @@ from .tiled_mlp import has_active_dropout
 
 LAYER_GRAPHS = os.environ.get("AHAZERO_LAYER_GRAPHS", "1") != "0"
 # > 1: packed rows padded to a multiple of this where the layers may be graphed, and the longest packed sequence
-# rounded up to one (as attention's bound), so that rows of near lengths share graphs (env AHAZERO_BUCKET_TOKENS)
+# rounded up to one (as attention's bound), so that rows of near lengths share graphs (env AHAZERO_BUCKET_TOKENS;
+# off by default: measured, see the module docstring)
 BUCKET_TOKENS = int(os.environ.get("AHAZERO_BUCKET_TOKENS", "1"))
 MAX_SHAPES = 4  # static inputs/outputs kept for this many shapes (least recently used dropped with their graphs)
 MAX_EVICTIONS = 8  # shapes dropped before no new graphs are captured (the shapes vary too much to pay back)
@@ -62,6 +68,9 @@ _failed = False
 _pool = None
 _capture_stream: torch.cuda.Stream | None = None
 _statics: OrderedDict = OrderedDict()  # shape key -> _Statics, least recently used first
+# (shape, dtype) of a layer's trainable weights -> the static gradients its backward graphs write: one set for every
+# shape key, as each replay's gradients are added into `.grad` before the next replay (in stream order)
+_param_grads: dict = {}
 _per_layer: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its graphs (they go with it)
 _graphable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> whether it may be graphed
 
@@ -161,7 +170,6 @@ class _Statics:
         self.kw_sources: list = [None] * len(kw_tensors)  # (tensor, version) copied last into each
         self.cu: torch.Tensor | None = None  # the packed sequences' cu_seqlens (varlen attention)
         self.cu_source = None
-        self.param_grads: dict = {}  # (shape, dtype) of the weights -> their static gradients
 
     def load_kwargs(self, kw_tensors: list[torch.Tensor]) -> None:
         for i, (static, t) in enumerate(zip(self.kw, kw_tensors)):
@@ -357,9 +365,9 @@ def graphed_backward(function, hidden: torch.Tensor, grad_out: torch.Tensor, arg
     if graph is None:
         static_function = p.static_function(statics)
         shapes = tuple((tuple(q.shape), q.dtype) for q in params)
-        if shapes not in statics.param_grads:
-            statics.param_grads[shapes] = [torch.empty_like(q) for q in params]
-        grad_buffers = statics.param_grads[shapes]
+        if shapes not in _param_grads:
+            _param_grads[shapes] = [torch.empty_like(q) for q in params]
+        grad_buffers = _param_grads[shapes]
         used: list[bool] = []
 
         def build():
@@ -402,3 +410,4 @@ def reset() -> None:
     _per_layer.clear()
     _graphable.clear()
     _statics.clear()
+    _param_grads.clear()
