@@ -268,7 +268,7 @@ def test_training_gives_the_same_adapter_packed_or_padded(model_dir, tmp_path, k
     prompt_lens, completion_lens = lengths[True]
     assert len(set(prompt_lens)) > 1 and len(set(completion_lens)) > 1  # padding to save
     for name, w in adapters[True].items():
-        torch.testing.assert_close(w, adapters[False][name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(w, adapters[False][name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_a_step_whose_completions_are_all_masked_leaves_the_adapter(model_dir, tmp_path):
