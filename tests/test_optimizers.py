@@ -209,8 +209,12 @@ def test_chunked_step_equals_each_parameter_alone(monkeypatch, device, paged):
     reference = [p.detach().clone().requires_grad_() for p in ours]
     kw = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
     opt, states = AdamW8bit(ours, paged=paged, **kw), {}
+    copies = []  # per-tensor copies of state from another device (paged: the pinned state not laid out as the chunk)
+    monkeypatch.setattr(optimizers, "copied_in", lambda *a, **k: copies.append(a) or copied_in(*a, **k))
     first = {}
     for step in range(4):
+        if step == 3:
+            copies.clear()  # the chunks are as the step before's: their state comes in one copy each
         for i, (a, b) in enumerate(zip(ours, reference)):
             skip = step == 1 and i == 4
             a.grad = None if skip else (torch.randn(a.shape, generator=gen) * torch.rand(1, generator=gen)).to(
@@ -232,6 +236,7 @@ def test_chunked_step_equals_each_parameter_alone(monkeypatch, device, paged):
                 assert mine[key].shape == want[key].shape and torch.equal(mine[key].to(device), want[key]), key
                 assert mine[key].is_pinned() if paged else mine[key].device == a.device
     assert opt.state[ours[4]]["step"] == 3
+    assert copies == []
 
 
 def test_gather_pads_each_tensor_to_its_segment_and_finds_its_own_layout():
@@ -327,8 +332,6 @@ def test_paged_state_stays_in_its_own_buffers_and_updates_as_unpaged(monkeypatch
     for key in ("state1", "absmax1", "state2", "absmax2"):
         base = eight_bit[0][key]._base
         assert base is not None and eight_bit[1][key]._base is base
-    copies = []
-    monkeypatch.setattr(optimizers, "copied_in", lambda *a, **k: copies.append(a) or copied_in(*a, **k))
     run_steps(plain, opt_plain, 3, seed=6)
     run_steps(paged, opt_paged, 3, seed=6)
     for a, b in zip(paged, plain):
@@ -338,7 +341,6 @@ def test_paged_state_stays_in_its_own_buffers_and_updates_as_unpaged(monkeypatch
         assert state["step"] == want["step"] == 4
         for key, buffer in buffers[id(p)].items():
             assert state[key] is buffer and torch.equal(buffer, want[key])
-    assert copies == []  # every chunk's state was gathered from its own buffers
     resumed = [p.detach().clone().requires_grad_() for p in paged]
     opt_resumed = AdamW8bit(resumed, paged=True, **kw)
     opt_resumed.load_state_dict(opt_paged.state_dict())
