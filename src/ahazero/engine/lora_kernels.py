@@ -50,9 +50,9 @@ EXPAND_BLOCK_O = 128
 EXPAND_WARPS = 4
 # The shrink reads only x, so on a GPU it runs on a side stream beside the group's base GEMMs (cuBLAS, where the
 # one-launch projections of engine/gemv_kernels.py do not serve: above its MAX_ROWS rows, SMALL_GROUP_MAX_ROWS for
-# groups of few weights), and the expand waits
-# for both. Decode batches only (up to DECODE_ROWS rows): a prefill's GEMMs fill the GPU, and the memory
-# the side stream's allocations leave cached (a long prefill's partial sums: tens of MiB) serves no other stream.
+# groups of few weights), and the expand waits for both. Decode batches only (up to DECODE_ROWS rows): a prefill's
+# GEMMs fill the GPU, and the memory the side stream's allocations leave cached (a long prefill's partial sums: tens
+# of MiB) serves no other stream.
 # H200, twentieth session (bench/RESULTS.md): W1 at 64 rows through cuBLAS 18,199 -> 18,933 tokens/s (paired), at
 # 128 rows unchanged (29,544 -> 29,637), where the shrink took 7.8 us and the expand 10.1 us a group.
 SHRINK_BESIDE_BASES = True

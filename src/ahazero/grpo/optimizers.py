@@ -192,7 +192,7 @@ class AdamW8bit(torch.optim.Optimizer):
         for key, (values, key_segments) in new_state.items():
             kept = [s[key] for s in states]
             placed = _kept_in(values, kept, key_segments, paged=_pages(params[0], self.paged))
-            if placed is not values and placed is kept[0]._base:
+            if placed is kept[0]._base:
                 continue  # the pinned buffer they are views of has the new values: the views stay
             for state, t, piece in zip(states, kept, pieces(placed, [t.numel() for t in kept], key_segments)):
                 state[key] = piece.view(t.shape)
@@ -314,8 +314,8 @@ def _kept_in(values: Tensor, kept: list[Tensor], segments: list[int], paged: boo
     (a chunk's first step, or its parameters changed)."""
     if not paged:
         return values
-    host = laid_out(kept, segments, values.dtype)
-    if host is None or host.device.type != "cpu":
+    host = laid_out(kept, segments, values.dtype)  # (paged state is always in CPU memory: `_placed`)
+    if host is None:
         host = torch.empty(values.shape, dtype=values.dtype).pin_memory()  # [sum(segments)]
     return host.copy_(values, non_blocking=True)
 
