@@ -115,39 +115,90 @@ def test_replayed_layers_give_the_eager_gradients(arch, dtype, monkeypatch):
     assert len(captures) == 2 * model.config.num_hidden_layers  # forward and backward of each layer, once
 
 
+def least_row_shape(shape, lengths, quantum, bound_quantum):
+    """grown_row_shape's answer by search: the fewest tokens, then the fewest sequences, each at least the
+    old shape's, that take the row with padding sequences of 1 to `bound` tokens (the bound: the old one or
+    the row's longest rounded up), and whose padding sequences could take a third of the tokens."""
+    own, real, old = sum(lengths), len(lengths), shape or layer_graphs.RowShape(0, 0, 0)
+    bound = max(old.bound, -(-max(lengths) // bound_quantum) * bound_quantum)
+    for tokens in range(quantum, 100 * quantum, quantum):
+        for sequences in range(real + 1, tokens + real + 1):
+            pad, pieces = tokens - own, sequences - real
+            if (tokens >= old.tokens and sequences >= old.sequences and pieces <= pad <= pieces * bound
+                    and tokens // 3 <= pieces * bound):
+                return layer_graphs.RowShape(tokens, sequences, bound)
+
+
+def test_grown_row_shape_is_the_least_that_takes_the_row():
+    g = torch.Generator().manual_seed(0)
+    for quantum, bound_quantum in [(64, 16), (256, 64), (16, 8)]:
+        shape = None
+        for _ in range(100):
+            lengths = torch.randint(1, 200, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+            old = shape if torch.rand(1, generator=g) < 0.7 else None
+            shape = layer_graphs.grown_row_shape(old, lengths, quantum, bound_quantum)
+            assert shape == least_row_shape(old, lengths, quantum, bound_quantum), (old, lengths)
+    # the seed notebook's rows: 6 copies of a prompt with 200-token completions, the shape grows with the longest
+    shapes = []
+    for prompt in (74, 66, 96, 89, 61, 100, 92, 141, 145):
+        shapes.append(layer_graphs.grown_row_shape(shapes[-1] if shapes else None, [prompt + 200] * 6))
+    assert [shapes.index(s) for s in shapes] == [0, 0, 0, 0, 0, 5, 5, 5, 8]  # new at 1,800 and 2,070 tokens
+    assert shapes[-1] == layer_graphs.RowShape(tokens=2304, sequences=8, bound=384)
+
+
+def test_rows_are_padded_to_the_grown_shape_only_where_graphs_may_replay(monkeypatch):
+    layer_graphs.reset()
+    monkeypatch.setattr(layer_graphs, "may_graph", lambda decoder: True)
+    shape = layer_graphs.padded_row_shape(None, [300] * 6)
+    assert shape == layer_graphs.RowShape(tokens=2048, sequences=8, bound=384)  # 2 x 384 >= 2048 / 3
+    assert layer_graphs.padded_row_shape(None, [230] * 6) == shape  # shorter rows take the same shape
+    assert layer_graphs.padded_row_shape(None, [2000]) is None  # one sequence: as it is
+    assert layer_graphs.padded_row_shape(None, [100] * 6) is None  # 600 tokens: padded more than half: as it is
+    assert layer_graphs.padded_row_shape(None, [350] * 6).tokens == 2304  # grows
+    monkeypatch.setattr(layer_graphs, "GROW_ROWS", False)
+    assert layer_graphs.padded_row_shape(None, [350] * 6) is None
+    layer_graphs.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_rows_of_different_lengths_in_one_bucket_share_the_graphs(monkeypatch):
-    """With BUCKET_TOKENS > 1 the trainer's packed forward pads each row to a bucket: batches of other lengths
-    replay the graphs captured for the first ones, with the eager (unpadded) log-probs and LoRA gradients."""
+def test_rows_of_different_lengths_padded_to_one_shape_share_the_graphs(monkeypatch):
+    """The trainer's packed forward pads each row to the grown shape: rows of other lengths replay the graphs
+    captured for the first one (at once), with the eager (unpadded) log-probs and LoRA gradients; a longer
+    row grows the shape, whose graphs replace the old ones."""
+    from ahazero.grpo.packing import varlen_context
     from test_packing import logps_and_lora_grads, rollout_batch
     model, captures = offloaded_cuda_lora_model("qwen2", torch.float32, monkeypatch)
-    monkeypatch.setattr(layer_graphs, "BUCKET_TOKENS", 256)
-    assert layer_graphs.bucket_tokens(model.get_base_model().model) == 256
+    decoder = model.get_base_model().model
+    assert layer_graphs.may_graph(decoder)
+    layers = model.config.num_hidden_layers
     for i, (prompts, completions) in enumerate([([5, 9], [40, 33]), ([7, 3], [50, 21]), ([4, 4], [30, 44]),
-                                                ([8, 1], [25, 47])]):  # 87, 81, 82 and 81 tokens
+                                                ([8, 1], [25, 47]), ([6, 2], [200, 150])]):  # 87 ... 358 tokens
         batch = rollout_batch(prompts, completions, seed=i).to("cuda")
-        got = logps_and_lora_grads(model, batch, padding_free=True)
-        monkeypatch.setattr(layer_graphs, "LAYER_GRAPHS", False)
-        want = logps_and_lora_grads(model, batch, padding_free=True)
-        monkeypatch.setattr(layer_graphs, "LAYER_GRAPHS", True)
+        with varlen_context(decoder):  # as the trainer: the backward's recompute on the packed attention too
+            got = logps_and_lora_grads(model, batch, padding_free=True)
+            monkeypatch.setattr(layer_graphs, "LAYER_GRAPHS", False)
+            want = logps_and_lora_grads(model, batch, padding_free=True)
+            monkeypatch.setattr(layer_graphs, "LAYER_GRAPHS", True)
         mask = batch.completion_mask > 0
         torch.testing.assert_close(got[0][mask], want[0][mask], atol=1e-5, rtol=1e-5)
         for name, g in got[2].items():
             torch.testing.assert_close(g, want[2][name], atol=1e-5, rtol=1e-4, msg=f"batch {i}: {name}")
+        assert len(captures) == 2 * layers * (1 if i < 4 else 2), i  # at the first batch, then when it grew
     assert not layer_graphs._failed
-    assert len(captures) == 2 * model.config.num_hidden_layers  # captured at the second batch only
+    assert layer_graphs._row_shape.tokens == 512 and len(layer_graphs._statics) == 1  # the old shape's dropped
 
 
 def test_a_key_is_captured_at_its_second_meeting_unless_shapes_churn(monkeypatch):
     layer_graphs.reset()
 
-    def meeting(key, graphs):
+    def meeting(key, graphs, grown=False):
         p = object.__new__(layer_graphs._Pass)
-        p.graphs, p.key, p.shape_key = graphs, ("forward", key), key
+        p.graphs, p.key, p.shape_key, p.grown = graphs, ("forward", key), key, grown
         return p.first_time()
 
     graphs = {}
     assert meeting("a", graphs) is True and meeting("a", graphs) is False  # eager, then captured
+    assert meeting("padded", graphs, grown=True) is False  # a padded row's shape: captured at once
     monkeypatch.setattr(layer_graphs, "_evictions", layer_graphs.MAX_EVICTIONS)  # shapes came and went
     assert meeting("b", graphs) is True and meeting("b", graphs) is True  # no new capture: eager
     layer_graphs._statics["c"] = object()  # a shape whose statics are kept may still get its graphs

@@ -248,7 +248,8 @@ def test_training_gives_the_same_adapter_packed_or_padded(model_dir, tmp_path, k
     data = load_gsm8k("train", path=str(tiny.GSM8K_DIR / "train.jsonl")).select(range(8))
     adapters, lengths = {}, {}
     for padding_free in (False, True):
-        model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=512)
+        model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=512,
+                                                       dtype=torch.float32)  # (bf16 by default on a GPU)
         model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0,
                                                  use_gradient_checkpointing=checkpointing)
         before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
@@ -403,29 +404,36 @@ def test_under_fsdp2_an_out_of_memory_chunk_is_not_split(model_dir, tmp_path, mo
     assert attempts == [4]
 
 
-def test_padded_to_multiple_appends_one_sequence_of_its_own():
-    from ahazero.grpo.packing import padded_to_multiple
+def test_padded_to_shape_appends_sequences_of_their_own():
+    from ahazero.grpo.packing import padded_to_shape
     ids, pos = torch.tensor([5, 6, 7, 8, 9]), torch.tensor([0, 1, 2, 0, 1])
-    got_ids, got_pos = padded_to_multiple(ids, pos, 4)
-    assert got_ids.tolist() == [5, 6, 7, 8, 9, 5, 5, 5] and got_pos.tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
-    assert padded_to_multiple(ids, pos, 5)[0] is ids and padded_to_multiple(ids, pos, 1)[1] is pos
+    got_ids, got_pos = padded_to_shape(ids, pos, 12, 3)  # 7 tokens in 3 sequences: 3, 2, 2
+    assert got_ids.tolist() == [5, 6, 7, 8, 9] + [5] * 7
+    assert got_pos.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 0, 1]
+    assert padded_to_shape(ids, pos, 6, 1)[1].tolist() == [0, 1, 2, 0, 1, 0]
+    for tokens, pieces in [(5, 1), (7, 3), (9, 0)]:  # nothing to pad, fewer tokens than sequences, none
+        with pytest.raises(ValueError, match="cannot pad"):
+            padded_to_shape(ids, pos, tokens, pieces)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_a_row_padded_for_the_graphs_gives_the_same_logps_and_grads(arch, monkeypatch):
-    """Where the layers are graphed the packed row is padded to a bucket with a sequence of its own: the
+    """Where the layers are graphed the packed row is padded to a grown shape with sequences of its own: the
     log-probs, entropy and LoRA gradients are those of the unpadded row."""
     from ahazero.models import layer_graphs
     model = lora_model(arch, "sdpa")
     batch = rollout_batch(PROMPT_LENS, COMPLETION_LENS, seed=2)
     want = logps_and_lora_grads(model, batch, padding_free=True)
-    lengths = []
-    original = layer_graphs.bucket_tokens
-    monkeypatch.setattr(layer_graphs, "bucket_tokens", lambda decoder: 64)
-    monkeypatch.setattr(trainer_module, "_run_decoder", lambda decoder, dtype, **inputs: lengths.append(
-        inputs["input_ids"].shape[1]) or run_decoder(decoder, dtype, **inputs))
+    rows = []
+    decoder = model.get_base_model().model
+    assert layer_graphs.padded_row_shape(decoder, [4, 5]) is None  # on the CPU: rows as they are
+    shape = layer_graphs.RowShape(tokens=256, sequences=9, bound=64)  # 3 more sequences than the row's 6
+    monkeypatch.setattr(layer_graphs, "padded_row_shape", lambda decoder, lengths: layer_graphs.grown_row_shape(
+        shape, lengths, quantum=64, bound_quantum=16))
+    monkeypatch.setattr(trainer_module, "_run_decoder", lambda decoder, dtype, **inputs: rows.append(
+        inputs["position_ids"][0].tolist()) or run_decoder(decoder, dtype, **inputs))
     got = logps_and_lora_grads(model, batch, padding_free=True)
-    assert lengths and all(n % 64 == 0 for n in lengths) and original(model.get_base_model().model) == 1
+    assert rows and all(len(r) == 256 and r.count(0) == 9 for r in rows)
     for g, w in zip(got[:2], want[:2]):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
     for name, g in got[2].items():

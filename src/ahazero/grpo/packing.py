@@ -42,6 +42,7 @@ class PackedRollouts:
     targets: Tensor       # [M] long, that completion token
     rows: Tensor          # [M] long, its row in the [n, C] completion layout
     cols: Tensor          # [M] long, its column there
+    lengths: Tensor       # [N] long, each packed sequence's tokens, in row order (N <= n)
 
 
 def completion_lengths(completion_mask: Tensor) -> Tensor:
@@ -73,21 +74,23 @@ def pack_rollouts(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tenso
                           position_ids=(keep.cumsum(1) - 1)[keep],               # [S]
                           predict_at=packed_index[:, P:][keep_c] - 1,            # [M]
                           targets=completion_ids[keep_c],                        # [M]
-                          rows=rows, cols=cols)
+                          rows=rows, cols=cols,
+                          lengths=keep.sum(1)[c_len > 0])                        # [N]
 
 
-def padded_to_multiple(input_ids: Tensor, position_ids: Tensor, multiple: int) -> tuple[Tensor, Tensor]:
-    """A packed row [S] with one more sequence appended (positions 0, 1, ..., the row's first token
-    repeated) so that its length is a multiple of `multiple`; the row as it is when it already is one (or
-    multiple <= 1). The appended tokens attend among themselves only and predict nothing: `predict_at`
-    indexes the row's own positions. Rows of different lengths then meet the same CUDA graphs
-    (models/layer_graphs.py)."""
-    S = input_ids.shape[0]
-    pad = -S % max(multiple, 1)
-    if pad == 0:
-        return input_ids, position_ids
-    return (torch.cat([input_ids, input_ids[:1].expand(pad)]),                     # [S + pad]
-            torch.cat([position_ids, torch.arange(pad, device=position_ids.device, dtype=position_ids.dtype)]))
+def padded_to_shape(input_ids: Tensor, position_ids: Tensor, tokens: int, pieces: int) -> tuple[Tensor, Tensor]:
+    """A packed row [S] with `pieces` more sequences of their own appended, of near-equal lengths, so that it
+    has `tokens` tokens (positions 0, 1, ... in each, the row's first token repeated). The appended tokens
+    attend among themselves only and predict nothing: `predict_at` indexes the row's own positions. Rows of
+    different lengths then meet the same CUDA graphs (models/layer_graphs.py `padded_row_shape`)."""
+    pad = tokens - input_ids.shape[0]
+    if not 1 <= pieces <= pad:
+        raise ValueError(f"cannot pad a row of {input_ids.shape[0]} tokens to {tokens} with {pieces} sequences")
+    lengths = [pad // pieces + (i < pad % pieces) for i in range(pieces)]
+    positions = torch.cat([torch.arange(n, device=position_ids.device, dtype=position_ids.dtype)
+                           for n in lengths])                                    # [pad]
+    return (torch.cat([input_ids, input_ids[:1].expand(pad)]),                   # [tokens]
+            torch.cat([position_ids, positions]))                                # [tokens]
 
 
 def unpack_to_rows(values: Tensor, packed: PackedRollouts, shape: tuple[int, int]) -> Tensor:

@@ -46,7 +46,7 @@ from .batch import RolloutBatch, build_batch
 from .config import GRPOConfig
 from .logprobs import chunked_token_logprobs
 from .loss import aggregate_loss, loss_normalizers, normalizers_from_counts, per_token_loss
-from .packing import (capped_chunks, pack_rollouts, packing_fallback_reason, padded_to_multiple,
+from .packing import (capped_chunks, pack_rollouts, packing_fallback_reason, padded_to_shape,
                       split_chunks_to_count, token_budget_chunks, unpack_to_rows, varlen_context)
 from .optimizers import AdamW8bit, PagedAdamW32bit
 from .progress import MetricsLogger, NullLogger
@@ -610,8 +610,11 @@ def _packed_policy_logps(model, batch: RolloutBatch, temperature: float, with_en
     if packed.targets.numel() == 0:  # every row masked out: nothing to run
         zeros = torch.zeros(shape, dtype=torch.float32, device=batch.completion_ids.device)  # [n, C]
         return zeros, (zeros.clone() if with_entropy else None)
-    input_ids, position_ids = padded_to_multiple(packed.input_ids, packed.position_ids,
-                                                 layer_graphs.bucket_tokens(decoder))  # [S'] each, S' >= S
+    input_ids, position_ids = packed.input_ids, packed.position_ids  # [S] each
+    row_shape = layer_graphs.padded_row_shape(decoder, packed.lengths.tolist())
+    if row_shape is not None:  # the shape of earlier rows, so that the layers replay their graphs
+        input_ids, position_ids = padded_to_shape(input_ids, position_ids, row_shape.tokens,
+                                                  row_shape.sequences - packed.lengths.numel())  # [S'] each, S' > S
     with varlen_context(decoder):
         hidden = _run_decoder(decoder, autocast_dtype, input_ids=input_ids[None],
                               position_ids=position_ids[None])  # [1, S', H]

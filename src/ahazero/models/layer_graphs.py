@@ -9,9 +9,9 @@ checkpointing (offload.py) a layer runs two programs per micro-batch that are fi
   backward: its recompute with autograd and the back-propagation to its input and its trainable weights.
 Each is captured once per (layer, pass, shapes) as a CUDA graph and then replayed with one launch.
 
-- The first time a key is met the pass runs eagerly (which also warms up cuBLAS, FlashAttention and any
-  Triton autotuning); the second time it runs once more eagerly on the capture stream, is captured, and is
-  replayed; after that it is replayed.
+- The first time a key is met the pass runs eagerly; the second time it runs once more eagerly on the
+  capture stream (which warms up cuBLAS, FlashAttention and any Triton autotuning), is captured, and is
+  replayed; after that it is replayed. A padded row's key (below) is captured at its first meeting.
 - A graph reads its inputs from static tensors shared by the layers of one shape (the hidden states, the
   incoming gradient, the layer's tensor keyword arguments such as RoPE's cos/sin and the position ids, and
   the packed sequences' cu_seqlens), into which each replay's inputs are copied (a keyword argument only
@@ -24,18 +24,21 @@ Each is captured once per (layer, pass, shapes) as a CUDA graph and then replaye
   static tensors), so the pool holds one layer pass's working memory. That memory stays reserved by the
   pool, beside what the rest of the step allocates (0.26 GiB at 4,170 tokens on Qwen2.5-1.5B, tiles of
   2,048, bench/RESULTS.md 2026-11-27 fifth session; bench/memory.py counts it).
-- A graph replays only where a micro-batch's shapes repeat: the packed length and the number of packed
-  sequences. They do where completions reach max_completion_length (long reasoning early in training,
-  and bench/memory.py); rows of other lengths run eagerly. A capture costs about two eager passes, so
-  where shapes come and go (graphs of more than MAX_SHAPES shapes dropped MAX_EVICTIONS times) no new
-  ones are captured. BUCKET_TOKENS > 1 (off by default) pads each packed row to a multiple of it with one
-  more sequence of its own (grpo/packing.py `padded_to_multiple`) and bounds the longest sequence by a
-  multiple of it, so that rows of lengths within one bucket share graphs. Measured on an H200 on the seed
-  notebook's 4-bit step (bench/RESULTS.md, twenty-second session): 128 saved 12% of steps 6-9 (1.06 s a
-  step against 1.20) for a peak of 1.92 GiB against 1.63. Its rows are 6 copies of one prompt with their
-  completions, so a prompt 22 tokens longer moves the row to another bucket: graphs captured for a shape
-  replayed a step or two before the next shape, and the pool (0.15 GiB) stayed reserved beside the eager
-  passes of each new one.
+- A graph replays only where a micro-batch's shapes repeat: the packed length, the number of packed
+  sequences and the bound on the longest. Completions that stop at EOS seldom repeat one, so the trainer
+  pads each packed row of two or more sequences to the shape of the longest rows met so far
+  (`padded_row_shape`: tokens a multiple of ROW_QUANTUM, the bound a multiple of BOUND_QUANTUM, with
+  sequences of its own appended, grpo/packing.py `padded_to_shape`). That shape only grows, so after the
+  first rows the graphs replay, and a shape's graphs are captured at its first meeting (it will be met
+  again); when it grows, the older shape's graphs are dropped. A row is not padded by more than
+  MAX_PADDING of its own tokens beyond its own rounding (a short row after long ones runs as it is). The
+  padding is GPU work on idle time: on an H200 the seed notebook's 4-bit update (one row of 6 x ~290
+  tokens) took 0.12-0.29 s replayed against 0.49-0.62 s eagerly, its peak 1.82 GiB against 1.63
+  (bench/RESULTS.md, twenty-third session).
+  Where a row's shape comes and goes anyway (graphs of more than MAX_SHAPES shapes dropped MAX_EVICTIONS
+  times), a shape met once runs eagerly and is captured the next time, and after that no new shapes are
+  captured: a capture costs about two eager passes. Rows of one sequence (a long completion's chunks)
+  are not padded: they repeat their length, and take the one-sequence attention.
 
 Eager, as without graphs, where a graph could not be right or is not worth it: off CUDA; a layer with an
 active dropout (a replay would repeat its mask); FSDP2's sharded parameters; keyword arguments that are
@@ -50,16 +53,18 @@ import os
 import warnings
 import weakref
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 
 from .tiled_mlp import has_active_dropout
 
 LAYER_GRAPHS = os.environ.get("AHAZERO_LAYER_GRAPHS", "1") != "0"
-# > 1: packed rows padded to a multiple of this where the layers may be graphed, and the longest packed sequence
-# rounded up to one (as attention's bound), so that rows of near lengths share graphs (env AHAZERO_BUCKET_TOKENS;
-# off by default: measured, see the module docstring)
-BUCKET_TOKENS = int(os.environ.get("AHAZERO_BUCKET_TOKENS", "1"))
+# packed rows padded to the shape of the longest so far, so that the graphs replay (env AHAZERO_GROW_ROWS=0: not)
+GROW_ROWS = os.environ.get("AHAZERO_GROW_ROWS", "1") != "0"
+ROW_QUANTUM = 256  # a padded row's tokens are a multiple of this
+BOUND_QUANTUM = 128  # and the bound on its longest sequence (the varlen attention's) a multiple of this
+MAX_PADDING = 0.5  # a row is padded to a grown shape by at most this fraction of its tokens (else as it is)
 MAX_SHAPES = 4  # static inputs/outputs kept for this many shapes (least recently used dropped with their graphs)
 MAX_EVICTIONS = 8  # shapes dropped before no new graphs are captured (the shapes vary too much to pay back)
 _evictions = 0
@@ -71,6 +76,7 @@ _statics: OrderedDict = OrderedDict()  # shape key -> _Statics, least recently u
 # (shape, dtype) of a layer's trainable weights -> the static gradients its backward graphs write: one set for every
 # shape key, as each replay's gradients are added into `.grad` before the next replay (in stream order)
 _param_grads: dict = {}
+_row_shape = None  # the RowShape rows are padded to now (padded_row_shape; it only grows)
 _per_layer: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its graphs (they go with it)
 _graphable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> whether it may be graphed
 
@@ -120,20 +126,77 @@ def with_tensors(value, tensors):
     return value
 
 
-def bucket_tokens(decoder: torch.nn.Module) -> int:
-    """What a packed training row's length is padded to a multiple of: BUCKET_TOKENS where the decoder's
-    layers may be replayed from graphs (CUDA, offloaded checkpointing, graphs allowed), else 1."""
+def may_graph(decoder: torch.nn.Module) -> bool:
+    """Whether the decoder's layers may be replayed from graphs: on CUDA, under offloaded checkpointing, with
+    graphs allowed."""
     from .offload import offloaded_checkpoint
     layers = getattr(decoder, "layers", None)
-    if _failed or not LAYER_GRAPHS or not layers or BUCKET_TOKENS <= 1:
-        return 1
+    if _failed or not LAYER_GRAPHS or not layers:
+        return False
     first = layers[0]
     weight = next(first.parameters(), None)
     offloaded = getattr(first, "_gradient_checkpointing_func", None) is offloaded_checkpoint and getattr(
         first, "gradient_checkpointing", False)
-    if weight is None or not weight.is_cuda or not offloaded or _graphable.get(first) is False:
-        return 1
-    return BUCKET_TOKENS
+    return weight is not None and weight.is_cuda and offloaded and _graphable.get(first) is not False
+
+
+class RowShape(NamedTuple):
+    """The shape a packed row is padded to: its tokens, its sequences (its own, then padding ones) and the
+    bound on the longest sequence given to the varlen attention."""
+    tokens: int
+    sequences: int
+    bound: int
+
+
+def _round_up(n: int, quantum: int) -> int:
+    return -(-n // quantum) * quantum
+
+
+def grown_row_shape(shape: RowShape | None, lengths: list[int], quantum: int = ROW_QUANTUM,
+                    bound_quantum: int = BOUND_QUANTUM) -> RowShape:
+    """The least shape (fewest tokens, then fewest sequences), at least `shape` (None: none yet) in each
+    field, that takes a row of sequences of these lengths with at least one padding sequence, each padding
+    sequence at least one token long and none longer than the bound; and whose padding sequences could take
+    the padding of any row it would be given (MAX_PADDING: a third of its tokens), so that shorter rows do
+    not make it grow."""
+    own, real = sum(lengths), len(lengths)
+    tokens = max(shape.tokens if shape else 0, _round_up(own + 1, quantum))
+    sequences = max(shape.sequences if shape else 0, real + 1)
+    bound = max(shape.bound if shape else 0, _round_up(max(lengths), bound_quantum))
+    while True:
+        pad, pieces = tokens - own, sequences - real
+        room = max(pad, int(tokens * MAX_PADDING / (1 + MAX_PADDING)))  # the most padding a row of it may need
+        if pad < pieces:  # a token for each padding sequence
+            tokens += quantum
+        elif room > pieces * bound:  # padding sequences within the bound
+            sequences = real + -(-room // bound)
+        else:
+            return RowShape(tokens, sequences, bound)
+
+
+def padded_row_shape(decoder: torch.nn.Module, lengths: list[int]) -> RowShape | None:
+    """The shape to pad a packed row of sequences of these lengths to (see the module docstring): the shape
+    of the longest rows so far, grown to fit this one; None (the row as it is) where the layers may not be
+    graphed, for a row of one sequence, or where the padding would exceed MAX_PADDING of the row beyond the
+    row's own rounding."""
+    global _row_shape
+    if len(lengths) < 2 or not GROW_ROWS or not may_graph(decoder):
+        return None
+    shape = grown_row_shape(_row_shape, lengths)
+    if shape.tokens > max(grown_row_shape(None, lengths).tokens, (1 + MAX_PADDING) * sum(lengths)):
+        return None
+    if shape != _row_shape:
+        if _row_shape is not None:
+            old = _row_shape
+            _forget(lambda key: _grown_key(key, old))  # never met again: the rows only grow
+        _row_shape = shape
+    return shape
+
+
+def _grown_key(shape_key, shape: RowShape | None) -> bool:
+    """Whether a shape key is that of rows padded to `shape`."""
+    return shape is not None and shape_key[0][-2] == shape.tokens and shape_key[4] == (shape.sequences,
+                                                                                        shape.bound)
 
 
 def allow(model: torch.nn.Module, enabled: bool) -> None:
@@ -200,16 +263,23 @@ def _shape_key(hidden, kw_sig, sequences):
     return (tuple(hidden.shape), hidden.dtype, hidden.device, kw_sig, sequences)
 
 
+def _forget(drop) -> None:
+    """Forget the statics of every shape key for which drop(key) is true, and every graph of those keys."""
+    for shape_key in [k for k in _statics if drop(k)]:
+        del _statics[shape_key]
+    for graphs in list(_per_layer.values()):
+        for key in [k for k in graphs if drop(k[1])]:
+            del graphs[key]
+
+
 def _get_statics(shape_key, hidden, kw_tensors, cu) -> _Statics:
     global _evictions
     statics = _statics.get(shape_key)
     if statics is None:
         while len(_statics) >= MAX_SHAPES:  # forget the oldest shape and every graph that reads its statics
-            old, _ = _statics.popitem(last=False)
+            old = next(iter(_statics))
             _evictions += 1
-            for graphs in list(_per_layer.values()):
-                for key in [k for k in graphs if k[1] == old]:
-                    del graphs[key]
+            _forget(lambda key: key == old)
         statics = _statics[shape_key] = _Statics(hidden, kw_tensors)
         if cu is not None:
             statics.cu = torch.empty_like(cu)  # [N + 1]
@@ -234,17 +304,18 @@ def _streams():
     return capture_stream()
 
 
-def _packed(function) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+def _packed(function, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """(position_ids, cu_seqlens, a bound on the longest sequence) when the layer runs on the packed varlen
-    attention."""
+    attention; the bound is the row shape's for a row padded to it (padded_row_shape)."""
     from . import varlen
     position_ids = function.keywords.get("position_ids")
     if not varlen._known or not torch.is_tensor(position_ids):
         return None
     cu, longest = varlen.packed_sequences(position_ids)
-    bucket = max(BUCKET_TOKENS, 1)
-    bound = min(position_ids.numel(), -(-longest // bucket) * bucket)  # >= longest: the
-    return position_ids, cu, bound  # attention's bound, the same for rows of lengths in one bucket
+    shape = _row_shape
+    if shape is not None and (hidden.shape[-2], cu.numel() - 1) == (shape.tokens, shape.sequences):
+        longest = max(longest, shape.bound)  # the same for every row padded to the shape
+    return position_ids, cu, longest
 
 
 class _Pass:
@@ -262,15 +333,17 @@ class _Pass:
             return
         self.names = [k for k, _ in sorted(function.keywords.items())]
         self.kw_tensors = [t for k in self.names for t in tensors_of(function.keywords[k])]
-        self.packed = _packed(function)
+        self.packed = _packed(function, hidden)
         sequences = None if self.packed is None else (self.packed[1].numel() - 1, self.packed[2])
         self.shape_key = _shape_key(hidden, kw_sig, sequences)
+        self.grown = _grown_key(self.shape_key, _row_shape)  # a padded row's: it will be met again
         self.key = (phase, self.shape_key)
         self.graphs = _graphs_of(self.layer)
 
     def first_time(self) -> bool:
-        """True the first time this key is met (it runs eagerly then), and where no new graph may be
-        captured for it (the shapes came and went too often: it runs eagerly too)."""
+        """True the first time this key is met (it runs eagerly then) unless it is a padded row's (captured
+        at once), and where no new graph may be captured for it (the shapes came and went too often: it runs
+        eagerly too)."""
         if self.graphs.get(self.key) is not None:
             return False
         if self.key not in self.graphs:
@@ -278,7 +351,7 @@ class _Pass:
                 for key in [k for k, g in self.graphs.items() if g is None]:
                     del self.graphs[key]
             self.graphs[self.key] = None
-            return True
+            return not self.grown
         return _evictions >= MAX_EVICTIONS and self.shape_key not in _statics
 
     def static_function(self, statics: _Statics):
@@ -405,8 +478,8 @@ def accumulate_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> N
 
 def reset() -> None:
     """Forget every graph and static tensor (tests; a model replaced in the same process)."""
-    global _failed, _evictions
-    _failed, _evictions = False, 0
+    global _failed, _evictions, _row_shape
+    _failed, _evictions, _row_shape = False, 0, None
     _per_layer.clear()
     _graphable.clear()
     _statics.clear()
