@@ -24,7 +24,8 @@ Measured per backend, each in its own subprocess (peaks do not mix; --timeout bo
   weights GiB   torch.cuda.memory_allocated once the model and its LoRA adapters are loaded
   peak GiB      torch.cuda.max_memory_allocated from then on to the end of training (trainer set-up,
                 every rollout, reward, forward/backward and optimizer step) plus what CUDA graphs' private
-                pools hold (graph_pool_gib in the JSON line; memory.py's Meter). The peak counter is reset right
+                pools hold (graph_pool_gib in the JSON line; memory.py's Meter: a capture's allocations are
+                the pool's, counted once). The peak counter is reset right
                 after the weights are measured; should a backend reset it itself during the run, the peak it
                 had reached is kept (torch.cuda.reset_peak_memory_stats is wrapped, not changed).
   first step s  from the trainer's on_train_begin to the first on_step_end (compilation, CUDA-graph capture
@@ -222,7 +223,7 @@ class Run:
                 r["above_weights_gib"] = r["peak_gib"] - r["weights_gib"]
         if self.cuda:
             r["graph_pool_gib"] = self.meter.pool_gib  # counted in peak_gib, not in the trainer's peak_after_*
-            r["peak_reserved_gib"] = self.torch.cuda.max_memory_reserved() / GIB
+            r["peak_reserved_gib"] = self.meter.peak_reserved()
             r["peak_resets_by_backend"] = self.peak_resets
         ends = c.ends
         if ends and c.begin is not None:

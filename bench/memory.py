@@ -165,6 +165,11 @@ class Meter:
         import torch
         self.torch, self.cuda = torch, device.type == "cuda"
         self.pool_gib = 0.0
+        self.outside_peak = 0.0  # GiB allocated at most outside CUDA-graph captures, up to the last capture's end
+        self.reserved_peak = 0.0  # GiB reserved at most up to the last capture's end
+        if self.cuda:
+            self._reset_peaks = torch.cuda.reset_peak_memory_stats  # PyTorch's own (grpo_step.py wraps it later)
+            _watch_captures(self)
 
     def current(self) -> float | None:
         if self.cuda:
@@ -175,7 +180,8 @@ class Meter:
         if self.cuda:
             self.torch.cuda.synchronize()
             self.torch.cuda.empty_cache()
-            self.torch.cuda.reset_peak_memory_stats()
+            self._reset_peaks()
+            self.outside_peak = self.reserved_peak = 0.0
         else:
             try:
                 Path("/proc/self/clear_refs").write_text("5")
@@ -183,16 +189,49 @@ class Meter:
                 pass
 
     def peak(self) -> float | None:
-        """CUDA: the peak allocated plus what CUDA graphs' private pools hold (allocated at capture, not
-        counted again while a graph replays), so a graphed step is not measured below what it uses."""
+        """CUDA: the peak allocated outside CUDA-graph captures plus what the graphs' private pools hold (a
+        replay uses the pool without allocating, so a graphed step is not measured below what it uses; a
+        capture's own allocations come from the pool, so they are counted as the pool only, not twice)."""
         if self.cuda:
             self.pool_gib = graph_pool_bytes() / GIB  # the pools' share of this peak, for the record
-            return self.torch.cuda.max_memory_allocated() / GIB + self.pool_gib
+            return max(self.outside_peak, self.torch.cuda.max_memory_allocated() / GIB) + self.pool_gib
         return _proc_status("VmHWM")
+
+    def peak_reserved(self) -> float:
+        """CUDA: the most the caching allocator held from the device (its pools and its free cache)."""
+        return max(self.reserved_peak, self.torch.cuda.max_memory_reserved() / GIB)
 
     def sync(self) -> None:
         if self.cuda:
             self.torch.cuda.synchronize()
+
+
+def _watch_captures(meter: Meter) -> None:
+    """Sets the peak counters aside around every CUDA-graph capture (torch.cuda.graph) of the process: at the
+    start the peak so far is kept, and what is allocated then stands for the capture's time (its allocations
+    go to the graph's pool, which `Meter.peak` adds once); at the end the counters restart."""
+    torch = meter.torch
+    graph = torch.cuda.graphs.graph
+    if getattr(graph, "_bench_meters", None) is None:
+        graph._bench_meters = []
+        enter, leave = graph.__enter__, graph.__exit__
+
+        def __enter__(self):
+            for m in graph._bench_meters:
+                m.outside_peak = max(m.outside_peak, torch.cuda.max_memory_allocated() / GIB,
+                                     torch.cuda.memory_allocated() / GIB)
+            return enter(self)
+
+        def __exit__(self, *exc):
+            out = leave(self, *exc)
+            for m in graph._bench_meters:
+                m.reserved_peak = max(m.reserved_peak, torch.cuda.max_memory_reserved() / GIB)
+            if graph._bench_meters:
+                graph._bench_meters[0]._reset_peaks()
+            return out
+
+        graph.__enter__, graph.__exit__ = __enter__, __exit__
+    graph._bench_meters.append(meter)
 
 
 def graph_pool_bytes() -> int:
