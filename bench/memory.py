@@ -165,7 +165,10 @@ class Meter:
         import torch
         self.torch, self.cuda = torch, device.type == "cuda"
         self.pool_gib = 0.0
-        self.outside_peak = 0.0  # GiB allocated at most outside CUDA-graph captures, up to the last capture's end
+        # GiB at most, up to the last capture's start: allocated outside CUDA-graph captures plus what the graphs'
+        # pools held then (a pool grows only in a capture, so the pools at a capture's start held as much since
+        # the previous capture's end)
+        self.outside_peak = 0.0
         self.reserved_peak = 0.0  # GiB reserved at most up to the last capture's end
         if self.cuda:
             self._reset_peaks = torch.cuda.reset_peak_memory_stats  # PyTorch's own (grpo_step.py wraps it later)
@@ -189,12 +192,12 @@ class Meter:
                 pass
 
     def peak(self) -> float | None:
-        """CUDA: the peak allocated outside CUDA-graph captures plus what the graphs' private pools hold (a
-        replay uses the pool without allocating, so a graphed step is not measured below what it uses; a
-        capture's own allocations come from the pool, so they are counted as the pool only, not twice)."""
+        """CUDA: the most allocated outside CUDA-graph captures plus what the graphs' private pools held at
+        the time (a replay uses its pool without allocating, so a graphed step is not measured below what it
+        uses; a capture allocates from the pool, so its allocations are counted as the pool only, not twice)."""
         if self.cuda:
-            self.pool_gib = graph_pool_bytes() / GIB  # the pools' share of this peak, for the record
-            return max(self.outside_peak, self.torch.cuda.max_memory_allocated() / GIB) + self.pool_gib
+            self.pool_gib = graph_pool_bytes() / GIB  # the pools now, for the record
+            return max(self.outside_peak, self.torch.cuda.max_memory_allocated() / GIB + self.pool_gib)
         return _proc_status("VmHWM")
 
     def peak_reserved(self) -> float:
@@ -208,8 +211,9 @@ class Meter:
 
 def _watch_captures(meter: Meter) -> None:
     """Sets the peak counters aside around every CUDA-graph capture (torch.cuda.graph) of the process: at the
-    start the peak so far is kept, and what is allocated then stands for the capture's time (its allocations
-    go to the graph's pool, which `Meter.peak` adds once); at the end the counters restart."""
+    start the peak since the last capture plus the pools then is kept, and what is allocated outside the pools
+    then stands for the capture's time (its allocations go to the graph's pool, which `Meter.peak` adds once);
+    at the end the counters restart."""
     torch = meter.torch
     graph = torch.cuda.graphs.graph
     if getattr(graph, "_bench_meters", None) is None:
@@ -217,9 +221,10 @@ def _watch_captures(meter: Meter) -> None:
         enter, leave = graph.__enter__, graph.__exit__
 
         def __enter__(self):
+            pools = graph_pool_bytes() / GIB
             for m in graph._bench_meters:
-                m.outside_peak = max(m.outside_peak, torch.cuda.max_memory_allocated() / GIB,
-                                     torch.cuda.memory_allocated() / GIB)
+                m.outside_peak = max(m.outside_peak, torch.cuda.max_memory_allocated() / GIB + pools,
+                                     torch.cuda.memory_allocated() / GIB + pools)
             return enter(self)
 
         def __exit__(self, *exc):

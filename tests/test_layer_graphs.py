@@ -155,6 +155,7 @@ def test_rows_are_padded_to_the_grown_shape_only_where_graphs_may_replay(monkeyp
     assert layer_graphs.padded_row_shape(None, [2000]) is None  # one sequence: as it is
     assert layer_graphs.padded_row_shape(None, [100] * 6) is None  # 600 tokens: padded more than half: as it is
     assert layer_graphs.padded_row_shape(None, [350] * 6).tokens == 2304  # grows
+    assert layer_graphs.padded_row_shape(None, [700] * 6) is None  # 4,200 tokens: more than MAX_TOKENS
     monkeypatch.setattr(layer_graphs, "GROW_ROWS", False)
     assert layer_graphs.padded_row_shape(None, [350] * 6) is None
     layer_graphs.reset()

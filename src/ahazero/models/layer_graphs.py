@@ -31,7 +31,8 @@ Each is captured once per (layer, pass, shapes) as a CUDA graph and then replaye
   sequences of its own appended, grpo/packing.py `padded_to_shape`). That shape only grows, so after the
   first rows the graphs replay, and a shape's graphs are captured at its first meeting (it will be met
   again); when it grows, the older shape's graphs are dropped. A row is not padded by more than
-  MAX_PADDING of its own tokens beyond its own rounding (a short row after long ones runs as it is). The
+  MAX_PADDING of its own tokens beyond its own rounding (a short row after long ones runs as it is), nor
+  to more than MAX_TOKENS (longer micro-batches measured slower padded, for reasons not found yet). The
   padding is GPU work on idle time: on an H200 the seed notebook's 4-bit update (one row of 6 x ~290
   tokens) took 0.12-0.29 s replayed against 0.49-0.62 s eagerly, its peak 1.82 GiB against 1.63
   (bench/RESULTS.md, twenty-third session).
@@ -65,6 +66,9 @@ GROW_ROWS = os.environ.get("AHAZERO_GROW_ROWS", "1") != "0"
 ROW_QUANTUM = 256  # a padded row's tokens are a multiple of this
 BOUND_QUANTUM = 128  # and the bound on its longest sequence (the varlen attention's) a multiple of this
 MAX_PADDING = 0.5  # a row is padded to a grown shape by at most this fraction of its tokens (else as it is)
+# nor to a shape of more tokens than this (the trainer's default micro_batch_tokens): on an H200 W1's one-GPU step,
+# micro-batches of 8 x ~610 tokens, took 4.57 s padded against 2.90 s (bench/RESULTS.md, twenty-third session)
+MAX_TOKENS = 4096
 MAX_SHAPES = 4  # static inputs/outputs kept for this many shapes (least recently used dropped with their graphs)
 MAX_EVICTIONS = 8  # shapes dropped before no new graphs are captured (the shapes vary too much to pay back)
 _evictions = 0
@@ -177,13 +181,14 @@ def grown_row_shape(shape: RowShape | None, lengths: list[int], quantum: int = R
 def padded_row_shape(decoder: torch.nn.Module, lengths: list[int]) -> RowShape | None:
     """The shape to pad a packed row of sequences of these lengths to (see the module docstring): the shape
     of the longest rows so far, grown to fit this one; None (the row as it is) where the layers may not be
-    graphed, for a row of one sequence, or where the padding would exceed MAX_PADDING of the row beyond the
-    row's own rounding."""
+    graphed, for a row of one sequence, where the padding would exceed MAX_PADDING of the row beyond the
+    row's own rounding, or the shape MAX_TOKENS."""
     global _row_shape
     if len(lengths) < 2 or not GROW_ROWS or not may_graph(decoder):
         return None
     shape = grown_row_shape(_row_shape, lengths)
-    if shape.tokens > max(grown_row_shape(None, lengths).tokens, (1 + MAX_PADDING) * sum(lengths)):
+    if shape.tokens > MAX_TOKENS or shape.tokens > max(grown_row_shape(None, lengths).tokens,
+                                                       (1 + MAX_PADDING) * sum(lengths)):
         return None
     if shape != _row_shape:
         if _row_shape is not None:
