@@ -36,8 +36,7 @@ engine's KV-cache size (kv_cache_gib, kv_slots: sized by --gpu-memory-utilizatio
 how many linear layers load_in_4bit kept in 16 bit (nf4_kept_16bit), and from its trainer's logs each step's
 rollout_s / update_s (generation with rewards; forward, backward and optimizer) and peak_after_rollout_gib /
 peak_after_update_gib (the most allocated at each point: which phase sets the peak; the trainer's numbers,
-without the graph pools, so graph_pool_gib is the difference between the last of them and the peak when the
-last update set it).
+without the graph pools, and since the last CUDA-graph capture ended, where the meter restarts the counters).
 The times come from a transformers TrainerCallback (on_train_begin / on_step_end / on_log), which TRL's,
 Unsloth's and ahazero's trainers all call. A worker writes its record after every step, so a backend
 stopped by --timeout still reports the steps it finished. Memory outside PyTorch's allocator is not counted

@@ -200,8 +200,8 @@ def padded_row_shape(decoder: torch.nn.Module, lengths: list[int]) -> RowShape |
 
 def _grown_key(shape_key, shape: RowShape | None) -> bool:
     """Whether a shape key is that of rows padded to `shape`."""
-    return shape is not None and shape_key[0][-2] == shape.tokens and shape_key[4] == (shape.sequences,
-                                                                                        shape.bound)
+    return (shape is not None and shape_key[0][-2] == shape.tokens
+            and shape_key[4] == (shape.sequences, shape.bound))  # (hidden [1, T, H], ..., (N, bound))
 
 
 def allow(model: torch.nn.Module, enabled: bool) -> None:
