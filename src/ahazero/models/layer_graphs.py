@@ -131,8 +131,8 @@ def with_tensors(value, tensors):
 
 
 def may_graph(decoder: torch.nn.Module) -> bool:
-    """Whether the decoder's layers may be replayed from graphs: on CUDA, under offloaded checkpointing, with
-    graphs allowed."""
+    """Whether the decoder's layers may be replayed from graphs: on CUDA, in training mode, under offloaded
+    checkpointing, with graphs allowed."""
     from .offload import offloaded_checkpoint
     layers = getattr(decoder, "layers", None)
     if _failed or not LAYER_GRAPHS or not layers:
@@ -141,7 +141,8 @@ def may_graph(decoder: torch.nn.Module) -> bool:
     weight = next(first.parameters(), None)
     offloaded = getattr(first, "_gradient_checkpointing_func", None) is offloaded_checkpoint and getattr(
         first, "gradient_checkpointing", False)
-    return weight is not None and weight.is_cuda and offloaded and _graphable.get(first) is not False
+    return (weight is not None and weight.is_cuda and first.training and offloaded
+            and _graphable.get(first) is not False)
 
 
 class RowShape(NamedTuple):
