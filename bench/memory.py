@@ -223,8 +223,7 @@ def _watch_captures(meter: Meter) -> None:
         def __enter__(self):
             pools = graph_pool_bytes() / GIB
             for m in graph._bench_meters:
-                m.outside_peak = max(m.outside_peak, torch.cuda.max_memory_allocated() / GIB + pools,
-                                     torch.cuda.memory_allocated() / GIB + pools)
+                m.outside_peak = max(m.outside_peak, torch.cuda.max_memory_allocated() / GIB + pools)
             return enter(self)
 
         def __exit__(self, *exc):
