@@ -50,6 +50,8 @@ after a warm-up call; the transformers rows time one call after theirs.
 A/B of one module constant in one process (single runs of W2 moved by 5-10% between processes, more than the
 effects weighed in the nineteenth session), alternating the values --rounds times:
   python bench/rollout.py --workload W2 --ab "ahazero.engine.gemv_kernels.MIN_K_PER_SPLIT=256|1024" --rounds 3
+What the decode step's small launches cost (timing only, wrong tokens: bench/launch_skips.py):
+  python bench/rollout.py --workload W2 --launch-skips --ab "launch_skips.SKIP=none|norm|rope|attn|silu|all" --rounds 2
 The Llama shape has a smaller vocabulary than the Qwen tokenizer: prompt ids are taken modulo it.
 """
 from __future__ import annotations
@@ -346,12 +348,17 @@ def main():
                          "--rounds times in this process (each value's median, and its time against the first "
                          "value's in the same round)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --ab")
+    ap.add_argument("--launch-skips", action="store_true", help="timing only, wrong tokens: the decode step without "
+                    "the launches that bench/launch_skips.py's SKIP names (set it with --set or --ab)")
     args = ap.parse_args()
     ab = parse_ab(args.ab) if args.ab else None  # a malformed spec fails before the model is built
     global REPEATS
     REPEATS = max(1, args.repeats)
     for setting in args.set:
         set_constant(setting)
+    if args.launch_skips:
+        import launch_skips
+        launch_skips.install()
     wl = dict(WORKLOADS[args.workload], **(dict(new_tokens=8) if args.smoke else {}))
     if args.prompts:
         wl["prompts"] = args.prompts
