@@ -32,10 +32,11 @@ Each is captured once per (layer, pass, shapes) as a CUDA graph and then replaye
   first rows the graphs replay, and a shape's graphs are captured at its first meeting (it will be met
   again); when it grows, the older shape's graphs are dropped. A row is not padded by more than
   MAX_PADDING of its own tokens beyond its own rounding (a short row after long ones runs as it is), nor
-  to more than MAX_TOKENS (longer micro-batches measured slower padded, for reasons not found yet). The
-  padding is GPU work on idle time: on an H200 the seed notebook's 4-bit update (one row of 6 x ~290
-  tokens) took 0.12-0.29 s replayed against 0.49-0.62 s eagerly, its peak 1.82 GiB against 1.63
-  (bench/RESULTS.md, twenty-third session).
+  to more than MAX_TOKENS (padding does not make a row longer than the micro-batches whose memory the
+  trainer plans for by default). The padding is GPU work on idle time: on an H200 the seed notebook's
+  4-bit update (one row of 6 x ~290 tokens) took 0.12-0.29 s replayed against 0.49-0.62 s eagerly, its
+  step's peak 1.71 GiB with the graphs' pool (0.19) against 1.63 eagerly (bench/RESULTS.md, twenty-third
+  and twenty-fourth sessions).
   Where a row's shape comes and goes anyway (graphs of more than MAX_SHAPES shapes dropped MAX_EVICTIONS
   times), a shape met once runs eagerly and is captured the next time, and after that no new shapes are
   captured: a capture costs about two eager passes. Rows of one sequence (a long completion's chunks)
@@ -66,8 +67,10 @@ GROW_ROWS = os.environ.get("AHAZERO_GROW_ROWS", "1") != "0"
 ROW_QUANTUM = 256  # a padded row's tokens are a multiple of this
 BOUND_QUANTUM = 128  # and the bound on its longest sequence (the varlen attention's) a multiple of this
 MAX_PADDING = 0.5  # a row is padded to a grown shape by at most this fraction of its tokens (else as it is)
-# nor to a shape of more tokens than this (the trainer's default micro_batch_tokens): on an H200 W1's one-GPU step,
-# micro-batches of 8 x ~610 tokens, took 4.57 s padded against 2.90 s (bench/RESULTS.md, twenty-third session)
+# nor to a shape of more tokens than the trainer's default micro_batch_tokens: the padding's activations are memory
+# a user's micro-batch budget did not plan for. (It was set for a W1 step measured slower padded in the twenty-third
+# session; bench/scaling.py runs without checkpointing, so neither graphs nor padding were on there: noise,
+# bench/RESULTS.md twenty-fourth session.)
 MAX_TOKENS = 4096
 MAX_SHAPES = 4  # static inputs/outputs kept for this many shapes (least recently used dropped with their graphs)
 MAX_EVICTIONS = 8  # shapes dropped before no new graphs are captured (the shapes vary too much to pay back)
