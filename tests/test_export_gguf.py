@@ -10,6 +10,7 @@ error = RMS(llama.cpp logits - torch logits) / std(torch logits) over 48 positio
   - every file vs torch running the file's own dequantised weights: error <= 0.03, top-1 >= 90%
     (measured <= 0.013, ~100%): llama.cpp computes exactly what was written; the only loss is rounding.
 """
+import contextlib
 import copy
 import json
 import sys
@@ -169,9 +170,31 @@ def exported(request, tmp_path_factory):
 
 def llama_cpp_logits(file, ids):
     import llama_cpp
-    llm = llama_cpp.Llama(str(file), n_ctx=128, logits_all=True, vocab_only=False, verbose=False, n_threads=2)
+    with plain_cpu_buffers(llama_cpp.llama_cpp):
+        llm = llama_cpp.Llama(str(file), n_ctx=128, logits_all=True, vocab_only=False, verbose=False, n_threads=2)
     llm.eval(ids[0].tolist())
     return np.array(llm.scores[: ids.shape[1]], dtype=np.float32), llm
+
+
+@contextlib.contextmanager
+def plain_cpu_buffers(binding):
+    """llama.cpp's model parameters (from `binding`, the module llama_cpp.Llama reads them from) without the CPU's extra buffer types (`use_extra_bufts`, where the binding has
+    it): on CPUs with AMX, llama-cpp-python 0.3.36's AMX matrix product crashed (SIGSEGV in
+    ggml_backend_amx_mul_mat) on these small models' quantised layers; the plain CPU path computes the same
+    thing from the same file."""
+    default = binding.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    binding.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        binding.llama_model_default_params = default
 
 
 def _rel_rms(got, want):
