@@ -178,10 +178,10 @@ def llama_cpp_logits(file, ids):
 
 @contextlib.contextmanager
 def plain_cpu_buffers(binding):
-    """llama.cpp's model parameters (from `binding`, the module llama_cpp.Llama reads them from) without the CPU's extra buffer types (`use_extra_bufts`, where the binding has
-    it): on CPUs with AMX, llama-cpp-python 0.3.36's AMX matrix product crashed (SIGSEGV in
-    ggml_backend_amx_mul_mat) on these small models' quantised layers; the plain CPU path computes the same
-    thing from the same file."""
+    """llama.cpp's model parameters (from `binding`, the module llama_cpp.Llama reads them from) without the
+    CPU's extra buffer types (`use_extra_bufts`, where the binding has it). On CPUs with AMX, llama-cpp-python
+    0.3.36 crashed (SIGSEGV in ggml_backend_amx_mul_mat) running Q4_K layers, of these small models and of a
+    Qwen2.5-1.5B-wide one alike (llama.cpp issue #20824); the plain CPU path computes the same from the same file."""
     default = binding.llama_model_default_params
 
     def without_extra_buffers():
