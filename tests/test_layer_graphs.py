@@ -172,9 +172,11 @@ def test_rows_of_different_lengths_padded_to_one_shape_share_the_graphs(monkeypa
     decoder = model.get_base_model().model
     assert layer_graphs.may_graph(decoder)
     layers = model.config.num_hidden_layers
+    pools = []
     for i, (prompts, completions) in enumerate([([5, 9], [40, 33]), ([7, 3], [50, 21]), ([4, 4], [30, 44]),
                                                 ([8, 1], [25, 47]), ([6, 2], [200, 150])]):  # 87 ... 358 tokens
         batch = rollout_batch(prompts, completions, seed=i).to("cuda")
+        pools.append(layer_graphs._pool)
         with varlen_context(decoder):  # as the trainer: the backward's recompute on the packed attention too
             got = logps_and_lora_grads(model, batch, padding_free=True)
             monkeypatch.setattr(layer_graphs, "LAYER_GRAPHS", False)
@@ -185,8 +187,33 @@ def test_rows_of_different_lengths_padded_to_one_shape_share_the_graphs(monkeypa
         for name, g in got[2].items():
             torch.testing.assert_close(g, want[2][name], atol=1e-5, rtol=1e-4, msg=f"batch {i}: {name}")
         assert len(captures) == 2 * layers * (1 if i < 4 else 2), i  # at the first batch, then when it grew
+        assert len(layer_graphs._warmed) == 2 * (1 if i < 4 else 2)  # one warm-up a pass and shape, not a layer
+    assert pools[4] is not None and layer_graphs._pool != pools[4]  # the old shape's pool given back
     assert not layer_graphs._failed
     assert layer_graphs._row_shape.tokens == 512 and len(layer_graphs._statics) == 1  # the old shape's dropped
+
+
+def test_a_grown_shape_gives_the_graphs_pool_back_once_no_graph_is_left(monkeypatch):
+    """When rows outgrow the shape, the old shape's graphs go; where none is left, so does their pool (the
+    next capture starts a new one) and the allocator's cache is emptied; a graph of another key keeps it."""
+    layer_graphs.reset()
+    monkeypatch.setattr(layer_graphs, "may_graph", lambda decoder: True)
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    layer, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    first = layer_graphs.padded_row_shape(None, [300] * 6)
+    grown_key = ((1, first.tokens, 8), None, None, (), (first.sequences, first.bound))  # as _shape_key's
+    layer_graphs._per_layer[layer] = {("forward", grown_key): object(), ("backward", grown_key): object()}
+    unpadded_key = ((1, 100, 8), None, None, (), None)  # a row of one sequence: not padded
+    layer_graphs._per_layer[other] = {("forward", unpadded_key): None}  # met once: no graph
+    monkeypatch.setattr(layer_graphs, "_pool", ("a pool", 1))
+    layer_graphs.padded_row_shape(None, [350] * 6)  # grows: the old shape's graphs go, and the pool with them
+    assert layer_graphs._per_layer[layer] == {} and layer_graphs._pool is None and emptied == [1]
+    layer_graphs._per_layer[layer] = {("forward", unpadded_key): object()}
+    monkeypatch.setattr(layer_graphs, "_pool", ("a pool", 2))
+    layer_graphs.padded_row_shape(None, [500] * 6)  # grows again, but a graph is left: the pool stays
+    assert layer_graphs._pool == ("a pool", 2) and emptied == [1]
+    layer_graphs.reset()
 
 
 def test_a_key_is_captured_at_its_second_meeting_unless_shapes_churn(monkeypatch):

@@ -11,7 +11,10 @@ Each is captured once per (layer, pass, shapes) as a CUDA graph and then replaye
 
 - The first time a key is met the pass runs eagerly; the second time it runs once more eagerly on the
   capture stream (which warms up cuBLAS, FlashAttention and any Triton autotuning), is captured, and is
-  replayed; after that it is replayed. A padded row's key (below) is captured at its first meeting.
+  replayed; after that it is replayed. A padded row's key (below) is captured at its first meeting. The
+  warm-up runs once per pass and shapes (`_warm_key`: the key and the layer's parameters), not again for
+  every layer of the same shapes: a warm-up's working memory is allocated outside the graphs' pool, and
+  so is held beside it.
 - A graph reads its inputs from static tensors shared by the layers of one shape (the hidden states, the
   incoming gradient, the layer's tensor keyword arguments such as RoPE's cos/sin and the position ids, and
   the packed sequences' cu_seqlens), into which each replay's inputs are copied (a keyword argument only
@@ -30,13 +33,15 @@ Each is captured once per (layer, pass, shapes) as a CUDA graph and then replaye
   (`padded_row_shape`: tokens a multiple of ROW_QUANTUM, the bound a multiple of BOUND_QUANTUM, with
   sequences of its own appended, grpo/packing.py `padded_to_shape`). That shape only grows, so after the
   first rows the graphs replay, and a shape's graphs are captured at its first meeting (it will be met
-  again); when it grows, the older shape's graphs are dropped. A row is not padded by more than
+  again); when it grows, the older shape's graphs are dropped, and, where no graph is left, their pool is
+  given back to the device before the new shape's captures (`_release_pool`). A row is not padded by more than
   MAX_PADDING of its own tokens beyond its own rounding (a short row after long ones runs as it is), nor
   to more than MAX_TOKENS (padding does not make a row longer than the micro-batches whose memory the
   trainer plans for by default). The padding is GPU work on idle time: on an H200 the seed notebook's
   4-bit update (one row of 6 x ~290 tokens) took 0.12-0.29 s replayed against 0.49-0.62 s eagerly, its
   step's peak 1.71 GiB with the graphs' pool (0.19) against 1.63 eagerly (bench/RESULTS.md, twenty-third
-  and twenty-fourth sessions).
+  and twenty-fourth sessions). The step whose row outgrew the shape peaked at 1.82 GiB before the warm-ups
+  and the old pool were trimmed: every layer's warm-up beside the full pool (twenty-fifth session).
   Where a row's shape comes and goes anyway (graphs of more than MAX_SHAPES shapes dropped MAX_EVICTIONS
   times), a shape met once runs eagerly and is captured the next time, and after that no new shapes are
   captured: a capture costs about two eager passes. Rows of one sequence (a long completion's chunks)
@@ -84,6 +89,7 @@ _statics: OrderedDict = OrderedDict()  # shape key -> _Statics, least recently u
 # shape key, as each replay's gradients are added into `.grad` before the next replay (in stream order)
 _param_grads: dict = {}
 _row_shape = None  # the RowShape rows are padded to now (padded_row_shape; it only grows)
+_warmed: set = set()  # `_warm_key`s warmed up on the capture stream
 _per_layer: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its graphs (they go with it)
 _graphable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> whether it may be graphed
 
@@ -198,8 +204,20 @@ def padded_row_shape(decoder: torch.nn.Module, lengths: list[int]) -> RowShape |
         if _row_shape is not None:
             old = _row_shape
             _forget(lambda key: _grown_key(key, old))  # never met again: the rows only grow
+            _release_pool()
         _row_shape = shape
     return shape
+
+
+def _release_pool() -> None:
+    """Where no graph is left, the graphs' pool goes back to the device (the next capture starts a new one):
+    its blocks are all free, but the caching allocator keeps a private pool's memory for that pool, beside what
+    the next warm-ups allocate. No-op while any graph remains (they share the pool)."""
+    global _pool
+    if _pool is None or any(g is not None for graphs in _per_layer.values() for g in graphs.values()):
+        return
+    _pool = None
+    torch.cuda.empty_cache()  # frees the pool's segments, now that no graph holds it
 
 
 def _grown_key(shape_key, shape: RowShape | None) -> bool:
@@ -384,17 +402,27 @@ def _trainable(layer) -> list[torch.nn.Parameter]:
     return [p for p in layer.parameters() if p.requires_grad]
 
 
-def _capture(build) -> torch.cuda.CUDAGraph | None:
-    """Warms `build` up once on the capture stream, then captures it; None (graphs off) if that fails."""
+def _warm_key(p: _Pass) -> tuple:
+    """What a warm-up depends on: the pass, its shapes and the layer's parameters' shapes and dtypes (the
+    kernels a capture records, their autotuning and workspaces)."""
+    return (p.key, type(p.layer), tuple((tuple(q.shape), q.dtype, q.requires_grad) for q in p.layer.parameters()))
+
+
+def _capture(build, warm_key=None) -> torch.cuda.CUDAGraph | None:
+    """Warms `build` up once on the capture stream (unless `warm_key` was warmed up already), then captures
+    it; None (graphs off) if that fails."""
     global _failed
     stream = _streams()
     stream.wait_stream(torch.cuda.current_stream())
     try:
-        with torch.cuda.stream(stream):
-            build()  # warm-up: first use of this stream by cuBLAS and the attention kernels
+        if warm_key is None or warm_key not in _warmed:
+            with torch.cuda.stream(stream):
+                build()  # warm-up: first use of this stream by cuBLAS and the attention kernels
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=_pool, stream=stream):
             build()
+        if warm_key is not None:
+            _warmed.add(warm_key)
     except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly from now on
         reset()
         _failed = True
@@ -424,7 +452,7 @@ def graphed_forward(function, hidden: torch.Tensor, args: tuple, autocast: dict)
                 raise TypeError(f"the layer returned {type(out).__name__}, not a tensor")
             statics.output_side.copy_(out)
 
-        captured = _capture(build)
+        captured = _capture(build, _warm_key(p))
         if captured is None:
             return None
         graph = p.graphs[p.key] = _Graph(captured, [], [])
@@ -464,7 +492,7 @@ def graphed_backward(function, hidden: torch.Tensor, grad_out: torch.Tensor, arg
                 if g is not None:
                     buffer.copy_(g)
 
-        captured = _capture(build)
+        captured = _capture(build, _warm_key(p))
         if captured is None:
             return None
         graph = p.graphs[p.key] = _Graph(captured, used, grad_buffers)
@@ -490,6 +518,7 @@ def reset() -> None:
     global _failed, _evictions, _row_shape
     _failed, _evictions, _row_shape = False, 0, None
     _per_layer.clear()
+    _warmed.clear()
     _graphable.clear()
     _statics.clear()
     _param_grads.clear()
