@@ -25,7 +25,8 @@ Measured per backend, each in its own subprocess (peaks do not mix; --timeout bo
   peak GiB      torch.cuda.max_memory_allocated from then on to the end of training (trainer set-up,
                 every rollout, reward, forward/backward and optimizer step) plus what CUDA graphs' private
                 pools hold (graph_pool_gib in the JSON line; memory.py's Meter: a capture's allocations are
-                the pool's, counted once). The peak counter is reset right
+                the pool's, counted once, and so are the pools' live blocks, graph_pool_live_gib, which
+                PyTorch's allocated count includes). The peak counter is reset right
                 after the weights are measured; should a backend reset it itself during the run, the peak it
                 had reached is kept (torch.cuda.reset_peak_memory_stats is wrapped, not changed).
   first step s  from the trainer's on_train_begin to the first on_step_end (compilation, CUDA-graph capture
@@ -222,6 +223,8 @@ class Run:
                 r["above_weights_gib"] = r["peak_gib"] - r["weights_gib"]
         if self.cuda:
             r["graph_pool_gib"] = self.meter.pool_gib  # counted in peak_gib, not in the trainer's peak_after_*
+            r["graph_pool_live_gib"] = self.meter.pool_live_gib  # of which live: counted once in peak_gib
+            r["peak_phase"] = self.meter.peak_phase  # the steps between the captures around the peak
             r["peak_reserved_gib"] = self.meter.peak_reserved()
             r["peak_resets_by_backend"] = self.peak_resets
         ends = c.ends
@@ -257,12 +260,14 @@ def make_step_clock(run: Run):
             self.begin, self.ends, self.logs = None, [], []
 
         def on_train_begin(self, args, state, control, **kwargs):
+            run.meter.phase = "step 1"
             run.meter.sync()
             self.begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             run.meter.sync()
             self.ends.append(time.perf_counter())
+            run.meter.phase = f"step {len(self.ends) + 1}"
             run.update()
             run.write()
 

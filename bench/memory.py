@@ -164,12 +164,15 @@ class Meter:
     def __init__(self, device):
         import torch
         self.torch, self.cuda = torch, device.type == "cuda"
-        self.pool_gib = 0.0
+        self.pool_gib = self.pool_live_gib = 0.0
         # GiB at most, up to the last capture's start: allocated outside CUDA-graph captures plus what the graphs'
         # pools held then (a pool grows only in a capture, so the pools at a capture's start held as much since
         # the previous capture's end)
         self.outside_peak = 0.0
         self.reserved_peak = 0.0  # GiB reserved at most up to the last capture's end
+        # where the peak is: the caller's label of what runs now (e.g. "step 3"); the peak's interval between
+        # captures as the labels at its two ends
+        self.phase, self.interval_from, self.peak_phase = "start", "start", None
         if self.cuda:
             self._reset_peaks = torch.cuda.reset_peak_memory_stats  # PyTorch's own (grpo_step.py wraps it later)
             _watch_captures(self)
@@ -185,6 +188,7 @@ class Meter:
             self.torch.cuda.empty_cache()
             self._reset_peaks()
             self.outside_peak = self.reserved_peak = 0.0
+            self.interval_from, self.peak_phase = self.phase, None
         else:
             try:
                 Path("/proc/self/clear_refs").write_text("5")
@@ -192,12 +196,18 @@ class Meter:
                 pass
 
     def peak(self) -> float | None:
-        """CUDA: the most allocated outside CUDA-graph captures plus what the graphs' private pools held at
-        the time (a replay uses its pool without allocating, so a graphed step is not measured below what it
-        uses; a capture allocates from the pool, so its allocations are counted as the pool only, not twice)."""
+        """CUDA: the most allocated outside the CUDA graphs' private pools plus what the pools held at the time
+        (a replay uses its pool without allocating, so a graphed step is not measured below what it uses; a
+        capture allocates from the pool, so its allocations are counted as the pool only, not twice). PyTorch's
+        allocated count includes the pools' live blocks (the graphs' static tensors), which the pools' size
+        already holds: `outside_pools` takes them out."""
         if self.cuda:
-            self.pool_gib = graph_pool_bytes() / GIB  # the pools now, for the record
-            return max(self.outside_peak, self.torch.cuda.max_memory_allocated() / GIB + self.pool_gib)
+            reserved, live = graph_pool_bytes()
+            self.pool_gib, self.pool_live_gib = reserved / GIB, live / GIB  # the pools now, for the record
+            last = outside_pools(self.torch.cuda.max_memory_allocated(), reserved, live) / GIB
+            if last > self.outside_peak:
+                self.peak_phase = f"{self.interval_from} .. {self.phase}"
+            return max(self.outside_peak, last)
         return _proc_status("VmHWM")
 
     def peak_reserved(self) -> float:
@@ -221,15 +231,17 @@ def _watch_captures(meter: Meter) -> None:
         enter, leave = graph.__enter__, graph.__exit__
 
         def __enter__(self):
-            pools = graph_pool_bytes() / GIB
+            peak = outside_pools(torch.cuda.max_memory_allocated(), *graph_pool_bytes()) / GIB
             for m in graph._bench_meters:
-                m.outside_peak = max(m.outside_peak, torch.cuda.max_memory_allocated() / GIB + pools)
+                if peak > m.outside_peak:
+                    m.outside_peak, m.peak_phase = peak, f"{m.interval_from} .. {m.phase} (a capture)"
             return enter(self)
 
         def __exit__(self, *exc):
             out = leave(self, *exc)
             for m in graph._bench_meters:
                 m.reserved_peak = max(m.reserved_peak, torch.cuda.max_memory_reserved() / GIB)
+                m.interval_from = m.phase
             if graph._bench_meters:
                 graph._bench_meters[0]._reset_peaks()
             return out
@@ -238,11 +250,19 @@ def _watch_captures(meter: Meter) -> None:
     graph._bench_meters.append(meter)
 
 
-def graph_pool_bytes() -> int:
-    """Bytes of the CUDA caching allocator's segments that belong to private pools (CUDA graphs')."""
+def graph_pool_bytes() -> tuple[int, int]:
+    """(reserved, allocated) bytes of the CUDA caching allocator's segments that belong to private pools (CUDA
+    graphs'): their size, and the blocks in them that are live (the graphs' static tensors)."""
     import torch
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+    pools = [seg for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)]
+    return sum(seg["total_size"] for seg in pools), sum(seg["allocated_size"] for seg in pools)
+
+
+def outside_pools(peak_allocated: int, pool_reserved: int, pool_live: int) -> int:
+    """Bytes the device held at most since the allocator's peak counter restarted: its peak allocated count less
+    the private pools' live blocks (counted in it, and held by the pools' size), plus the pools' size. Between
+    captures a pool only frees blocks, so its live bytes now are the fewest of the interval: an upper bound."""
+    return peak_allocated - pool_live + pool_reserved
 
 
 def _proc_status(key: str) -> float | None:
