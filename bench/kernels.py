@@ -220,6 +220,66 @@ def gemv_table(batches, gemv_configs_small, shrink_ks, fused_configs=False):
             print(f"| {N} | {group} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
 
 
+def nf4_config(spec: str) -> tuple:
+    """"LOOKUP/BLOCK_O/NUM_WARPS/PROGRAMS_PER_SM/MIN_BLOCKS_PER_SPLIT/PREFETCH[/CONSTANT=VALUE...]" -> NF4_CONFIGS'
+    tuple, then the other models/nf4_kernels.py constants to set for it (integers), e.g. STEP_BLOCKS=2."""
+    lookup, *fields = spec.split("/")
+    numbers, extra = fields[:5], [f.split("=") for f in fields[5:]]
+    if len(numbers) != 5 or any(len(e) != 2 for e in extra):
+        raise SystemExit(f"--nf4-configs takes LOOKUP/BO/W/PPS/MBS/PF[/CONSTANT=VALUE...], got {spec!r}")
+    return (lookup, *map(int, numbers), *((name, int(value)) for name, value in extra))
+
+
+def nf4_layers(dev, count: int = LAYERS) -> list:
+    """count copies of a Qwen2.5-1.5B layer's 4 groups: [(K, bf16 linears, their Linear4bit, LoRA A, LoRA B)]."""
+    from ahazero.models.linear4bit import Linear4bit
+    layers = []
+    for _ in range(count):
+        groups = []
+        for gi, (K, outs) in enumerate(GROUPS):
+            lins = [torch.nn.Linear(K, O, bias=gi == 0, dtype=torch.bfloat16, device=dev) for O in outs]
+            a = [torch.randn(R, K, device=dev) * K ** -0.5 for _ in outs]  # PEFT keeps the adapter in float32
+            b = [torch.randn(O, R, device=dev) * R ** -0.5 for O in outs]
+            groups.append((K, lins, [Linear4bit.from_linear(lin) for lin in lins], a, b))
+        layers.append(groups)
+    return layers
+
+
+def nf4_group_table(batches):
+    """Each group of a layer alone (us per launch, the default configurations): the one launch over bf16 and
+    over NF4 weights, with LoRA (the shrink in the launch) and without, beside each one's bytes at 4 TB/s. Over
+    28 copies of the layer, as bench/gemv_latency.py (a small group's 8 NF4 copies would fit in the L2)."""
+    import triton.testing
+    from ahazero.engine import gemv_kernels as gk
+    from ahazero.models.linear4bit import Linear4bit
+    dev = torch.device("cuda")
+    copies = 28
+    layers = nf4_layers(dev, copies)
+    Linear4bit.fused_kernel = True
+    names = ["q/k/v", "o", "gate/up", "down"]
+    print("\nEach group alone, us per launch (Qwen2.5-1.5B, LoRA r=32; bytes of the weights at 4 TB/s)")
+    print("| N | group | bf16 MB | bf16 at 4 TB/s | bf16 | bf16, no LoRA | NF4 MB | NF4 at 4 TB/s | NF4 | NF4, no LoRA |")
+    print("| --- " * 10 + "|", flush=True)
+    for N in batches:
+        xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
+        for gi, name in enumerate(names):
+            K, lins, qs, _, _ = layers[0][gi]
+            mb = sum(lin.weight.numel() for lin in lins) * 2 / 1e6
+            mb4 = sum(q.nf4_weight().packed.numel() + q.nf4_weight().absmax_q.numel() for q in qs) / 1e6
+            row = []
+            for kind in ("dense", "nf4"):
+                for lora in (True, False):
+                    def run():
+                        for groups in layers:
+                            K, lins, qs, a, b = groups[gi]
+                            gk._run(xs[K], kind, lins if kind == "dense" else qs, a if lora else [],
+                                    b if lora else [], [2.0] * len(qs))
+                    row.append(triton.testing.do_bench_cudagraph(run, return_mode="median") * 1e3 / copies)
+            print(f"| {N} | {name} | {mb:.1f} | {mb / 4e6 * 1e6:.1f} | {row[0]:.1f} | {row[1]:.1f} | {mb4:.1f} | "
+                  f"{mb4 / 4e6 * 1e6:.1f} | {row[2]:.1f} | {row[3]:.1f} |", flush=True)
+    Linear4bit.fused_kernel = None
+
+
 def nf4_table(batches, nf4_configs):
     """A layer's 4 groups with LoRA, rows printed as they finish: bf16 through the engine's one-launch
     projections (the speed to match), with the LoRA shrink in the launch and in its own; NF4 per projection
@@ -231,22 +291,15 @@ def nf4_table(batches, nf4_configs):
     from ahazero.models import nf4_kernels as nk
     from ahazero.models.linear4bit import Linear4bit
     dev = torch.device("cuda")
-    layers = []
-    for _ in range(LAYERS):
-        groups = []
-        for gi, (K, outs) in enumerate(GROUPS):
-            lins = [torch.nn.Linear(K, O, bias=gi == 0, dtype=torch.bfloat16, device=dev) for O in outs]
-            a = [torch.randn(R, K, device=dev) * K ** -0.5 for _ in outs]  # PEFT keeps the adapter in float32
-            b = [torch.randn(O, R, device=dev) * R ** -0.5 for O in outs]
-            groups.append((K, lins, [Linear4bit.from_linear(lin) for lin in lins], a, b))
-        layers.append(groups)
+    layers = nf4_layers(dev)
     Linear4bit.fused_kernel = True
     print(f"\nNF4, us per layer (4 groups of a Qwen2.5-1.5B layer, LoRA r={R} on all, shrink included); bf16 gemv = "
           "the 16-bit weights through engine/gemv_kernels (the speed to match); nf4 each = one NF4 launch per "
           "projection + shrink + expand; then the NF4 group launch per configuration")
     default = (nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH)
     print("| N | bf16 gemv | bf16 gemv, shrink launch | nf4 each | "
-          + " | ".join("%s BO %d w %d pps %d mbs %d pf %d" % c for c in nf4_configs) + " | default, shrink launch |")
+          + " | ".join("%s BO %d w %d pps %d mbs %d pf %d" % c[:6] + "".join(" %s %d" % e for e in c[6:])
+                       for c in nf4_configs) + " | default, shrink launch |")
     print("| --- " * (len(nf4_configs) + 5) + "|", flush=True)
     for N in batches:
         xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
@@ -264,7 +317,10 @@ def nf4_table(batches, nf4_configs):
         gk.FUSED_SHRINK = False
         row += [bench(lambda: run("dense")), bench(lambda: run("each"))]
         for cfg, fused in [(c, True) for c in nf4_configs] + [(default, False)]:
-            nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH = cfg
+            nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH = cfg[:6]
+            extra = {name: getattr(nk, name) for name, _ in cfg[6:]}  # put back after this configuration
+            for name, value in cfg[6:]:
+                setattr(nk, name, value)
             gk.FUSED_SHRINK = fused
             t = float("nan")  # a configuration that fails to compile or disagrees
             try:
@@ -279,6 +335,8 @@ def nf4_table(batches, nf4_configs):
                     print(f"NF4 {cfg} N={N}: relative error {err:.1e}")
             except Exception as e:  # noqa: BLE001 - report it, time the others
                 print(f"NF4 {cfg} N={N}: {type(e).__name__}: {str(e)[:200]}")
+            for name, value in extra.items():
+                setattr(nk, name, value)
             row.append(t)
         print(f"| {N} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
         nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH = default
@@ -354,6 +412,10 @@ def main():
                    help="set a module constant first, as bench/rollout.py's --set (repeatable)")
     p.add_argument("--shrink-k", default="512", help="gemv: the default configuration with the LoRA shrink in the "
                    "launch, for each of these columns of K per producer (comma-separated; '' for none)")
+    p.add_argument("--nf4-groups", action="store_true",
+                   help="nf4: each group alone, bf16 and NF4, with and without LoRA, instead of the configurations")
+    p.add_argument("--nf4-configs", metavar="LOOKUP/BO/W/PPS/MBS/PF,...",
+                   help="nf4: time these configurations instead of NF4_CONFIGS, e.g. permute/32/4/2/8/2")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     from rollout import set_constant  # bench/ is the script's folder
@@ -374,7 +436,13 @@ def main():
         attention_table(batches)
     if args.only in (None, "nf4"):
         default = [(nk.LOOKUP, nk.BLOCK_O, nk.NUM_WARPS, nk.PROGRAMS_PER_SM, nk.MIN_BLOCKS_PER_SPLIT, nk.PREFETCH)]
-        nf4_table([b for b in batches if b <= nk.MAX_ROWS], default if args.default_only else NF4_CONFIGS)
+        configs = default if args.default_only else NF4_CONFIGS
+        if args.nf4_configs:
+            configs = [nf4_config(spec) for spec in args.nf4_configs.split(",")]
+        if args.nf4_groups:
+            nf4_group_table([b for b in batches if b <= nk.MAX_ROWS])
+        else:
+            nf4_table([b for b in batches if b <= nk.MAX_ROWS], configs)
 
 
 if __name__ == "__main__":
