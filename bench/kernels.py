@@ -27,6 +27,8 @@ divided by LAYERS: microseconds per layer. Every configuration is first checked 
 Run on a GPU machine, from the repository root:  python bench/kernels.py [--only lora|gemv|nf4|sample|attention]
 [--batches 1,6,32]
 [--set MODULE.CONSTANT=VALUE]
+[--nf4-configs LOOKUP/BO/W/PPS/MBS/PF[/CONSTANT=VALUE...],...]  (nf4: these configurations instead of NF4_CONFIGS)
+[--nf4-groups]  (nf4: each group alone over 28 layers, bf16 and NF4, with and without LoRA)
 """
 from __future__ import annotations
 
@@ -222,7 +224,7 @@ def gemv_table(batches, gemv_configs_small, shrink_ks, fused_configs=False):
 
 def nf4_config(spec: str) -> tuple:
     """"LOOKUP/BLOCK_O/NUM_WARPS/PROGRAMS_PER_SM/MIN_BLOCKS_PER_SPLIT/PREFETCH[/CONSTANT=VALUE...]" -> NF4_CONFIGS'
-    tuple, then the other models/nf4_kernels.py constants to set for it (integers), e.g. STEP_BLOCKS=2."""
+    tuple, then the other models/nf4_kernels.py constants to set for it (integers), e.g. SHRINK_K=512."""
     lookup, *fields = spec.split("/")
     numbers, extra = fields[:5], [f.split("=") for f in fields[5:]]
     if len(numbers) != 5 or any(len(e) != 2 for e in extra):
@@ -258,7 +260,8 @@ def nf4_group_table(batches):
     Linear4bit.fused_kernel = True
     names = ["q/k/v", "o", "gate/up", "down"]
     print("\nEach group alone, us per launch (Qwen2.5-1.5B, LoRA r=32; bytes of the weights at 4 TB/s)")
-    print("| N | group | bf16 MB | bf16 at 4 TB/s | bf16 | bf16, no LoRA | NF4 MB | NF4 at 4 TB/s | NF4 | NF4, no LoRA |")
+    print("| N | group | bf16 MB | bf16 at 4 TB/s | bf16 | bf16, no LoRA | NF4 MB | NF4 at 4 TB/s | NF4 "
+          "| NF4, no LoRA |")
     print("| --- " * 10 + "|", flush=True)
     for N in batches:
         xs = {K: torch.randn(N, K, device=dev, dtype=torch.bfloat16) for K in (H, I)}
