@@ -193,6 +193,23 @@ def test_rows_of_different_lengths_padded_to_one_shape_share_the_graphs(monkeypa
     assert layer_graphs._row_shape.tokens == 512 and len(layer_graphs._statics) == 1  # the old shape's dropped
 
 
+def test_one_warm_up_serves_only_layers_of_the_same_pass_shapes_and_parameters():
+    """A capture skips its warm-up only where an earlier one ran the same kernels: the same pass and shape key
+    and a layer with parameters of the same shapes and dtypes (another LoRA rank or dtype warms up again)."""
+    def warm_key(layer, phase="forward", key=((1, 512, 8), None)):
+        p = object.__new__(layer_graphs._Pass)
+        p.key, p.layer = (phase, key), layer
+        return layer_graphs._warm_key(p)
+
+    first, same = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    assert warm_key(first) == warm_key(same)
+    assert warm_key(first) != warm_key(torch.nn.Linear(8, 4))  # other shapes
+    assert warm_key(first) != warm_key(torch.nn.Linear(8, 8).to(torch.bfloat16))  # another dtype
+    assert warm_key(first) != warm_key(torch.nn.Linear(8, 8).requires_grad_(False))  # nothing to train
+    assert warm_key(first) != warm_key(first, phase="backward")
+    assert warm_key(first) != warm_key(first, key=((1, 768, 8), None))
+
+
 def test_a_grown_shape_gives_the_graphs_pool_back_once_no_graph_is_left(monkeypatch):
     """When rows outgrow the shape, the old shape's graphs go; where none is left, so does their pool (the
     next capture starts a new one) and the allocator's cache is emptied; a graph of another key keeps it."""
