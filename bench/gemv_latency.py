@@ -6,6 +6,7 @@ empty launch of the same grid (the floor of a launch in a CUDA graph) and the by
                   tile's epilogue
   -               the same without the adapter (no shrink producers, no wait for them, no expand)
   -/-/-/u         no LoRA, one program a tile (no split-K partials' round trip)
+  L/-/-/1792/2    the adapter on, K split for 2 programs per SM in parts of at least 1,792 columns
   16/512/3        no LoRA, tiles of 16 weight rows, 512 columns a step, 3 stages (split as the engine splits)
   L16/512/3/u     the adapter on, the same tiles unsplit
 
@@ -33,14 +34,19 @@ DEFAULT_VARIANTS = "L,-,-/-/-/u,32,16,16/-/-/u,L16,L16/-/-/u"
 
 
 def variant(spec: str) -> tuple[bool, dict]:
-    """A variant's (with LoRA, _launch's keyword arguments) from "[L]BLOCK_O[/BLOCK_K[/STAGES[/u]]]": L puts the
-    adapter on, u leaves K unsplit, "-" or an absent field is the engine's own (so "L" is the engine's launch and
+    """A variant's (with LoRA, _launch's keyword arguments) from "[L]BLOCK_O[/BLOCK_K[/STAGES[/SPLIT[/PPS[/SK]]]]]":
+    L puts the adapter on; SPLIT is u (K unsplit) or the least columns a split reads (MIN_K_PER_SPLIT), PPS the
+    programs per SM K is split for, SK the columns of K per LoRA shrink producer; "-" or an absent field is the engine's own (so "L" is the engine's launch and
     "-" the same without LoRA)."""
     lora = spec.startswith("L")
     fields = (spec[1:] if lora else spec).split("/")
     kw = {k: int(v) for k, v in zip(("block_o", "block_k", "num_stages"), fields) if v not in ("", "-")}
-    if len(fields) > 3 and fields[3] == "u":
-        kw["min_k_per_split"] = 1 << 30
+    if len(fields) > 3 and fields[3] not in ("", "-"):
+        kw["min_k_per_split"] = 1 << 30 if fields[3] == "u" else int(fields[3])
+    if len(fields) > 4 and fields[4] not in ("", "-"):
+        kw["programs_per_sm"] = int(fields[4])
+    if len(fields) > 5 and fields[5] not in ("", "-"):
+        kw["shrink_k"] = int(fields[5])
     return lora, kw
 
 
@@ -92,7 +98,8 @@ def main() -> None:
         row.append(f"{bench(cublas):.1f}")
         flags = torch.empty(1 << 16, device=dev)
         tiles = sum(triton.cdiv(O, gk.BLOCK_O) for O in outs)
-        grid = (tiles * nk.split_k(tiles, K, nk.sm_count(dev), gk.PROGRAMS_PER_SM, gk.MIN_K_PER_SPLIT, gk.BLOCK_K)[0],)
+        grid = (tiles * nk.split_k(tiles, K, nk.sm_count(dev), gk.PROGRAMS_PER_SM, gk.MIN_K_PER_SPLIT, gk.BLOCK_K,
+                                     gk.BALANCED_SPLITS)[0],)
 
         def empty():
             for _ in layers:

@@ -62,6 +62,35 @@ def test_lora_gemv_matches_reference(N, K, outs, R, dtype, bias, min_k, lora):
     assert not gemv_kernels.split_k_workspace(x.device, 1)[0].any()
 
 
+def busiest_sm(programs: int, sms: int, splits: int) -> float:
+    """The reference for the balance: programs dealt out to the SMs one by one, the most work any SM got, in
+    tiles (each program 1 / splits of one)."""
+    per_sm = [0] * sms
+    for p in range(programs):
+        per_sm[p % sms] += 1
+    return max(per_sm) / splits
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_balanced_split_gives_the_busiest_sm_the_least_work(seed):
+    """split_k's balanced rule against dealing the programs out: of the split counts the plain rule allows, the
+    one whose busiest SM does the least (the fewest splits among equals); never more than the plain rule's."""
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        tiles, K, sms, beside = (int(torch.randint(lo, hi, (), generator=rng)) for lo, hi in
+                                 ((1, 300), (64, 20000), (8, 140), (0, 60)))
+        plain, _ = gemv_kernels.split_k(tiles, K, sms, 1, 1024)
+        balanced, _ = gemv_kernels.split_k(tiles, K, sms, 1, 1024, balanced=True, beside=beside)
+        work = {s: busiest_sm(tiles * s + beside, sms, s) for s in range(1, plain + 1)}
+        assert balanced == min(work, key=lambda s: (work[s], s))
+        assert work[balanced] <= work[plain]
+    # a Qwen2.5-1.5B down projection (24 tiles of 64 rows, K 8960 in steps of 128) on an H200's 132 SMs: 6 splits
+    # put 12 SMs' second program after the rest; with its 35 LoRA shrink producers beside, 4
+    assert gemv_kernels.split_k(24, 8960, 132, 1, 1024, 128)[0] == 6
+    assert gemv_kernels.split_k(24, 8960, 132, 1, 1024, 128, balanced=True)[0] == 5
+    assert gemv_kernels.split_k(24, 8960, 132, 1, 1024, 128, balanced=True, beside=35)[0] == 4
+
+
 def test_lora_gemv_takes_the_shrink_output_or_the_adapters_not_both():
     x, w, a, b = (torch.randn(*shape, device=DEVICE) for shape in ((2, 64), (16, 64), (4, 64), (16, 4)))
     with pytest.raises(ValueError, match="not both"):

@@ -82,8 +82,14 @@ PROGRAMS_PER_SM = 1  # split K until about this many programs per SM
 # H200, bench/kernels.py --only gemv (2026-11-27, sixth session), one Qwen2.5-1.5B layer's 4 groups with their
 # shrink, us at N = 1 / 6 / 32: 82.7 / 84.4 / 98.0 with these constants (2 programs per SM: 85.2 / 88.0 / 104.1);
 # cuBLAS + shrink + expand: 102.1 / 102.0 / 108.1; cuBLAS alone, without LoRA: 57.5 / 56.1 / 55.8
+BALANCED_SPLITS = True  # K split so that no SM runs a second program while others idle (nf4_kernels.split_k's
+# `balanced`, the shrink's producers counted): a program's speed is its SM's share of the bandwidth, so a launch of
+# 144 programs on 132 SMs takes about two programs' time. A 1.5B layer's down projection (24 tiles, K 8960, 35
+# producers): 6 -> 4 splits. H200, twenty-sixth session (bench/RESULTS.md): down with LoRA 15.9 -> 13.8 us at 6 rows,
+# 20.8 -> 15.8 at 32 (`bench/gemv_latency.py --variants L,L/-/-/2240`); W2 bf16 0.953 of the time, W1 at 32 rows
+# 0.983 (the rule without the producers counted: 5 splits, 14.8 / 19.2 us; paired, `bench/rollout.py --ab`)
 MIN_K_PER_SPLIT = 1024  # a split reads at least this many columns of K: a Qwen2.5-1.5B layer's q/k/v and o (K 1536)
-# run unsplit, its down projection (K 8960) in 6 splits as before. The split-K partials' round trip and the wait of a
+# run unsplit, its down projection (K 8960) split (BALANCED_SPLITS). The split-K partials' round trip and the wait of a
 # tile's last split cost more than the spread over more SMs buys for a few MB of weights. H200, eighteenth session
 # (bench/RESULTS.md), per launch with LoRA, 256 -> unsplit: q/k/v 8.2 -> 7.2 us at 6 rows, 10.1 -> 8.4 at 32, 16.8 ->
 # 10.0 at 64; o 8.5 -> 6.9, 10.7 -> 8.1, 20.5 -> 9.7 (bench/gemv_latency.py); W1 at 64 rows 16,649-16,778 ->
@@ -164,7 +170,6 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
     config = (BLOCK_O, BLOCK_K, NUM_WARPS, None) if N <= 32 else LARGE_CONFIG
     block_o, block_k, num_warps, num_stages = (given if given is not None else default for given, default
                                                in zip((block_o, block_k, num_warps, num_stages), config))
-    shrink_k = shrink_k or nf4_kernels.SHRINK_K
     G = len(weights)
     outs = [w.shape[0] for w in weights]
     ys = [torch.empty(N, o, device=x.device, dtype=x.dtype) for o in outs]  # each [N, O_g]
@@ -174,16 +179,16 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
     tiles = ends[-1]
     if num_stages is None:  # up to 32 rows
         num_stages = WIDE_STAGES if tiles >= sm_count(x.device) else NUM_STAGES
+    has_lora = xa is not None or lora_a is not None
+    R = lora_b[0].shape[1] if has_lora else 0
+    xa, shrink_splits, shrink_span = lora_input(x, G, R, xa, lora_a, shrink_k or nf4_kernels.SHRINK_K)
+    producers = G * shrink_splits
     splits, per_split = split_k(tiles, K, sm_count(x.device), programs_per_sm or PROGRAMS_PER_SM,
-                                min_k_per_split or MIN_K_PER_SPLIT, block_k)
+                                min_k_per_split or MIN_K_PER_SPLIT, block_k, BALANCED_SPLITS, producers)
     block_n = max(16, triton.next_power_of_2(N))
     counts, partial = split_k_workspace(x.device, tiles + 2 * G)  # tile counters, then the shrink's (2 a group)
     if splits > 1:
         partial = torch.empty(splits, tiles, block_o, block_n, device=x.device, dtype=torch.float32)
-    has_lora = xa is not None or lora_a is not None
-    R = lora_b[0].shape[1] if has_lora else 0
-    xa, shrink_splits, shrink_span = lora_input(x, G, R, xa, lora_a, shrink_k)
-    producers = G * shrink_splits
     _gemv_kernel[(producers + tiles * splits,)](
         x, *as_group(weights), *as_group(biases if biases is not None else weights),
         *as_group(lora_a if lora_a is not None else weights), *as_group(lora_b if has_lora else weights),

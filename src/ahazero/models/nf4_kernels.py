@@ -541,12 +541,25 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+def per_sm_work(programs: int, splits: int, sms: int) -> float:
+    """The most work one SM gets, in whole tiles, when `programs` programs of 1 / splits of a tile each are spread
+    evenly over sms SMs: the time of a launch whose programs are each bound by their SM's share of the memory
+    bandwidth (engine/gemv_kernels.py's BALANCED_SPLITS)."""
+    return triton.cdiv(programs, sms) / splits
+
+
 @functools.cache
-def split_k(tiles: int, K: int, sms: int, programs_per_sm: int, min_per_split: int, step: int = 1) -> tuple[int, int]:
+def split_k(tiles: int, K: int, sms: int, programs_per_sm: int, min_per_split: int, step: int = 1,
+            balanced: bool = False, beside: int = 0) -> tuple[int, int]:
     """(splits, K per split, a multiple of `step`): K cut so that the tiles x splits programs are about
-    programs_per_sm per SM, each split at least min_per_split long (one split at least). Shared by the
-    split-K kernels: this NF4 GEMV (K in blocks), engine/gemv_kernels.py and engine/sample_kernels.py."""
+    programs_per_sm per SM, each split at least min_per_split long (one split at least). `balanced`: of the
+    split counts up to that one, the one that gives the busiest SM the least work (`per_sm_work` of the tiles x
+    splits programs and the `beside` others of the launch, counted as tiles; the fewest splits among equals), so
+    that a few SMs do not run a second program while the rest idle. Shared by the split-K kernels: this NF4 GEMV
+    (K in blocks), engine/gemv_kernels.py and engine/sample_kernels.py."""
     want = max(1, min(triton.cdiv(programs_per_sm * sms, tiles), K // min_per_split))
+    if balanced:
+        want = min(range(1, want + 1), key=lambda s: (per_sm_work(tiles * s + beside, s, sms), s))
     per_split = triton.cdiv(triton.cdiv(K, want), step) * step
     return triton.cdiv(K, per_split), per_split
 
