@@ -20,7 +20,9 @@ rows, the small B operand. Tiles run over the group's projections one after anot
 cdiv(O_0, BLOCK_O) tiles are projection 0's, and so on), so one grid covers q, k and v. K is split until
 about PROGRAMS_PER_SM programs per SM (a down projection has only 24 tiles of 64 rows), in parts of at least
 MIN_K_PER_SPLIT columns (a 1.5B model's q/k/v and o run unsplit: for their few MB the split-K round trip
-cost more than spreading them over more SMs saved); each split stores
+cost more than spreading them over more SMs saved), into the count whose busiest SM has the least to read,
+the LoRA shrink's producers counted (BALANCED_SPLITS: a program's speed is its SM's share of the bandwidth);
+each split stores
 its float32 partial and bumps its tile's counter, and the last split of a tile to arrive adds the
 partials in split order (deterministic) and finishes the tile (models/nf4_kernels.py's end_tile):
   y = (acc + bias) rounded to x's dtype                         (cuBLAS's rounding: one, after the bias)
@@ -85,9 +87,11 @@ PROGRAMS_PER_SM = 1  # split K until about this many programs per SM
 BALANCED_SPLITS = True  # K split so that no SM runs a second program while others idle (nf4_kernels.split_k's
 # `balanced`, the shrink's producers counted): a program's speed is its SM's share of the bandwidth, so a launch of
 # 144 programs on 132 SMs takes about two programs' time. A 1.5B layer's down projection (24 tiles, K 8960, 35
-# producers): 6 -> 4 splits. H200, twenty-sixth session (bench/RESULTS.md): down with LoRA 15.9 -> 13.8 us at 6 rows,
-# 20.8 -> 15.8 at 32 (`bench/gemv_latency.py --variants L,L/-/-/2240`); W2 bf16 0.953 of the time, W1 at 32 rows
-# 0.983 (the rule without the producers counted: 5 splits, 14.8 / 19.2 us; paired, `bench/rollout.py --ab`)
+# producers): 6 -> 4 splits. H200, twenty-sixth session (bench/RESULTS.md, `bench/gemv_latency.py --variants L,-`):
+# down with LoRA 15.9 -> 13.7 us at 6 rows, 20.8 -> 15.7 at 32 (without LoRA 15.1 -> 10.5, 17.0 -> 11.3); paired
+# (`bench/rollout.py --ab`), W2 bf16 0.991 of the time, W1 at 32 rows 0.981. Without the producers counted (5 splits,
+# 155 programs) 14.8 / 19.2 us; the producers widened to fit beside 5 splits 13.1 / 18.9. NF4 launches keep their
+# split (two programs an SM, bound by the dequantisation: fewer down splits were slower there).
 MIN_K_PER_SPLIT = 1024  # a split reads at least this many columns of K: a Qwen2.5-1.5B layer's q/k/v and o (K 1536)
 # run unsplit, its down projection (K 8960) split (BALANCED_SPLITS). The split-K partials' round trip and the wait of a
 # tile's last split cost more than the spread over more SMs buys for a few MB of weights. H200, eighteenth session
