@@ -7,6 +7,7 @@ empty launch of the same grid (the floor of a launch in a CUDA graph) and the by
   -               the same without the adapter (no shrink producers, no wait for them, no expand)
   -/-/-/u         no LoRA, one program a tile (no split-K partials' round trip)
   L/-/-/1792/2    the adapter on, K split for 2 programs per SM in parts of at least 1,792 columns
+  L/-/-/-/-/-/32  the adapter on, 32 rows of x a program (at --batch 128: 4 programs a tile)
   16/512/3        no LoRA, tiles of 16 weight rows, 512 columns a step, 3 stages (split as the engine splits)
   L16/512/3/u     the adapter on, the same tiles unsplit
 
@@ -34,9 +35,9 @@ DEFAULT_VARIANTS = "L,-,-/-/-/u,32,16,16/-/-/u,L16,L16/-/-/u"
 
 
 def variant(spec: str) -> tuple[bool, dict]:
-    """A variant's (with LoRA, _launch's keyword arguments) from "[L]BLOCK_O[/BLOCK_K[/STAGES[/SPLIT[/PPS[/SK]]]]]":
+    """A variant's (with LoRA, _launch's keyword arguments) from "[L]BLOCK_O[/BLOCK_K[/STAGES[/SPLIT[/PPS[/SK[/ROWS]]]]]]":
     L puts the adapter on; SPLIT is u (K unsplit) or the least columns a split reads (MIN_K_PER_SPLIT), PPS the
-    programs per SM K is split for, SK the columns of K per LoRA shrink producer; "-" or an absent field is the engine's own (so "L" is the engine's launch and
+    programs per SM K is split for, SK the columns of K per LoRA shrink producer, ROWS x's rows per program; "-" or an absent field is the engine's own (so "L" is the engine's launch and
     "-" the same without LoRA)."""
     lora = spec.startswith("L")
     fields = (spec[1:] if lora else spec).split("/")
@@ -47,6 +48,8 @@ def variant(spec: str) -> tuple[bool, dict]:
         kw["programs_per_sm"] = int(fields[4])
     if len(fields) > 5 and fields[5] not in ("", "-"):
         kw["shrink_k"] = int(fields[5])
+    if len(fields) > 6 and fields[6] not in ("", "-"):
+        kw["rows_per_program"] = int(fields[6])
     return lora, kw
 
 

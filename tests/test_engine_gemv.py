@@ -32,16 +32,18 @@ def close(got, want):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("N,K,outs,R,dtype,bias,min_k", [
-    (6, 192, [96, 16, 16], 8, torch.float32, True, 64),  # q/k/v-like with bias, K split in 3
-    (1, 100, [70], 4, torch.float32, False, 256),  # one row, K not a multiple of the block, one split
-    (13, 300, [40, 33], 16, torch.bfloat16, False, 64),  # gate/up-like, ragged tiles
-    (32, 128, [64], 32, torch.bfloat16, True, 64),  # the largest batch served
+@pytest.mark.parametrize("N,K,outs,R,dtype,bias,min_k,rows", [
+    (6, 192, [96, 16, 16], 8, torch.float32, True, 64, None),  # q/k/v-like with bias, K split in 3
+    (1, 100, [70], 4, torch.float32, False, 256, None),  # one row, K not a multiple of the block, one split
+    (13, 300, [40, 33], 16, torch.bfloat16, False, 64, None),  # gate/up-like, ragged tiles
+    (32, 128, [64], 32, torch.bfloat16, True, 64, None),  # the largest batch served
+    (40, 192, [48, 16], 8, torch.bfloat16, True, 64, 16),  # 3 row tiles of 16 rows, the last ragged, K split
 ])
 @pytest.mark.parametrize("lora", ["shrink", "fused", None])
-def test_lora_gemv_matches_reference(N, K, outs, R, dtype, bias, min_k, lora):
+def test_lora_gemv_matches_reference(N, K, outs, R, dtype, bias, min_k, rows, lora):
     """lora "shrink": x A^T from lora_shrink's launch; "fused": the shrink's producers in the same launch (K in
-    splits of 64 columns, so several partials are added, and one ragged split where K % 64 != 0)."""
+    splits of 64 columns, so several partials are added, and one ragged split where K % 64 != 0). rows: x's rows
+    per program (ROWS_PER_PROGRAM)."""
     torch.manual_seed(N + K)
     x = torch.randn(N, K, dtype=dtype, device=DEVICE)  # [N, K]
     weights = [torch.randn(o, K, dtype=dtype, device=DEVICE) / K ** 0.5 for o in outs]  # each [O, K]
@@ -52,7 +54,7 @@ def test_lora_gemv_matches_reference(N, K, outs, R, dtype, bias, min_k, lora):
     xa = lora_kernels.lora_shrink(x, a) if lora == "shrink" else None  # [G, N, R]
     splits, _ = gemv_kernels.split_k(sum(-(-o // 16) for o in outs), K, 132, 2, min_k, 32)
     got = gemv_kernels._launch(x, weights, biases, xa, b, scales, block_o=16, block_k=32, min_k_per_split=min_k,
-                               lora_a=a if lora == "fused" else None, shrink_k=64)
+                               lora_a=a if lora == "fused" else None, shrink_k=64, rows_per_program=rows)
     for g, want in zip(got, reference(x, weights, biases, a, b, scales)):
         assert g.shape == want.shape and g.dtype == dtype
         close(g, want)

@@ -103,6 +103,11 @@ MIN_K_PER_SPLIT = 1024  # a split reads at least this many columns of K: a Qwen2
 # 64 rows (bench/kernels.py --only gemv --fused-configs): 76.0 us a layer; 64/64/4/4 78.2, 64/64/4/3 at 2 programs per
 # SM 82.1, 128/128/8/3 83.3, 64/64/8/4 90.7, 128/64/8/3 95.8, 128/64/4/4 107.4
 LARGE_CONFIG = (64, 128, 4, 3)
+ROWS_PER_PROGRAM = 128  # x's rows a tile program takes (a power of 2, at least 16); more rows than this are spread
+# over programs of as many rows each (row tiles), which read the same weights (from the L2 after the first). At 128
+# rows a 1.5B layer's q/k/v and o (the one launch up to SMALL_GROUP_MAX_ROWS) are 32 and 24 programs, each reading
+# its weights and all of x and doing 128 rows of products: 13.2 and 13.0 us with LoRA (H200, twenty-sixth session).
+# Not measured below 128 yet (bench/RESULTS.md's waiting table).
 # The LoRA shrink in the group's launch (16-bit and NF4 weights; the module docstring), its producers over
 # nf4_kernels.SHRINK_K columns each. H200, 2026-11-28 (bench/RESULTS.md): a Qwen2.5-1.5B layer's 4 groups 69.3 ->
 # 55.3 us at N = 6 and 74.1 -> 61.8 at N = 32 (SHRINK_K 256; 128: 57.2 / 63.2; 512: 55.9 / 71.0); W2 0.570 -> 0.487 s.
@@ -113,28 +118,32 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit(do_not_specialize=["N"])  # one compile for every batch (models/nf4_kernels.py's _nf4_gemv_kernel says why)
 def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, la0, la1, la2, lb0, lb1, lb2, y0, y1, y2, s0, s1, s2,
                  o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr, N, K, R, G, x_row_stride, tiles, producers,
-                 K_PER_SPLIT: tl.constexpr, SHRINK_SPLITS: tl.constexpr, SHRINK_K: tl.constexpr,
-                 SHRINK_BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                 row_tiles, K_PER_SPLIT: tl.constexpr, SHRINK_SPLITS: tl.constexpr, SHRINK_K: tl.constexpr,
+                 SHRINK_BLOCK_K: tl.constexpr, SHRINK_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                  DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """Program pid of a 1-D grid. The first `producers` programs (G * SHRINK_SPLITS with the shrink fused,
     else none) each publish one split of the LoRA shrink (nf4_kernels.publish_shrink: adapter g's x A_g^T
-    over SHRINK_K columns of K, into xa_ptr [SHRINK_SPLITS, G, N, R]); program producers + tile + s * tiles
-    computes tile `tile`, split s of K. Projection g owns tiles [end_{g-1}, end_g); its y_g [N, O_g] is
-    finished by the tile's last split (see the module docstring). Without the fused shrink, xa_ptr is the
-    shrink's x A_g^T, [G, N, R]. (Producers first: a GPU starts a grid's programs in order, Triton's
-    interpreter runs them in order, so a consumer waits only for programs already running.)"""
+    over SHRINK_K columns of K for all N <= SHRINK_ROWS rows, into xa_ptr [SHRINK_SPLITS, G, N, R]); program
+    producers + r + row_tiles * (tile + s * tiles) computes tile `tile`, split s of K, for rows [r BLOCK_N,
+    (r + 1) BLOCK_N) of x (row tile r; one unless the rows are more than a program takes, ROWS_PER_PROGRAM), the
+    row tiles of a tile's weights next to each other in the grid. Projection g owns tiles [end_{g-1}, end_g); its
+    y_g [N, O_g] is finished by the tile's last split, per row tile (see the module docstring). Without the fused
+    shrink, xa_ptr is the shrink's x A_g^T, [G, N, R]. (Producers first: a GPU starts a grid's programs in order,
+    Triton's interpreter runs them in order, so a consumer waits only for programs already running.)"""
     wait_for_inputs(USE_PDL)
     pid = tl.program_id(0)
-    n = tl.arange(0, BLOCK_N)  # [BN] rows of x
-    n_ok = n < N
+    jobs = tiles * row_tiles  # (tile, row tile) pairs, each finished by its last split
     if pid < producers:
         if SHRINK_SPLITS > 0:
-            publish_shrink(pid, x_ptr, x_row_stride, la0, la1, la2, xa_ptr, count_ptr + tiles, G, N, K, R,
-                           SHRINK_SPLITS, SHRINK_K, BLOCK_N, BLOCK_R, SHRINK_BLOCK_K, PRECISION)
+            publish_shrink(pid, x_ptr, x_row_stride, la0, la1, la2, xa_ptr, count_ptr + jobs, G, N, K, R,
+                           SHRINK_SPLITS, SHRINK_K, SHRINK_ROWS, BLOCK_R, SHRINK_BLOCK_K, PRECISION)
     else:
-        tile = (pid - producers) % tiles
-        s = (pid - producers) // tiles
+        job = (pid - producers) % jobs  # tile * row_tiles + r
+        s = (pid - producers) // jobs
+        tile = job // row_tiles
+        n = (job % row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of x
+        n_ok = n < N
         g = tl.where(tile < end0, 0, tl.where(tile < end1, 1, 2))
         start = tl.where(g == 0, 0, tl.where(g == 1, end0, end1))
         w_ptr, O = pick(g, w0, w1, w2), pick(g, o0, o1, o2)
@@ -153,10 +162,11 @@ def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, la0, la1, la2, lb0, lb1
                 acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(w, xt, acc)
-        tiles_g = tl.where(g == 0, end0, tl.where(g == 1, end1 - end0, tiles - end1))
-        end_tile(acc, tile, s, tiles, partial_ptr, count_ptr, pick(g, y0, y1, y2),
+        # the programs that finish projection g's tiles: the readers of its shrink
+        jobs_g = row_tiles * tl.where(g == 0, end0, tl.where(g == 1, end1 - end0, tiles - end1))
+        end_tile(acc, job, s, jobs, partial_ptr, count_ptr, pick(g, y0, y1, y2),
                  pick(g, bias0, bias1, bias2), xa_ptr, pick(g, lb0, lb1, lb2), pick(g, s0, s1, s2), g, N, O, R,
-                 cols, col_ok, n, n_ok, count_ptr + tiles, G, tiles_g, HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION,
+                 cols, col_ok, n, n_ok, count_ptr + jobs, G, jobs_g, HAS_BIAS, HAS_LORA, BLOCK_R, PRECISION,
                  SHRINK_SPLITS, SPLITS)
 
 
@@ -165,11 +175,12 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
             block_o: int | None = None, block_k: int | None = None, num_warps: int | None = None,
             num_stages: int | None = None, programs_per_sm: int | None = None,
             min_k_per_split: int | None = None, lora_a: list[torch.Tensor] | None = None,
-            shrink_k: int | None = None) -> list[torch.Tensor]:
+            shrink_k: int | None = None, rows_per_program: int | None = None) -> list[torch.Tensor]:
     """The group's outputs [y_g [N, O_g]]. LoRA: either xa, the shrink's x A_g^T [G, N, R], or lora_a (G
     tensors [R, K], float32 as PEFT's) for the shrink in this launch, shrink_k columns of K per producer.
     The tile options left None are the module's, read at the call: (BLOCK_O, BLOCK_K, NUM_WARPS,
-    NUM_STAGES or WIDE_STAGES) up to 32 rows, LARGE_CONFIG above; PROGRAMS_PER_SM, MIN_K_PER_SPLIT."""
+    NUM_STAGES or WIDE_STAGES) up to 32 rows, LARGE_CONFIG above; PROGRAMS_PER_SM, MIN_K_PER_SPLIT,
+    ROWS_PER_PROGRAM (a power of 2, at least 16)."""
     N, K = x.shape
     config = (BLOCK_O, BLOCK_K, NUM_WARPS, None) if N <= 32 else LARGE_CONFIG
     block_o, block_k, num_warps, num_stages = (given if given is not None else default for given, default
@@ -181,24 +192,28 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
         return ys
     ends = list(itertools.accumulate(triton.cdiv(o, block_o) for o in outs))  # each projection's last tile + 1
     tiles = ends[-1]
+    all_rows = max(16, triton.next_power_of_2(N))
+    block_n = min(all_rows, rows_per_program or ROWS_PER_PROGRAM)  # x's rows a program takes
+    row_tiles = triton.cdiv(N, block_n)
+    jobs = tiles * row_tiles  # (tile, row tile) pairs
     if num_stages is None:  # up to 32 rows
-        num_stages = WIDE_STAGES if tiles >= sm_count(x.device) else NUM_STAGES
+        num_stages = WIDE_STAGES if jobs >= sm_count(x.device) else NUM_STAGES
     has_lora = xa is not None or lora_a is not None
     R = lora_b[0].shape[1] if has_lora else 0
     xa, shrink_splits, shrink_span = lora_input(x, G, R, xa, lora_a, shrink_k or nf4_kernels.SHRINK_K)
     producers = G * shrink_splits
-    splits, per_split = split_k(tiles, K, sm_count(x.device), programs_per_sm or PROGRAMS_PER_SM,
+    splits, per_split = split_k(jobs, K, sm_count(x.device), programs_per_sm or PROGRAMS_PER_SM,
                                 min_k_per_split or MIN_K_PER_SPLIT, block_k, BALANCED_SPLITS, producers)
-    block_n = max(16, triton.next_power_of_2(N))
-    counts, partial = split_k_workspace(x.device, tiles + 2 * G)  # tile counters, then the shrink's (2 a group)
+    counts, partial = split_k_workspace(x.device, jobs + 2 * G)  # job counters, then the shrink's (2 a group)
     if splits > 1:
-        partial = torch.empty(splits, tiles, block_o, block_n, device=x.device, dtype=torch.float32)
-    _gemv_kernel[(producers + tiles * splits,)](
+        partial = torch.empty(splits, jobs, block_o, block_n, device=x.device, dtype=torch.float32)
+    _gemv_kernel[(producers + jobs * splits,)](
         x, *as_group(weights), *as_group(biases if biases is not None else weights),
         *as_group(lora_a if lora_a is not None else weights), *as_group(lora_b if has_lora else weights),
         *as_group(ys), *as_group(scales), *as_group(outs), *as_group(ends)[:2], xa if has_lora else partial,
-        partial, counts, N, K, R, G, x.stride(0), tiles, producers, K_PER_SPLIT=per_split,
+        partial, counts, N, K, R, G, x.stride(0), tiles, producers, row_tiles, K_PER_SPLIT=per_split,
         SHRINK_SPLITS=shrink_splits, SHRINK_K=shrink_span, SHRINK_BLOCK_K=nf4_kernels.SHRINK_BLOCK_K,
+        SHRINK_ROWS=all_rows,
         HAS_BIAS=biases is not None, HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_K=block_k,
         BLOCK_R=block_r(R), DOT_F32=INTERPRET or x.dtype == torch.float32,
         PRECISION=lora_kernels.DOT_PRECISION, SPLITS=splits,

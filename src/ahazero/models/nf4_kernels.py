@@ -321,13 +321,14 @@ def end_tile(acc, tile, s, tiles, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_pt
              cols, col_ok, n, n_ok, ready_ptr, G, tiles_g, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
              BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SHRINK_SPLITS: tl.constexpr, S: tl.constexpr):
     """The end of program (tile, split s of S) of a split-K GEMV over projection g: acc^T [BO, BN]
-    float32, its sums for rows `cols` of W_g and rows `n` of x. With several splits, `split_k_sum` over the
-    partials [S, tiles, BO, BN]; the tile's last split then stores y_g [N, O] = (acc + bias) rounded to y's dtype
-    (cuBLAS's rounding: one, after the bias), and with LoRA y = (y + scale * (xa_g B_g^T)) rounded once, in
+    float32, its sums for rows `cols` of W_g and rows `n` of x (BN of them, from any first row). With several
+    splits, `split_k_sum` over the partials [S, tiles, BO, BN] (`tile` indexes the launch's split-K jobs); the
+    tile's last split then stores y_g [N, O] = (acc + bias) rounded to y's dtype (cuBLAS's rounding: one, after
+    the bias), and with LoRA y = (y + scale * (xa_g B_g^T)) rounded once, in
     float32 (PEFT's float32 adapter; the grouped expand's math, engine/lora_kernels.py). xa_ptr: the LoRA
     shrink's x A_g^T [G, N, R] float32 (SHRINK_SPLITS 0), or with SHRINK_SPLITS > 0 the partials of a shrink
     fused into this launch, [SHRINK_SPLITS, G, N, R], which `gather_shrink` waits for (ready_ptr, G and
-    tiles_g, projection g's tiles, serve it); b_ptr: B_g [O, R]. Shared by this NF4 GEMV and
+    tiles_g, how many programs finish projection g's tiles, serve it); b_ptr: B_g [O, R]. Shared by this NF4 GEMV and
     engine/gemv_kernels.py."""
     BLOCK_O: tl.constexpr = acc.shape[0]
     BLOCK_N: tl.constexpr = acc.shape[1]
@@ -340,7 +341,7 @@ def end_tile(acc, tile, s, tiles, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_pt
                     other=0.0)  # [BO, BR]
     done = S == 1
     if S > 1:
-        tile_at = tl.arange(0, BLOCK_O)[:, None] * BLOCK_N + n[None, :]  # [BO, BN]
+        tile_at = tl.arange(0, BLOCK_O)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BO, BN]
         tile_size = BLOCK_O * BLOCK_N
         done, acc = split_k_sum(acc, partial_ptr + tile * tile_size + tile_at, tiles * tile_size,
                                 col_ok[:, None] & n_ok[None, :], s, count_ptr + tile, S)
