@@ -35,10 +35,11 @@ DEFAULT_VARIANTS = "L,-,-/-/-/u,32,16,16/-/-/u,L16,L16/-/-/u"
 
 
 def variant(spec: str) -> tuple[bool, dict]:
-    """A variant's (with LoRA, _launch's keyword arguments) from "[L]BLOCK_O[/BLOCK_K[/STAGES[/SPLIT[/PPS[/SK[/ROWS]]]]]]":
-    L puts the adapter on; SPLIT is u (K unsplit) or the least columns a split reads (MIN_K_PER_SPLIT), PPS the
-    programs per SM K is split for, SK the columns of K per LoRA shrink producer, ROWS x's rows per program; "-" or an absent field is the engine's own (so "L" is the engine's launch and
-    "-" the same without LoRA)."""
+    """A variant's (with LoRA, _launch's keyword arguments) from
+    "[L]BLOCK_O[/BLOCK_K[/STAGES[/SPLIT[/PPS[/SK[/ROWS]]]]]]": L puts the adapter on; SPLIT is u (K unsplit) or the
+    least columns a split reads (MIN_K_PER_SPLIT), PPS the programs per SM K is split for, SK the columns of K per
+    LoRA shrink producer, ROWS x's rows per program; "-" or an absent field is the engine's own (so "L" is the
+    engine's launch and "-" the same without LoRA)."""
     lora = spec.startswith("L")
     fields = (spec[1:] if lora else spec).split("/")
     kw = {k: int(v) for k, v in zip(("block_o", "block_k", "num_stages"), fields) if v not in ("", "-")}

@@ -119,7 +119,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _gemv_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, la0, la1, la2, lb0, lb1, lb2, y0, y1, y2, s0, s1, s2,
                  o0, o1, o2, end0, end1, xa_ptr, partial_ptr, count_ptr, N, K, R, G, x_row_stride, tiles, producers,
                  row_tiles, K_PER_SPLIT: tl.constexpr, SHRINK_SPLITS: tl.constexpr, SHRINK_K: tl.constexpr,
-                 SHRINK_BLOCK_K: tl.constexpr, SHRINK_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                 SHRINK_BLOCK_K: tl.constexpr, SHRINK_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_LORA: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                  DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """Program pid of a 1-D grid. The first `producers` programs (G * SHRINK_SPLITS with the shrink fused,
