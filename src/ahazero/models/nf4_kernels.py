@@ -324,12 +324,11 @@ def end_tile(acc, tile, s, tiles, partial_ptr, count_ptr, y_ptr, bias_ptr, xa_pt
     float32, its sums for rows `cols` of W_g and rows `n` of x (BN of them, from any first row). With several
     splits, `split_k_sum` over the partials [S, tiles, BO, BN] (`tile` indexes the launch's split-K jobs); the
     tile's last split then stores y_g [N, O] = (acc + bias) rounded to y's dtype (cuBLAS's rounding: one, after
-    the bias), and with LoRA y = (y + scale * (xa_g B_g^T)) rounded once, in
-    float32 (PEFT's float32 adapter; the grouped expand's math, engine/lora_kernels.py). xa_ptr: the LoRA
-    shrink's x A_g^T [G, N, R] float32 (SHRINK_SPLITS 0), or with SHRINK_SPLITS > 0 the partials of a shrink
-    fused into this launch, [SHRINK_SPLITS, G, N, R], which `gather_shrink` waits for (ready_ptr, G and
-    tiles_g, how many programs finish projection g's tiles, serve it); b_ptr: B_g [O, R]. Shared by this NF4 GEMV and
-    engine/gemv_kernels.py."""
+    the bias), and with LoRA y = (y + scale * (xa_g B_g^T)) rounded once, in float32 (PEFT's float32 adapter; the
+    grouped expand's math, engine/lora_kernels.py). xa_ptr: the LoRA shrink's x A_g^T [G, N, R] float32
+    (SHRINK_SPLITS 0), or with SHRINK_SPLITS > 0 the partials of a shrink fused into this launch, [SHRINK_SPLITS,
+    G, N, R], which `gather_shrink` waits for (ready_ptr, G and tiles_g, how many programs finish projection g's
+    tiles, serve it); b_ptr: B_g [O, R]. Shared by this NF4 GEMV and engine/gemv_kernels.py."""
     BLOCK_O: tl.constexpr = acc.shape[0]
     BLOCK_N: tl.constexpr = acc.shape[1]
     # the bias and B first: in flight during the split-K round trips (a load after them would add one)
