@@ -73,16 +73,24 @@ def compile_kernel(rows: int, lookup: str):
                      PREFETCH=nk.PREFETCH, PRECISION=lk.DOT_PRECISION,
                      SHRINK_SPLITS=ints["producers"] // ints["G"], SHRINK_K=nk.SHRINK_K,
                      SHRINK_BLOCK_K=nk.SHRINK_BLOCK_K, SHRINK_ROWS=block_n, SPLITS=splits, USE_PDL=True)
+    signature, constants, attrs = specialised(fn, types, constants, ints)
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=nk.NUM_WARPS, num_stages=1, enable_fp_fusion=False))
+
+
+def specialised(fn, types: dict[str, str], constants: dict, ints: dict[str, int]):
+    """(signature, constants, attributes) for `ASTSource` as a launch specialises a kernel `fn` on its integer
+    arguments `ints` (those not in its do_not_specialize): one equal to 1 becomes a constant, one divisible by 16
+    and every pointer are marked so. types: the non-i32 arguments' types; constants: the constexprs."""
     kept = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}  # the kernel's do_not_specialize
     ints = {name: value for name, value in ints.items() if name not in kept}
-    constants.update({name: 1 for name, value in ints.items() if value == 1})
+    constants = dict(constants, **{name: 1 for name, value in ints.items() if value == 1})
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         signature[name] = "constexpr" if name in constants else types.get(name, "i32")
         if signature[name].startswith("*") or (signature[name] == "i32" and ints.get(name, 1) % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=nk.NUM_WARPS, num_stages=1, enable_fp_fusion=False))
+    return signature, constants, attrs
 
 
 def cuobjdump(kernel, *flags: str) -> str:
