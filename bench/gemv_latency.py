@@ -45,12 +45,8 @@ def variant(spec: str) -> tuple[bool, dict]:
     kw = {k: int(v) for k, v in zip(("block_o", "block_k", "num_stages"), fields) if v not in ("", "-")}
     if len(fields) > 3 and fields[3] not in ("", "-"):
         kw["min_k_per_split"] = 1 << 30 if fields[3] == "u" else int(fields[3])
-    if len(fields) > 4 and fields[4] not in ("", "-"):
-        kw["programs_per_sm"] = int(fields[4])
-    if len(fields) > 5 and fields[5] not in ("", "-"):
-        kw["shrink_k"] = int(fields[5])
-    if len(fields) > 6 and fields[6] not in ("", "-"):
-        kw["rows_per_program"] = int(fields[6])
+    kw.update({k: int(v) for k, v in zip(("programs_per_sm", "shrink_k", "rows_per_program"), fields[4:])
+               if v not in ("", "-")})
     return lora, kw
 
 
