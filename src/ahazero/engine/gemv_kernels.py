@@ -205,7 +205,7 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
     producers = G * shrink_splits
     splits, per_split = split_k(jobs, K, sm_count(x.device), programs_per_sm or PROGRAMS_PER_SM,
                                 min_k_per_split or MIN_K_PER_SPLIT, block_k, BALANCED_SPLITS, producers)
-    counts, partial = split_k_workspace(x.device, jobs + 2 * G)  # job counters, then the shrink's (2 a group)
+    counts, partial = split_k_workspace(x.device, jobs + G)  # job counters, then the shrink's (1 a projection)
     if splits > 1:
         partial = torch.empty(splits, jobs, block_o, block_n, device=x.device, dtype=torch.float32)
     _gemv_kernel[(producers + jobs * splits,)](

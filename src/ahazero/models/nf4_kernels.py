@@ -295,24 +295,24 @@ def publish_shrink(p, x_ptr, stride_x, a0, a1, a2, partial_ptr, ready_ptr, G, N,
 @triton.jit
 def gather_shrink(xa_ptr, ready_ptr, g, G, N, R, n, n_ok, tiles_g, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
     """(x A_g^T)^T [BR, BN] float32 from a shrink fused into this launch (`publish_shrink`): waits until its
-    SPLITS producers have bumped ready_ptr[g], adds their partials [SPLITS, G, N, R] in split order
-    (deterministic), and the last of projection g's tiles_g readers (one per tile) sets ready_ptr[g] and its
-    own count ready_ptr[G + g] back to 0 for the next launch. The producers are the launch's first programs,
-    started before any consumer, so the wait ends."""
+    SPLITS producers have bumped ready_ptr[g], bumps it once more itself (acquire: the partials are then visible),
+    and adds the partials [SPLITS, G, N, R] in split order (deterministic). The last of projection g's tiles_g
+    readers (one per tile) finds SPLITS + tiles_g - 1 there and sets it back to 0 for the next launch: every reader
+    has passed its wait by then. The producers are the launch's first programs, started before any consumer, so
+    the wait ends. (Until the twenty-sixth session the readers counted themselves on a second counter, one more
+    atomic round trip before a tile's program could end.)"""
     seen = tl.load(ready_ptr + g, volatile=True)  # polled by plain loads (every tile's finishing program
     while seen < SPLITS:  # polls: atomics on the one address would queue behind each other in the L2)
         seen = tl.load(ready_ptr + g, volatile=True)
-    tl.atomic_add(ready_ptr + g, 0, sem="acquire", scope="gpu")  # then once with acquire: the partials are visible
+    before = tl.atomic_add(ready_ptr + g, 1, sem="acquire", scope="gpu")  # once, counting this reader
     ranks = tl.arange(0, BLOCK_R)  # [BR]
     at = xa_ptr + (g * N + n[None, :]) * R + ranks[:, None]  # [BR, BN] in split 0
     mask = (ranks[:, None] < R) & n_ok[None, :]
     xa = tl.zeros((BLOCK_R, n.shape[0]), dtype=tl.float32)
     for t in tl.static_range(SPLITS):  # unrolled: the loads are in flight together
         xa += tl.load(at + t * G * N * R, mask=mask, other=0.0, cache_modifier=".cg")
-    read = tl.atomic_add(ready_ptr + G + g, 1, sem="acq_rel", scope="gpu")
-    if read == tiles_g - 1:
+    if before == SPLITS + tiles_g - 1:
         tl.store(ready_ptr + g, 0)
-        tl.store(ready_ptr + G + g, 0)
     return xa
 
 
@@ -710,7 +710,7 @@ def nf4_gemv(x: torch.Tensor, weights: list[NF4Weight], xa: torch.Tensor | None 
     ends = list(itertools.accumulate(triton.cdiv(o, BLOCK_O) for o in outs))  # each weight's last tile + 1
     tiles = ends[-1]
     splits, per_split = _splits(tiles, row_blocks, sm_count(x.device), fma)
-    counts, partial = split_k_workspace(x.device, tiles + 2 * G)  # tile counters, then the shrink's (2 a weight)
+    counts, partial = split_k_workspace(x.device, tiles + G)  # tile counters, then the shrink's (1 a weight)
     if splits > 1:
         partial = torch.empty(splits, tiles, BLOCK_O, block_n, device=x.device, dtype=torch.float32)
     ys = [torch.empty(N, o, device=x.device, dtype=x.dtype) for o in outs]  # each [N, O_g]
