@@ -49,8 +49,7 @@ def compile_group(group: str, rows: int):
     jobs = tiles * row_tiles
     if num_stages is None:
         num_stages = gk.WIDE_STAGES if jobs >= SMS else gk.NUM_STAGES
-    shrink_span = triton.cdiv(min(nk.SHRINK_K, K), nk.SHRINK_BLOCK_K) * nk.SHRINK_BLOCK_K
-    shrink_splits = triton.cdiv(K, shrink_span)
+    shrink_splits, shrink_span = nk.shrink_splits(K, nk.SHRINK_K)
     producers = len(outs) * shrink_splits
     splits, per_split = nk.split_k(jobs, K, SMS, gk.PROGRAMS_PER_SM, gk.MIN_K_PER_SPLIT, block_k,
                                    gk.BALANCED_SPLITS, producers)

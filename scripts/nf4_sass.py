@@ -42,14 +42,16 @@ from rollout import set_constant  # noqa: E402  (bench/rollout.py's --set)
 
 def launch_ints(rows: int) -> dict[str, int]:
     """The integer arguments of `nf4_gemv`'s launch for Qwen2.5-1.5B's gate/up group (K 1536, two weights of
-    8,960 rows) on an H100/H200's 132 SMs, with the LoRA shrink (r=32) in the launch; and `splits`, its SPLITS."""
+    8,960 rows) on an H100/H200's 132 SMs, with the LoRA shrink (r=32) in the launch; and `splits`, its SPLITS,
+    and `shrink_span`, its SHRINK_K."""
     K, O, G, R = 1536, 8960, 2, 32
     row_blocks = K // nk.QBLOCK
     tiles = G * triton.cdiv(O, nk.BLOCK_O)
     splits, per_split = nk._splits(tiles, row_blocks, 132, rows <= nk.FMA_MAX_ROWS)
-    shrink_splits = triton.cdiv(K, nk.SHRINK_K)  # (SHRINK_K is a multiple of SHRINK_BLOCK_K, as lora_input rounds it)
+    shrink_splits, shrink_span = nk.shrink_splits(K, nk.SHRINK_K)
     return dict(N=rows, K=K, R=R, G=G, row_blocks=row_blocks, x_stride=K, x_row_stride=K // 2,
-                blocks_per_split=per_split, tiles=tiles, splits=splits, producers=G * shrink_splits,
+                blocks_per_split=per_split, tiles=tiles, splits=splits, shrink_span=shrink_span,
+                producers=G * shrink_splits,
                 o0=O, o1=O, o2=O, end0=tiles // 2, end1=tiles)
 
 
@@ -60,7 +62,7 @@ def compile_kernel(rows: int, lookup: str):
     those integers; without it the code differs from the GPU's)."""
     fn = nk._nf4_gemv_kernel
     ints = launch_ints(rows)
-    splits = ints.pop("splits")
+    splits, shrink_span = ints.pop("splits"), ints.pop("shrink_span")
     block_n = max(16, triton.next_power_of_2(rows))
     types = {"x_ptr": "*bf16", "xa_ptr": "*fp32", "partial_ptr": "*fp32", "count_ptr": "*i32"}
     for g in range(3):
@@ -71,7 +73,7 @@ def compile_kernel(rows: int, lookup: str):
                      X_PAIRS=True, DOT_F32=False, FMA=False, LOOKUP=lookup,
                      PERMUTE_PTX=nk.permute_lookup_ptx(torch.bfloat16) if lookup == "permute" else "",
                      PREFETCH=nk.PREFETCH, PRECISION=lk.DOT_PRECISION,
-                     SHRINK_SPLITS=ints["producers"] // ints["G"], SHRINK_K=nk.SHRINK_K,
+                     SHRINK_SPLITS=ints["producers"] // ints["G"], SHRINK_K=shrink_span,
                      SHRINK_BLOCK_K=nk.SHRINK_BLOCK_K, SHRINK_ROWS=block_n, SPLITS=splits, USE_PDL=True)
     signature, constants, attrs = specialised(fn, types, constants, ints)
     return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),

@@ -666,18 +666,24 @@ class NF4Weight:
     bias: torch.Tensor | None = None
 
 
+def shrink_splits(K: int, shrink_k: int) -> tuple[int, int]:
+    """(producers a projection, columns each) of a LoRA shrink fused into a GEMV launch: shrink_k rounded up to
+    SHRINK_BLOCK_K, at most K's."""
+    span = triton.cdiv(min(shrink_k, K), SHRINK_BLOCK_K) * SHRINK_BLOCK_K
+    return triton.cdiv(K, span), span
+
+
 def lora_input(x: torch.Tensor, G: int, R: int, xa: torch.Tensor | None, lora_a: list[torch.Tensor] | None,
                shrink_k: int) -> tuple[torch.Tensor | None, int, int]:
     """A GEMV launch's LoRA input: (xa, 0, 0) for the shrink's output x A_g^T [G, N, R] (or no adapter); for
     the shrink fused into the launch (lora_a given), (its partials [S, G, N, R] float32, S producer splits of
-    K, their width: shrink_k rounded up to SHRINK_BLOCK_K, at most K's)."""
+    K, their width: `shrink_splits`)."""
     if xa is not None and lora_a is not None:
         raise ValueError("give the LoRA shrink's output xa or the adapters' A (lora_a), not both")
     if lora_a is None:
         return xa, 0, 0
     N, K = x.shape
-    span = triton.cdiv(min(shrink_k, K), SHRINK_BLOCK_K) * SHRINK_BLOCK_K
-    splits = triton.cdiv(K, span)
+    splits, span = shrink_splits(K, shrink_k)
     return torch.empty(splits, G, N, R, device=x.device, dtype=torch.float32), splits, span
 
 
