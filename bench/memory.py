@@ -195,6 +195,10 @@ class Meter:
             except OSError:
                 pass
 
+    def interval(self) -> str:
+        """The labels at the two ends of the interval between captures that runs now ("step 3 .. step 5")."""
+        return f"{self.interval_from} .. {self.phase}"
+
     def peak(self) -> float | None:
         """CUDA: the most allocated outside the CUDA graphs' private pools plus what the pools held at the time
         (a replay uses its pool without allocating, so a graphed step is not measured below what it uses; a
@@ -206,7 +210,7 @@ class Meter:
             self.pool_gib, self.pool_live_gib = reserved / GIB, live / GIB  # the pools now, for the record
             last = outside_pools(self.torch.cuda.max_memory_allocated(), reserved, live) / GIB
             if last > self.outside_peak:
-                self.peak_phase = f"{self.interval_from} .. {self.phase}"
+                self.peak_phase = self.interval()
             return max(self.outside_peak, last)
         return _proc_status("VmHWM")
 
@@ -234,7 +238,7 @@ def _watch_captures(meter: Meter) -> None:
             peak = outside_pools(torch.cuda.max_memory_allocated(), *graph_pool_bytes()) / GIB
             for m in graph._bench_meters:
                 if peak > m.outside_peak:
-                    m.outside_peak, m.peak_phase = peak, f"{m.interval_from} .. {m.phase} (a capture)"
+                    m.outside_peak, m.peak_phase = peak, m.interval() + " (a capture)"
             return enter(self)
 
         def __exit__(self, *exc):
